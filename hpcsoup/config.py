@@ -1,0 +1,254 @@
+"""Experiment configuration: ``jobs/*.toml`` files, loaded and validated here only.
+
+A config is a TOML file whose keys are all declared in :data:`SCHEMA` with their
+default, type and allowed values. Any key may be overridden with ``--set
+section.key=value`` (the value is parsed as TOML, falling back to a string).
+Unknown keys and bad values raise :class:`~hpcsoup.errors.ConfigError` naming
+the key and what is allowed.
+
+Example::
+
+    cfg = load_config("jobs/quickstart.toml", overrides=["experts.count=4"])
+    cfg.experts.count        # 4
+    cfg.soup.pls.partitions  # 32
+    cfg.to_dict()            # plain nested dict (stored as provenance)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from hpcsoup.errors import ConfigError
+
+ARCHS = ("gcn", "sage", "gat", "gin")
+SOUP_METHODS = ("uniform", "greedy", "gis", "learned", "pls")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key: its default, accepted types and an optional check."""
+
+    default: Any
+    types: tuple = ()
+    choices: Sequence | None = None
+    check: Callable[[Any], bool] | None = None
+    hint: str = ""
+
+    def validate(self, key: str, value: Any) -> Any:
+        types = self.types or (type(self.default),)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"config key '{key}' = {value!r}: expected {_names(types)}")
+        if not isinstance(value, types):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected {_names(types)}"
+                              + (f" ({self.hint})" if self.hint else ""))
+        items = value if isinstance(value, list) else [value]
+        if self.choices is not None:
+            bad = [v for v in items if v not in self.choices]
+            if bad:
+                raise ConfigError(f"config key '{key}' = {value!r}: {bad[0]!r} is not allowed; "
+                                  f"choose from {list(self.choices)}")
+        if self.check is not None and not self.check(value):
+            raise ConfigError(f"config key '{key}' = {value!r}: {self.hint or 'invalid value'}")
+        return value
+
+
+def _names(types: tuple) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _pos(hint="must be > 0"):
+    return dict(check=lambda v: v > 0, hint=hint)
+
+
+def _nonneg(hint="must be >= 0"):
+    return dict(check=lambda v: v >= 0, hint=hint)
+
+
+#: Every key a config may hold. Sections are nested dicts; leaves are Fields.
+SCHEMA: dict = {
+    "store": Field("runs/quickstart.zarr", (str,)),
+    "name": Field("experiment", (str,)),
+    "device": Field("cpu", (str,), check=lambda v: v == "cpu" or v.startswith("cuda"),
+                    hint="'cpu', 'cuda' or 'cuda:N'"),
+    "threads": Field(0, (int,), **_nonneg("torch threads per process; 0 = choose from the cores")),
+    "data": {
+        "dataset": Field("Cora", (str,)),
+        "root": Field("", (str,), hint="folder with the datasets ('' = the default cache)"),
+        "split": Field(0, (int,), **_nonneg()),
+        "nodes": Field(100_000, (int,), **_pos("synthetic-products node count")),
+        "seed": Field(0, (int,)),
+    },
+    "experts": {
+        "arch": Field("sage", (str,), choices=ARCHS),
+        "count": Field(8, (int,), **_nonneg()),
+        "layers": Field(2, (int,), **_pos()),
+        "hidden": Field(64, (int,), **_pos()),
+        "heads": Field(1, (int,), **_pos()),
+        "dropout": Field(0.5, (float,), check=lambda v: 0 <= v < 1, hint="in [0, 1)"),
+        "epochs": Field(200, (int,), **_pos()),
+        "lr": Field(0.01, (float,), **_pos()),
+        "weight_decay": Field(5e-4, (float,), **_nonneg()),
+        "init_seed": Field(0, (int,)),
+        "seed": Field(0, (int,), hint="expert i trains with seed + i"),
+        "batching": Field("full", (str,), choices=("full", "partitions")),
+        "batch_partitions": Field(32, (int,), **_pos("METIS parts for cluster mini-batches")),
+        "parts_per_batch": Field(4, (int,), **_pos()),
+        "checkpoint_every": Field(10, (int,), **_pos("epochs between resume checkpoints")),
+        "sweep": {
+            "lr": Field([], (list,), hint="per-expert learning rates, cycled"),
+            "dropout": Field([], (list,), hint="per-expert dropout, cycled"),
+            "weight_decay": Field([], (list,), hint="per-expert weight decay, cycled"),
+        },
+    },
+    "specialists": {
+        "archs": Field([], (list,), choices=ARCHS, hint="one specialist parent per entry"),
+        "split": Field("metis", (str,), choices=("metis", "random", "class")),
+        "layers": Field(2, (int,), **_pos()),
+        "hidden": Field(64, (int,), **_pos()),
+        "heads": Field(4, (int,), **_pos("GAT heads")),
+        "dropout": Field(0.5, (float,), check=lambda v: 0 <= v < 1, hint="in [0, 1)"),
+        "epochs": Field(200, (int,), **_pos()),
+        "lr": Field(0.01, (float,), **_pos()),
+        "weight_decay": Field(5e-4, (float,), **_nonneg()),
+        "seed": Field(100, (int,)),
+    },
+    "soup": {
+        "methods": Field(list(SOUP_METHODS), (list,), choices=SOUP_METHODS),
+        "arch": Field("", (str,), hint="architecture to soup ('' = experts.arch)"),
+        "seed": Field(0, (int,)),
+        "gis": {
+            "granularity": Field(20, (int,), check=lambda v: v >= 2, hint="must be >= 2"),
+        },
+        "learned": {
+            "steps": Field(100, (int,), **_pos()),
+            "lr": Field(1.0, (float,), **_pos()),
+            "optimizer": Field("adam", (str,), choices=("sgd", "adam")),
+            "schedule": Field("none", (str,), choices=("none", "cosine", "cosine_warm_restarts")),
+            "init": Field("uniform", (str,), choices=("uniform", "validation")),
+            "patience": Field(10, (int,), **_pos()),
+            "eval_every": Field(1, (int,), **_pos()),
+        },
+        "pls": {
+            "partitions": Field(32, (int,), **_pos()),
+            "per_step": Field(4, (int,), **_pos()),
+            "halo": Field(0, (int,), **_nonneg()),
+            "ranks": Field(1, (int,), **_pos()),
+            "steps": Field(100, (int,), **_pos()),
+            "lr": Field(1.0, (float,), **_pos()),
+            "patience": Field(10, (int,), **_pos()),
+            "eval_every": Field(5, (int,), **_pos()),
+        },
+    },
+    "merge": {
+        "parents": Field([], (list,), hint="expert ids; [] = the config's specialists"),
+        "alignment": Field("procrustes", (str,), choices=("none", "procrustes", "permutation")),
+        "routing": Field("ridge", (str,), choices=("none", "uniform", "ridge")),
+        "calibration": Field(True, (bool,)),
+        "anchors": Field(0, (int,), **_nonneg("anchor nodes for alignment; 0 = all nodes")),
+        "seed": Field(0, (int,)),
+    },
+    "slurm": {
+        "partition": Field("", (str,)),
+        "account": Field("", (str,)),
+        "time": Field("01:00:00", (str,)),
+        "cpus_per_task": Field(1, (int,), **_pos()),
+        "mem": Field("", (str,), hint="e.g. '8G' ('' = the cluster default)"),
+        "gpus_per_task": Field(0, (int,), **_nonneg()),
+        "max_parallel": Field(0, (int,), **_nonneg("array throttle %N; 0 = none")),
+    },
+}
+
+
+class Section:
+    """Read-only attribute view of one validated config section."""
+
+    def __init__(self, values: dict, path: str = ""):
+        self._values = values
+        self._path = path
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self._values[key]
+        except KeyError:
+            raise AttributeError(f"config has no key '{self._path}{key}'") from None
+        return Section(value, f"{self._path}{key}.") if isinstance(value, dict) else value
+
+    def __getitem__(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._values!r})"
+
+
+Config = Section
+
+
+def _defaults(schema: dict) -> dict:
+    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+            for k, v in schema.items()}
+
+
+def _merge(schema: dict, values: dict, into: dict, prefix: str = "") -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key '{name}'; allowed in "
+                              f"'{prefix.rstrip('.') or '<top level>'}': {sorted(schema)}")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' must be a [section], got {value!r}")
+            _merge(spec, value, into[key], name + ".")
+        else:
+            into[key] = spec.validate(name, value)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"soup.pls.ranks=4"`` -> (["soup", "pls", "ranks"], 4). Values are TOML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set experts.count=4")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> Section:
+    """Validate ``values`` (a nested dict, e.g. parsed TOML) plus ``--set`` overrides."""
+    merged = _defaults(SCHEMA)
+    _merge(SCHEMA, values or {}, merged)
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        _merge(SCHEMA, nested, merged)
+    return Section(merged)
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Section:
+    """Load a ``jobs/*.toml`` file (or only defaults when ``path`` is None)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; "
+                              f"pass an experiment file such as jobs/quickstart.toml")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from exc
+    return build_config(values, overrides)

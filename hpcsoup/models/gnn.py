@@ -1,0 +1,102 @@
+"""GNN experts: GCN, GraphSAGE (mean), GAT and GIN built from PyG layers.
+
+Every architecture is the same stack: for each layer ``l``
+
+.. math::
+    H^{(l+1)} = \\sigma\\big(\\mathrm{conv}_l(\\mathrm{dropout}(H^{(l)}), A)\\big)
+
+with :math:`\\sigma` = ReLU on hidden layers and the identity on the last,
+which outputs class logits. The convolutions:
+
+- ``gcn``: ``GCNConv`` (Kipf & Welling, ICLR 2017), :math:`\\hat D^{-1/2}(A+I)\\hat D^{-1/2} H W`;
+- ``sage``: ``SAGEConv`` mean (Hamilton et al., NeurIPS 2017), :math:`H W_s + (D^{-1}A H) W_n`;
+- ``gat``: ``GATConv`` (Veličković et al., ICLR 2018), ``heads`` concatenated heads of width
+  ``hidden // heads`` on hidden layers, one head on the output layer;
+- ``gin``: ``GINConv`` with a learnable eps (Xu et al., ICLR 2019),
+  :math:`\\mathrm{MLP}((1+\\epsilon)H + A H)`, a two-layer MLP per layer.
+
+Construction is deterministic for a seed: the shared initialisation that makes
+experts soupable rests on this.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+
+from hpcsoup.config import ARCHS
+from hpcsoup.errors import ModelError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What defines a model's shape (stored with every expert as ``attrs['model']``)."""
+
+    arch: str
+    in_channels: int
+    out_channels: int
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 1
+    dropout: float = 0.5
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ModelError(f"unknown architecture {self.arch!r}; choose from {list(ARCHS)}")
+        if self.layers < 1 or self.hidden < 1 or self.heads < 1:
+            raise ModelError(f"model {self}: layers, hidden and heads must be >= 1")
+        if self.arch == "gat" and self.layers > 1 and self.hidden % self.heads:
+            raise ModelError(f"GAT hidden={self.hidden} is not divisible by heads={self.heads}; "
+                             f"pick hidden as a multiple of heads")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _conv(arch: str, cin: int, cout: int, heads: int, last: bool) -> nn.Module:
+    if arch == "gcn":
+        return GCNConv(cin, cout)
+    if arch == "sage":
+        return SAGEConv(cin, cout, aggr="mean")
+    if arch == "gat":
+        if last:
+            return GATConv(cin, cout, heads=1, concat=False)
+        return GATConv(cin, cout // heads, heads=heads, concat=True)
+    mlp = nn.Sequential(nn.Linear(cin, cout), nn.ReLU(), nn.Linear(cout, cout))
+    return GINConv(mlp, train_eps=True)
+
+
+class GNN(nn.Module):
+    """A stack of ``spec.layers`` convolutions of one architecture; returns logits."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        widths = [spec.in_channels] + [spec.hidden] * (spec.layers - 1) + [spec.out_channels]
+        self.convs = nn.ModuleList(
+            _conv(spec.arch, widths[i], widths[i + 1], spec.heads, last=i == spec.layers - 1)
+            for i in range(spec.layers))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = nn.functional.dropout(x, self.spec.dropout, self.training)
+            x = conv(x, edge_index)
+            if i < len(self.convs) - 1:
+                x = x.relu()
+        return x
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> GNN:
+    """Build a :class:`GNN`; with a seed its initial weights depend on the seed alone."""
+    if seed is None:
+        return GNN(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GNN(spec)
