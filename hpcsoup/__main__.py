@@ -1,0 +1,5 @@
+import sys
+
+from hpcsoup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The ``hpcsoup`` command line: a thin layer over the Python API of each stage.
+
+Every command accepts ``--store PATH``, repeatable ``--set key=value`` and
+``--json`` (one JSON object of the results as the last line of stdout).
+This is the only module that reads config files from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hpcsoup.config import SOUP_METHODS, load_config
+from hpcsoup.errors import HpcsoupError
+
+
+def _common(parser: argparse.ArgumentParser, config: str = "option") -> None:
+    if config == "option":
+        parser.add_argument("--config", "-c", help="experiment file, e.g. jobs/quickstart.toml")
+    elif config == "positional":
+        parser.add_argument("config", help="experiment file, e.g. jobs/quickstart.toml")
+    parser.add_argument("--store", help="Zarr store path (default: the config's `store`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set experts.count=4 (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object of the results as the last line")
+
+
+def _config(args):
+    overrides = list(args.overrides)
+    if getattr(args, "store", None):
+        overrides.append(f"store={json.dumps(args.store)}")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_train(args) -> dict:
+    from hpcsoup.train.run import run_train
+    return run_train(_config(args), task_id=args.task_id, all_tasks=args.all)
+
+
+def cmd_soup(args) -> dict:
+    from hpcsoup.soup.run import run_soup
+    return run_soup(_config(args), methods=args.method or None)
+
+
+def cmd_merge(args) -> dict:
+    from hpcsoup.merge.run import run_merge
+    parents = [p for p in args.parents.split(",") if p] if args.parents else None
+    return run_merge(_config(args), parents=parents)
+
+
+def cmd_run(args) -> dict:
+    from hpcsoup.pipeline import run_local
+    return run_local(_config(args))
+
+
+def cmd_submit(args) -> dict:
+    from hpcsoup.pipeline import submit
+    return submit(_config(args), config_path=args.config, overrides=args.overrides,
+                  dry_run=args.dry_run)
+
+
+def cmd_report(args) -> dict:
+    from hpcsoup.report import report
+    return report(args.store or _config(args).store, out=args.out)
+
+
+def cmd_store(args) -> dict:
+    from hpcsoup.store import describe_store
+    return describe_store(args.path, group=args.group if args.action == "show" else None)
+
+
+def cmd_data(args) -> dict:
+    from hpcsoup.data import load_dataset
+    info = load_dataset(args.name, args.root, split=args.split, nodes=args.nodes).info()
+    if not args.json:
+        for key, value in info.items():
+            print(f"{key:>10}: {value}")
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcsoup", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train experts (one task = one expert) into the store")
+    _common(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--task-id", type=int, help="expert index (default: $SLURM_ARRAY_TASK_ID)")
+    group.add_argument("--all", action="store_true",
+                       help="train every expert here, in parallel Dask worker processes")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("soup", help="soup same-architecture experts")
+    _common(p)
+    p.add_argument("--method", action="append", choices=SOUP_METHODS,
+                   help="souping method (repeatable; default: the config's soup.methods)")
+    p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA")
+    _common(p)
+    p.add_argument("--parents", help="comma-separated expert ids (default: the config's specialists)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("run", help="every stage on this machine (the embedded default)")
+    _common(p, config="positional")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="every stage as SLURM jobs chained with afterok")
+    _common(p, config="positional")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("report", help="tables and plots of what a store holds")
+    _common(p)
+    p.add_argument("--out", help="folder for report.md, report.json and plots (default: <store>.report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("store", help="inspect a store")
+    p.add_argument("action", choices=("ls", "show"))
+    p.add_argument("path", help="store path")
+    p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("data", help="dataset information")
+    p.add_argument("action", choices=("info",))
+    p.add_argument("name", help="Cora, CiteSeer, Minesweeper, Tolokers, ogbn-*, pyg/<Class>/<name>, "
+                                "synthetic-products")
+    p.add_argument("--root", help="dataset folder (default: $HPCSOUP_DATA or ~/.cache/hpcsoup/data)")
+    p.add_argument("--split", type=int, default=0)
+    p.add_argument("--nodes", type=int, default=100_000, help="synthetic-products size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except HpcsoupError as exc:
+        print(f"hpcsoup {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
