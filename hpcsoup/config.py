@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -240,7 +241,7 @@ def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> S
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Section:
-    """Load a ``jobs/*.toml`` file (or only defaults when ``path`` is None)."""
+    """Load a ``jobs/*.toml`` (or ``.json``) file; only defaults when ``path`` is None."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -248,7 +249,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Secti
             raise ConfigError(f"config file '{path}' does not exist; "
                               f"pass an experiment file such as jobs/quickstart.toml")
         try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from exc
+            # JSON is what a stage hands to its sub-processes (``Section.to_dict()``).
+            values = (json.loads(path.read_text()) if path.suffix == ".json"
+                      else tomllib.loads(path.read_text()))
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config file '{path}' is not valid {path.suffix[1:].upper()}: {exc}") from exc
     return build_config(values, overrides)
