@@ -1,0 +1,446 @@
+"""The Zarr store: the contract between the pipeline's stages (and other tools).
+
+Layout (zarr v3, one directory per node on a local or shared file system)::
+
+    <store>.zarr/                          root attrs written once, by the creator
+      inits/<init_id>/params/<name>        shared initial weights (written once, atomically)
+      experts/<id>/params/<name>           one array per state_dict tensor
+      experts/<id>/<name>                  extra arrays (e.g. a specialist's region)
+      soups/<id>/params/<name>, merges/<id>/...
+
+Rules that make many concurrent writers safe without locks (zarr has none):
+
+- The root is built in a temporary directory and renamed into place; ``os.rename``
+  is atomic, so of several concurrent creators exactly one wins and the others
+  open what it made (every writer creating a missing root in place loses groups:
+  measured in ENVIRONMENT.md).
+- One writer per group. A group's attrs get ``complete=True`` *last*; readers
+  (:meth:`Store.groups`) see only complete groups, so a killed writer leaves
+  nothing visible, and its rerun replaces the incomplete group.
+- Inits may be written by any array task that finds none: each writes a private
+  temporary group and renames it into ``inits/<init_id>``; losers discard theirs.
+
+Every array stores its torch dtype (``torch_dtype`` attr; bfloat16 and float8 have
+no numpy dtype, so their bits are stored) and every params group a manifest with
+each tensor's shape, dtype and SHA-1 of its bytes, so that a corrupt or missing
+chunk, a missing array or NaN weights are reported naming the group and the array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from hpcsoup.errors import StoreError, StoreNotFoundError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("experts", "soups", "merges")
+INITS = "inits"
+PARAMS = "params"
+FORMAT = 1
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+# Bits-only dtypes (no numpy equivalent): stored as unsigned ints of the same width.
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _compressors():
+    # crc32c makes a flipped byte in a chunk an error instead of silently different weights.
+    return [ZstdCodec(level=3), Crc32cCodec()]
+
+
+def _jsonable(value: Any) -> Any:
+    """Attrs must be JSON: tensors, numpy scalars and paths become plain values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """``(array, torch dtype name)``; dtypes numpy lacks (bfloat16, float8) as raw bits."""
+    t = tensor.detach().cpu().contiguous()
+    name = _torch_dtype_name(t.dtype)
+    try:
+        return t.numpy(), name
+    except TypeError:
+        width = t.element_size()
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
+        return t.view(bits).numpy().view(_BITS[width]), name
+
+
+def numpy_to_tensor(array: np.ndarray, dtype_name: str | None) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_numpy` (``dtype_name`` None: numpy's own dtype)."""
+    array = np.array(array, copy=True, order="C")  # (ascontiguousarray turns 0-d into 1-d)
+    if dtype_name is None:
+        return torch.from_numpy(array)
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise StoreError(f"unknown torch dtype {dtype_name!r} in the store; "
+                         f"was it written by a newer torch?")
+    if array.dtype.kind == "u" and dtype.is_floating_point:  # raw bits of bfloat16 / float8
+        signed = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[array.itemsize]
+        return torch.from_numpy(array.view(signed)).view(dtype)
+    return torch.from_numpy(array).to(dtype)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.asarray(array).tobytes(order="C")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    """One group of the store: ``kind`` (experts/soups/merges), ``id`` and its attrs."""
+
+    kind: str
+    id: str
+    attrs: dict
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs.get("complete") is True
+
+
+class Store:
+    """A hpcsoup Zarr store on a (shared) file system.
+
+    Use :meth:`create` (idempotent, race-free) or :meth:`open`; see the module
+    docstring for the layout and the concurrency rules.
+    """
+
+    def __init__(self, path: Path, root: zarr.Group):
+        self.path = path
+        self._root = root
+
+    def __repr__(self) -> str:
+        return f"Store('{self.path}')"
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict | None = None) -> "Store":
+        """Create the store root with ``attrs`` once; open it if it already exists.
+
+        Safe when many processes call it at once: the root is built aside and
+        renamed into place atomically; the root attrs are written only here.
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            if path.is_dir() and any(path.iterdir()):
+                raise StoreError(f"cannot create a store at '{path}': the folder exists, is not "
+                                 f"empty and holds no zarr.json; choose another --store path")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            root = zarr.create_group(store=str(tmp), zarr_format=3,
+                                     attributes=_jsonable({"hpcsoup_store": FORMAT, **(attrs or {})}))
+            for kind in (INITS, *KINDS):
+                root.create_group(kind)
+            try:
+                os.rename(tmp, path)  # atomic; fails when another creator got there first
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (path / "zarr.json").is_file():
+                    raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing store; :class:`StoreNotFoundError` naming the path if there is none."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            if path.exists():
+                raise StoreError(f"'{path}' is not a hpcsoup store (it has no zarr.json); "
+                                 f"pass the .zarr folder that `hpcsoup train` wrote")
+            raise StoreNotFoundError(f"store '{path}' does not exist; check the path or fill it "
+                                     f"first with `hpcsoup train --config <file> --store {path}`")
+        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        if "hpcsoup_store" not in root.attrs:
+            raise StoreError(f"'{path}' is a zarr group but not a hpcsoup store (no 'hpcsoup_store' "
+                             f"attribute); pass the store that `hpcsoup train` created")
+        return cls(path, root)
+
+    @property
+    def attrs(self) -> dict:
+        """The root attrs (written once, when the store was created)."""
+        return dict(self._root.attrs)
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise StoreError(f"group kind {kind!r} is unknown; choose from {list(KINDS)}")
+
+    @staticmethod
+    def _check_id(what: str, gid: str) -> None:
+        if not isinstance(gid, str) or not _ID.match(gid):
+            raise StoreError(f"{what} id {gid!r} is not allowed: use letters, digits and _.+=- "
+                             f"(not starting with '.' or '-'), e.g. 'sage-e003'")
+
+    def _dir(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    def _node_attrs(self, *parts: str) -> dict | None:
+        """Attrs of a node read from its ``zarr.json``; ``None`` if it is absent or unreadable."""
+        meta = self._dir(*parts, "zarr.json")
+        try:
+            return json.loads(meta.read_text()).get("attributes", {})
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("store %s: unreadable metadata %s (%s); treating it as incomplete",
+                        self.path, meta, exc)
+            return {}
+
+    def _group(self, *parts: str, create: bool = False) -> zarr.Group:
+        path = "/".join(parts)
+        return zarr.open_group(store=str(self.path), path=path, mode="a" if create else "r+",
+                               zarr_format=3)
+
+    @staticmethod
+    def _write_tensor(group: zarr.Group, name: str, tensor: torch.Tensor) -> dict:
+        array, dtype_name = tensor_to_numpy(tensor)
+        meta = {"shape": list(array.shape), "torch_dtype": dtype_name, "sha1": _digest(array)}
+        group.create_array(name, data=array, compressors=_compressors(), overwrite=True,
+                           attributes=meta)
+        return meta
+
+    def _read_tensor(self, where: str, group: zarr.Group, name: str, meta: dict | None,
+                     check_finite: bool) -> torch.Tensor:
+        fix = f"rerun the task that wrote '{where}' (or delete that group)"
+        try:
+            node = group[name]
+        except KeyError:
+            raise StoreError(f"'{where}': array '{name}' is missing from store '{self.path}'"
+                             + (" (its manifest lists it)" if meta else "") + f"; {fix}") from None
+        meta = meta or dict(node.attrs)
+        try:
+            array = np.asarray(node[...])
+        except Exception as exc:  # zstd / crc32c / file errors all mean: this chunk is damaged
+            raise StoreError(f"'{where}': array '{name}' in store '{self.path}' cannot be read, "
+                             f"a chunk is corrupt ({type(exc).__name__}: {exc}); {fix}") from exc
+        if list(array.shape) != list(meta.get("shape", array.shape)):
+            raise StoreError(f"'{where}': array '{name}' has shape {list(array.shape)}, its manifest "
+                             f"says {meta['shape']}; {fix}")
+        if "sha1" in meta and _digest(array) != meta["sha1"]:
+            raise StoreError(f"'{where}': array '{name}' does not match its checksum (a chunk is "
+                             f"corrupt or missing) in store '{self.path}'; {fix}")
+        tensor = numpy_to_tensor(array, meta.get("torch_dtype"))
+        if check_finite and tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor.float())).sum())
+            if bad:
+                raise StoreError(f"'{where}': array '{name}' holds {bad} NaN/inf value(s) of "
+                                 f"{tensor.numel()}; the run that wrote it diverged: retrain it "
+                                 f"(e.g. with a lower lr)")
+        return tensor
+
+    def _write_params(self, group: zarr.Group, state_dict: dict) -> None:
+        params = group.create_group(PARAMS, overwrite=True)
+        manifest = {name: self._write_tensor(params, name, tensor)
+                    for name, tensor in state_dict.items()}
+        params.attrs.update({"manifest": manifest, "order": list(state_dict)})
+
+    def _read_params(self, where: str, *parts: str, check_finite: bool = True) -> dict:
+        try:
+            params = self._group(*parts, PARAMS)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"'{where}' has no '{PARAMS}' group in store '{self.path}'; rerun the "
+                             f"task that wrote it") from exc
+        manifest = params.attrs.get("manifest")
+        if manifest is None:
+            raise StoreError(f"'{where}/{PARAMS}' has no manifest in store '{self.path}'; it was not "
+                             f"written by hpcsoup or its writer was killed; rerun the task")
+        order = params.attrs.get("order", list(manifest))
+        return {name: self._read_tensor(where, params, name, manifest[name], check_finite)
+                for name in order}
+
+    # ---------------------------------------------------------------- inits
+
+    def has_init(self, init_id: str) -> bool:
+        return (self._node_attrs(INITS, init_id) or {}).get("complete") is True
+
+    def write_init(self, init_id: str, state_dict: dict, attrs: dict | None = None) -> bool:
+        """Store a shared initialisation once. Returns False when it was already there.
+
+        Race-free: the init is written to a private temporary group and renamed into
+        ``inits/<init_id>``; when another writer won, this copy is discarded.
+        """
+        self._check_id("init", init_id)
+        if self.has_init(init_id):
+            return False
+        tmp_name = f".tmp-{init_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = zarr.create_group(store=str(self._dir(INITS, tmp_name)), zarr_format=3,
+                                attributes=_jsonable({**(attrs or {}), "complete": False}))
+        self._write_params(tmp, state_dict)
+        tmp.attrs.update({"complete": True})
+        try:
+            os.rename(self._dir(INITS, tmp_name), self._dir(INITS, init_id))
+        except OSError:
+            shutil.rmtree(self._dir(INITS, tmp_name), ignore_errors=True)
+            if not self.has_init(init_id):
+                raise
+            return False
+        return True
+
+    def read_init(self, init_id: str) -> dict:
+        """The state_dict of a shared initialisation."""
+        attrs = self._node_attrs(INITS, init_id)
+        if attrs is None:
+            known = self.inits()
+            raise StoreNotFoundError(f"init '{init_id}' is not in store '{self.path}' (it has "
+                                     f"{known or 'none'}); run `hpcsoup train` to create it")
+        return self._read_params(f"{INITS}/{init_id}", INITS, init_id)
+
+    def init_attrs(self, init_id: str) -> dict:
+        return self._node_attrs(INITS, init_id) or {}
+
+    def inits(self) -> list[str]:
+        folder = self._dir(INITS)
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()
+                      and not p.name.startswith(".") and self.has_init(p.name)) if folder.is_dir() else []
+
+    # ---------------------------------------------------------------- groups
+
+    def write_group(self, kind: str, group_id: str, state_dict: dict, attrs: dict,
+                    arrays: dict | None = None, overwrite: bool = False) -> GroupInfo:
+        """Write one group: its params, its ``arrays`` (extra tensors), its attrs, then ``complete``.
+
+        An incomplete group of that id (a killed writer) is replaced. A complete one
+        is an error unless ``overwrite=True``: tasks never duplicate or silently
+        replace a finished expert.
+        """
+        self._check_kind(kind)
+        self._check_id(kind[:-1], group_id)
+        existing = self._node_attrs(kind, group_id)
+        if existing is not None or self._dir(kind, group_id).exists():
+            if (existing or {}).get("complete") is True and not overwrite:
+                raise StoreError(f"'{kind}/{group_id}' already exists and is complete in store "
+                                 f"'{self.path}'; pass overwrite=True to replace it, or use another id")
+            log.info("store %s: replacing %s '%s/%s'", self.path,
+                     "complete" if existing and existing.get("complete") else "incomplete",
+                     kind, group_id)
+            shutil.rmtree(self._dir(kind, group_id))
+        attrs = {k: v for k, v in _jsonable(dict(attrs)).items() if k != "complete"}
+        group = self._group(kind, create=True).create_group(
+            group_id, attributes={**attrs, "complete": False})
+        self._write_params(group, state_dict)
+        for name, tensor in (arrays or {}).items():
+            self._check_array_name(kind, group_id, name)
+            self._write_tensor(group, name, tensor)
+        group.attrs.update({"complete": True})  # LAST: from now on readers see this group
+        return GroupInfo(kind, group_id, {**attrs, "complete": True})
+
+    def _check_array_name(self, kind: str, group_id: str, name: str) -> None:
+        if name == PARAMS or not _ID.match(name):
+            raise StoreError(f"array name {name!r} for '{kind}/{group_id}' is not allowed "
+                             f"(not '{PARAMS}'; letters, digits and _.+=-)")
+
+    def groups(self, kind: str, **attr_filters) -> list[GroupInfo]:
+        """Complete groups of ``kind`` whose attrs equal every ``attr_filters`` item, by id."""
+        return [g for g in self._all_groups(kind)
+                if g.complete and all(g.attrs.get(k) == v for k, v in attr_filters.items())]
+
+    def incomplete(self, kind: str) -> list[GroupInfo]:
+        """Groups whose writer was killed or is still running (invisible to :meth:`groups`)."""
+        return [g for g in self._all_groups(kind) if not g.complete]
+
+    def _all_groups(self, kind: str) -> list[GroupInfo]:
+        self._check_kind(kind)
+        folder = self._dir(kind)
+        if not folder.is_dir():
+            return []
+        out = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            attrs = self._node_attrs(kind, entry.name)
+            out.append(GroupInfo(kind, entry.name, attrs if attrs is not None else {}))
+        return out
+
+    def has_group(self, kind: str, group_id: str) -> bool:
+        """True when ``kind/group_id`` exists and is complete."""
+        self._check_kind(kind)
+        return (self._node_attrs(kind, group_id) or {}).get("complete") is True
+
+    def group_attrs(self, kind: str, group_id: str) -> dict:
+        """Attrs of a complete group."""
+        return self._complete_attrs(kind, group_id)
+
+    def _complete_attrs(self, kind: str, group_id: str) -> dict:
+        self._check_kind(kind)
+        attrs = self._node_attrs(kind, group_id)
+        if attrs is None:
+            known = [g.id for g in self.groups(kind)]
+            raise StoreNotFoundError(f"'{kind}/{group_id}' is not in store '{self.path}'; complete "
+                                     f"{kind}: {known or 'none'}")
+        if attrs.get("complete") is not True:
+            raise StoreError(f"'{kind}/{group_id}' in store '{self.path}' is incomplete (complete=true "
+                             f"was never written: its writer was killed or is still running); "
+                             f"rerun its task")
+        return attrs
+
+    def load_group(self, kind: str, group_id: str) -> tuple[dict, dict]:
+        """``(state_dict, attrs)`` of a complete group, validated.
+
+        Raises :class:`StoreError` naming the group and the array for a missing array,
+        a corrupt or missing chunk (checksums), or NaN/inf weights.
+        """
+        attrs = self._complete_attrs(kind, group_id)
+        return self._read_params(f"{kind}/{group_id}", kind, group_id), attrs
+
+    def write_array(self, kind: str, group_id: str, name: str, tensor: torch.Tensor) -> None:
+        """Store an extra (non-parameter) array in an existing group, e.g. a region mask."""
+        self._check_kind(kind)
+        self._check_array_name(kind, group_id, name)
+        if self._node_attrs(kind, group_id) is None:
+            raise StoreNotFoundError(f"'{kind}/{group_id}' is not in store '{self.path}'; write the "
+                                     f"group first (write_group) or pass arrays= to it")
+        self._write_tensor(self._group(kind, group_id), name, tensor)
+
+    def read_array(self, kind: str, group_id: str, name: str) -> torch.Tensor:
+        """An extra array of a group (see :meth:`write_array`)."""
+        self._check_kind(kind)
+        if self._node_attrs(kind, group_id) is None:
+            raise StoreNotFoundError(f"'{kind}/{group_id}' is not in store '{self.path}'")
+        if not self._dir(kind, group_id, name, "zarr.json").is_file():
+            raise StoreNotFoundError(f"'{kind}/{group_id}' has no array '{name}' in store "
+                                     f"'{self.path}'")
+        return self._read_tensor(f"{kind}/{group_id}", self._group(kind, group_id), name, None,
+                                 check_finite=False)
+
+    def array_names(self, kind: str, group_id: str) -> list[str]:
+        """Names of a group's extra arrays (not its params)."""
+        folder = self._dir(kind, group_id)
+        return sorted(p.name for p in folder.iterdir() if p.name != PARAMS
+                      and (p / "zarr.json").is_file()) if folder.is_dir() else []
+
+    def param_info(self, kind: str, group_id: str) -> dict:
+        """The params manifest ``{name: {shape, torch_dtype, sha1}}`` of a group."""
+        attrs = self._node_attrs(kind, group_id, PARAMS) or {}
+        return attrs.get("manifest", {})
