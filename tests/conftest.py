@@ -1,8 +1,14 @@
 """Shared test set-up: one thread, MPI safety, dataset root in tmp, SLURM and mpiexec fixtures.
 
 Markers (``mpi``, ``slurm``, ``slow``) are registered in setup.cfg. The test command is
-``tests/run.sh`` (README and CI call it): the ``mpi`` tests run *inside* every rank of
-``mpiexec -n 2 python -m pytest -m mpi``, so each must work for any communicator size, 1 included.
+``tests/run.sh`` (README and CI call it). It runs two legs:
+
+1. ``python -m pytest`` -- every test in one plain process. ``mpi`` tests that run *inside* a
+   rank see a world of size 1 here; ``mpi`` tests that launch their own ranks (the ``mpiexec``
+   fixture) run here, and only here.
+2. ``mpiexec -n 2 python -m pytest -m mpi`` -- the in-rank ``mpi`` tests again, in every rank of a
+   world of size 2. So an in-rank test must work for any communicator size, 1 included, and every
+   rank must run the same collectives in the same order (skip on all ranks or on none).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import pytest
 
 #: environment variables that MPI launchers (mpich/hydra, Open MPI, SLURM's PMI2) set in each rank
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+_LAUNCHER_VARS = _LAUNCHER_SIZE_VARS + ("PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 def _launched_size() -> int:
@@ -82,6 +89,14 @@ def pytest_unconfigure(config):
         _abort_world(code)
 
 
+def _missing(reason: str):
+    """Skip a test whose infrastructure is missing; under ``HPCSOUP_CI=1`` (.ci/run) fail instead,
+    so that CI cannot pass by silently skipping its SLURM or MPI tests."""
+    if os.environ.get("HPCSOUP_CI", "") not in ("", "0"):
+        pytest.fail(f"{reason} -- HPCSOUP_CI=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A session-wide dataset root in tmp: ``processed/`` files never land in the repo or ../shared."""
@@ -93,18 +108,18 @@ def slurm_cluster() -> str:
     """The ``SLURM_CONF`` of a running cluster (``slurm/local-cluster.sh up``); skips without one."""
     conf = os.environ.get("SLURM_CONF")
     if not conf:
-        pytest.skip("no SLURM: SLURM_CONF is not set (run: eval \"$(slurm/local-cluster.sh up | "
-                    "tail -n 1)\")")
+        _missing("no SLURM: SLURM_CONF is not set (start one: "
+                 "eval \"$(slurm/local-cluster.sh up | tail -n 1)\")")
     if not Path(conf).is_file():
-        pytest.skip(f"no SLURM: SLURM_CONF={conf} does not exist (slurm/local-cluster.sh up)")
+        _missing(f"no SLURM: SLURM_CONF={conf} does not exist (slurm/local-cluster.sh up)")
     if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM: sinfo is not installed (slurm/local-cluster.sh up installs it)")
+        _missing("no SLURM: sinfo is not installed (slurm/local-cluster.sh up installs it)")
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"no SLURM: sinfo did not answer in 20 s (SLURM_CONF={conf})")
+        _missing(f"no SLURM: sinfo did not answer in 20 s (SLURM_CONF={conf})")
     if out.returncode != 0 or not out.stdout.strip():
-        pytest.skip(f"no SLURM: sinfo failed with SLURM_CONF={conf}: {out.stderr.strip()[-300:]}")
+        _missing(f"no SLURM: sinfo failed with SLURM_CONF={conf}: {out.stderr.strip()[-300:]}")
     return conf
 
 
@@ -116,9 +131,19 @@ def mpiexec_path() -> Path | None:
 
 @pytest.fixture(scope="session")
 def mpiexec() -> Path:
-    """Path of the venv's ``mpiexec`` (pip ``mpich``); skips when it or mpi4py is missing."""
+    """Path of the venv's ``mpiexec`` (pip ``mpich``), for tests that launch their own ranks.
+
+    Skips when it or mpi4py is missing, and inside an MPI job (the ``mpiexec -n 2 pytest -m mpi``
+    leg of tests/run.sh): a launcher test runs once, in the plain pytest leg, not once per rank
+    with a nested launcher.
+    """
+    if any(var in os.environ for var in _LAUNCHER_VARS):
+        pytest.skip("launches its own mpiexec: runs in the plain pytest leg, not inside MPI ranks")
     path = mpiexec_path()
     if path is None:
-        pytest.skip(f"no mpiexec next to {sys.executable} (pip install -e '.[mpi]')")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install -e '.[mpi]')")
+        _missing(f"no mpiexec next to {sys.executable} (pip install -e '.[mpi]')")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        _missing("mpi4py is not installed (pip install -e '.[mpi]')")
     return path
