@@ -1,0 +1,134 @@
+"""The whole pipeline: train -> soup -> merge -> report.
+
+- :func:`run_local` runs every stage on this machine (the embedded default):
+  experts in Dask worker processes, PLS under ``mpiexec`` when
+  ``soup.pls.ranks > 1``, then the merge of the specialists and the report.
+- :func:`submit` submits the same stages as SLURM jobs chained with
+  ``--dependency=afterok`` (each stage is also a plain script in ``slurm/``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hpcsoup.config import Section
+from hpcsoup.errors import HpcsoupError
+
+
+def _log(message: str) -> None:
+    print(f"[hpcsoup run] {message}", file=sys.stderr, flush=True)
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` next to this Python (the mpich wheel), else the one on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _soup_under_mpiexec(cfg: Section, ranks: int) -> dict:
+    """Run ``hpcsoup soup --method pls`` in ``ranks`` MPI processes; return its JSON result."""
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise HpcsoupError(f"soup.pls.ranks = {ranks} needs an MPI launcher, but no mpiexec was "
+                           f"found; install the 'mpi' extra (pip install -e '.[mpi]') or set "
+                           f"--set soup.pls.ranks=1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(cfg.to_dict(), handle)
+    command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "hpcsoup", "soup",
+               "--config", handle.name, "--method", "pls", "--json"]
+    _log(" ".join(command))
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise HpcsoupError(f"distributed PLS with {ranks} ranks failed (exit {done.returncode}); "
+                           f"see the rank errors above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_local(cfg: Section) -> dict:
+    """Every stage of ``cfg`` on this machine; returns each stage's summary."""
+    from hpcsoup.merge.run import run_merge
+    from hpcsoup.report import report
+    from hpcsoup.soup.run import run_soup
+    from hpcsoup.train.run import run_train
+
+    start = time.perf_counter()
+    results: dict = {}
+    _log(f"train: {cfg.experts.count} experts + {len(cfg.specialists.archs)} specialists")
+    results["train"] = run_train(cfg, all_tasks=True)
+
+    methods = list(cfg.soup.methods)
+    ranks = cfg.soup.pls.ranks
+    distributed = "pls" in methods and ranks > 1
+    in_process = [m for m in methods if not (distributed and m == "pls")]
+    if cfg.experts.count and in_process:
+        _log(f"soup: {', '.join(in_process)}")
+        results["soup"] = run_soup(cfg, methods=in_process)
+    if cfg.experts.count and distributed:
+        _log(f"soup: pls on {ranks} MPI ranks")
+        results["soup_pls"] = _soup_under_mpiexec(cfg, ranks)
+
+    if cfg.specialists.archs:
+        _log(f"merge: {' + '.join(cfg.specialists.archs)} with H-GRAMA")
+        results["merge"] = run_merge(cfg)
+
+    results["report"] = report(cfg.store)
+    results["seconds"] = time.perf_counter() - start
+    _log(f"done in {results['seconds']:.1f} s; report in {results['report']['out']}")
+    return results
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
+
+
+def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
+           dry_run: bool = False) -> dict:
+    """Submit train -> (soup, merge) -> report as SLURM jobs chained with ``afterok``.
+
+    Each job runs one of the scripts in ``slurm/`` with the same config file and
+    ``--set`` overrides; resources come from the config's ``[slurm]`` section.
+    A failed stage cancels the stages after it (``--kill-on-invalid-dep=yes``).
+    Returns the job ids (with ``dry_run``, the sbatch command lines instead).
+    """
+    import os
+
+    from hpcsoup.slurm import afterok, array_spec, sbatch, slurm_options
+    from hpcsoup.train.sweep import array_size
+
+    if not config_path:
+        raise HpcsoupError("hpcsoup submit needs the config as a file that the compute nodes can "
+                           "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
+    args = [str(config_path)] + [a for kv in overrides for a in ("--set", kv)]
+    options = slurm_options(cfg)
+    # The jobs run this interpreter (the scripts read HPCSOUP_PYTHON; sbatch exports the environment).
+    env = dict(os.environ, HPCSOUP_PYTHON=sys.executable)
+    chain = dict(kill_on_invalid_dep="yes", env=env, dry_run=dry_run)
+
+    def job_id(value: str, stage: str) -> str:
+        return f"<{stage}>" if dry_run else value
+
+    jobs: dict = {}
+    jobs["train"] = sbatch(SCRIPTS / "train.sh", args, array=array_spec(array_size(cfg),
+                           cfg.slurm.max_parallel), env=env, dry_run=dry_run, **options)
+    after_train = afterok(job_id(jobs["train"], "train"))
+    finals = []
+    if cfg.experts.count and cfg.soup.methods:
+        jobs["soup"] = sbatch(SCRIPTS / "soup.sh", args, dependency=after_train,
+                              **dict(options, ntasks=cfg.soup.pls.ranks), **chain)
+        finals.append(job_id(jobs["soup"], "soup"))
+    if cfg.specialists.archs:
+        jobs["merge"] = sbatch(SCRIPTS / "merge.sh", args, dependency=after_train, **options, **chain)
+        finals.append(job_id(jobs["merge"], "merge"))
+    jobs["report"] = sbatch(SCRIPTS / "report.sh", args, dependency=afterok(*finals) if finals
+                            else after_train, **dict(options, cpus_per_task=1, gpus_per_task=None),
+                            **chain)
+    for stage, value in jobs.items():
+        print(f"{stage:>7}: {value}", file=sys.stderr)
+    return {"dry_run": dry_run, "jobs": jobs, "store": cfg.store}
