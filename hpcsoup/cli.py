@@ -35,6 +35,13 @@ def _config(args):
 
 def cmd_train(args) -> dict:
     from hpcsoup.train.run import run_train
+    if args.array_spec:  # for `sbatch --array=$(hpcsoup train --config X --array-spec)`
+        from hpcsoup.slurm import array_spec
+        from hpcsoup.train.sweep import array_size
+        cfg = _config(args)
+        spec = array_spec(array_size(cfg), cfg.slurm.max_parallel)
+        print(spec)
+        return {"array": spec, "tasks": array_size(cfg)}
     return run_train(_config(args), task_id=args.task_id, all_tasks=args.all)
 
 
@@ -67,7 +74,8 @@ def cmd_report(args) -> dict:
 
 def cmd_store(args) -> dict:
     from hpcsoup.store import describe_store
-    return describe_store(args.path, group=args.group if args.action == "show" else None)
+    return describe_store(args.path, group=args.group if args.action == "show" else None,
+                          echo=not args.json)
 
 
 def cmd_data(args) -> dict:
@@ -89,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--task-id", type=int, help="expert index (default: $SLURM_ARRAY_TASK_ID)")
     group.add_argument("--all", action="store_true",
                        help="train every expert here, in parallel Dask worker processes")
+    group.add_argument("--array-spec", action="store_true",
+                       help="print the --array value the config needs (e.g. 0-9) and exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("soup", help="soup same-architecture experts")
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except HpcsoupError as exc:
         print(f"hpcsoup {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 75 (EX_TEMPFAIL): stopped by a signal, resumable
     except KeyboardInterrupt:
         print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -100,6 +100,9 @@ SCHEMA: dict = {
         "batch_partitions": Field(32, (int,), **_pos("METIS parts for cluster mini-batches")),
         "parts_per_batch": Field(4, (int,), **_pos()),
         "checkpoint_every": Field(10, (int,), **_pos("epochs between resume checkpoints")),
+        "eval_every": Field(1, (int,), **_pos("epochs between validation checks (model selection)")),
+        "progress_every": Field(1, (int,), **_pos("epochs between progress lines")),
+        "workers": Field(0, (int,), **_nonneg("Dask worker processes for --all; 0 = one per core")),
         "sweep": {
             "lr": Field([], (list,), hint="per-expert learning rates, cycled"),
             "dropout": Field([], (list,), hint="per-expert dropout, cycled"),

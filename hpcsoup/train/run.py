@@ -1,0 +1,305 @@
+"""``hpcsoup train``: train the experts of a config into the Zarr store.
+
+One task trains one expert (:mod:`hpcsoup.train.sweep` says which):
+
+- ``run_train(cfg, task_id=N)`` trains task N, the body of one SLURM array task
+  (``task_id=None`` reads ``SLURM_ARRAY_TASK_ID`` through :class:`~hpcsoup.slurm.SlurmEnv`);
+- ``run_train(cfg, all_tasks=True)`` trains every task on this machine in
+  parallel worker processes (Dask ``LocalCluster``, one worker per core, one
+  torch thread each): the embedded default when there is no SLURM.
+
+Each task: opens the store (creating it race-free if needed), makes sure the
+shared init of its model exists (computed deterministically, written once),
+starts from it, trains with resume checkpoints under
+``<store>/.checkpoints/``, writes ``experts/<id>`` with ``complete=true`` last
+and removes its checkpoint. A task whose expert is already complete does nothing
+and says so; a killed task leaves no visible expert and its rerun resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from hpcsoup.config import build_config
+from hpcsoup.data import Graph, load_from_config
+from hpcsoup.errors import ConfigError, HpcsoupError
+from hpcsoup.models import ModelSpec, build_model
+from hpcsoup.slurm import SlurmEnv
+from hpcsoup.store import Store, provenance
+from hpcsoup.train import sweep
+from hpcsoup.train.checkpoint import Checkpointer, Preempted, StopFlag
+from hpcsoup.train.loop import ClusterBatches, fit
+from hpcsoup.train.regions import specialist_regions
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = ".checkpoints"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (SLURM allocation, affinity mask, or the machine)."""
+    env = SlurmEnv.from_env()
+    if env.cpus_per_task:
+        return env.cpus_per_task
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _set_threads(cfg, default: int | None = None) -> int:
+    threads = cfg.threads or default or 0
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def open_store(cfg) -> Store:
+    """The config's store, created (once, race-free) with the config and provenance as root attrs."""
+    return Store.create(cfg.store, attrs={"name": cfg.name, "config": cfg.to_dict(),
+                                          "created": provenance()})
+
+
+def ensure_init(store: Store, spec: ModelSpec, init_seed: int) -> tuple[str, dict]:
+    """``(init_id, state_dict)`` of the shared init of ``spec``; written to the store if missing.
+
+    The init is a deterministic function of (spec, seed), so any task may compute
+    it; the store keeps the first copy written (atomic rename), and every expert
+    starts from the stored bytes.
+    """
+    iid = sweep.init_id(spec, init_seed)
+    if not store.has_init(iid):
+        state = build_model(spec, seed=init_seed).state_dict()
+        store.write_init(iid, state, attrs={"arch": spec.arch, "model": spec.to_dict(),
+                                            "init_seed": init_seed, "versions": provenance()})
+    return iid, store.read_init(iid)
+
+
+_GRAPHS: dict = {}
+
+
+def _graph(cfg) -> Graph:
+    """The config's dataset, cached per process (a worker trains several experts)."""
+    key = json.dumps(cfg.data.to_dict(), sort_keys=True)
+    if key not in _GRAPHS:
+        _GRAPHS.clear()
+        _GRAPHS[key] = load_from_config(cfg)
+    return _GRAPHS[key]
+
+
+def _train_nodes(graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The task's training mask, its region (specialists) and the ``train_nodes`` attr."""
+    train = graph.mask("train")
+    if task.role == "expert":
+        return train, None, {"split": "all", "region": None, "parents": None, "seed": None,
+                             "count": int(train.sum())}
+    region = specialist_regions(graph, task.split, task.parents, seed=task.region_seed)
+    mask = train & (region == task.region)
+    if not mask.any():
+        raise ConfigError(f"specialist '{task.expert_id}': region {task.region} of the "
+                          f"'{task.split}' split holds no training node of '{graph.name}'; "
+                          f"use fewer specialists or another specialists.split")
+    return mask, region, {"split": task.split, "region": task.region, "parents": task.parents,
+                          "seed": task.region_seed, "count": int(mask.sum())}
+
+
+def _batches(cfg, graph: Graph, store: Store) -> ClusterBatches | None:
+    e = cfg.experts
+    if e.batching == "full":
+        return None
+    from hpcsoup.data.partition import partition
+
+    parts = partition(graph.data.edge_index, graph.num_nodes, e.batch_partitions, seed=cfg.data.seed,
+                      cache_dir=store.path / ".cache")
+    return ClusterBatches(graph.data.edge_index, parts, e.parts_per_batch)
+
+
+def _run_key(cfg, task: sweep.Task, iid: str, graph: Graph) -> str:
+    """What a resume checkpoint must match: everything that shapes the run's result."""
+    e = cfg.experts
+    text = json.dumps({"task": task.to_dict(), "init_id": iid, "dataset": graph.info(),
+                       "batching": [e.batching, e.batch_partitions, e.parts_per_batch],
+                       "eval_every": e.eval_every, "device": cfg.device}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _progress(task: sweep.Task, every: int):
+    last = [time.perf_counter()]
+    best = [float("-inf"), -1]
+
+    def on_epoch(epoch: int, loss: float, scores: dict) -> None:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
+        if scores and scores["val"] > best[0]:
+            best[:] = [scores["val"], epoch + 1]
+        if (epoch + 1) % every and epoch + 1 != task.epochs:
+            return
+        val = f" val {scores['val']:.4f} test {scores['test']:.4f}" if scores else ""
+        _say(f"[{task.expert_id}] epoch {epoch + 1}/{task.epochs} loss {loss:.4f}{val} "
+             f"best val {best[0]:.4f}@{best[1]} ({seconds * 1e3:.0f} ms)")
+    return on_epoch
+
+
+def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None) -> dict:
+    """Train one task's expert into the store (a no-op when it is already complete)."""
+    store = store or open_store(cfg)
+    if store.has_group("experts", task.expert_id):
+        attrs = store.group_attrs("experts", task.expert_id)
+        _say(f"[{task.expert_id}] already complete in {store.path}: nothing to do")
+        return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
+                "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
+    graph = _graph(cfg)
+    spec = task.model_spec(graph.num_features, graph.num_classes)
+    iid, init_state = ensure_init(store, spec, task.init_seed)
+    model = build_model(spec)
+    model.load_state_dict(init_state)
+    train_mask, region, train_nodes = _train_nodes(graph, task)
+    checkpoint = Checkpointer(store.path / CHECKPOINTS / f"{task.expert_id}.pt",
+                              key=_run_key(cfg, task, iid, graph), every=cfg.experts.checkpoint_every,
+                              stop=stop, name=task.expert_id)
+    _say(f"[{task.expert_id}] task {task.task_id}: {task.role} {task.arch} on {graph.name} "
+         f"({train_nodes['count']} train nodes, seed {task.seed}, init {iid}, "
+         f"{torch.get_num_threads()} thread(s), {cfg.device})")
+    result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
+                 weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
+                 on_epoch=_progress(task, cfg.experts.progress_every),
+                 batches=_batches(cfg, graph, store), eval_every=cfg.experts.eval_every,
+                 checkpoint=checkpoint)
+    metrics = {k: result.metrics[k] for k in ("metric", "val", "test", "best_epoch")}
+    slurm = SlurmEnv.from_env()
+    attrs = {
+        "arch": task.arch, "model": spec.to_dict(), "dataset": graph.name, "init_id": iid,
+        "seed": task.seed, "role": task.role, "task_id": task.task_id, "train_nodes": train_nodes,
+        "hyper": {"epochs": task.epochs, "lr": task.lr, "weight_decay": task.weight_decay,
+                  "dropout": task.dropout, "batching": cfg.experts.batching},
+        "config": cfg.to_dict(), "metrics": metrics, "train_seconds": result.seconds,
+        "resumed_from_epoch": None if result.resumed_from is None else result.resumed_from + 1,
+        "threads": torch.get_num_threads(), "device": cfg.device, "versions": provenance(),
+        "slurm": slurm.to_dict() if slurm.in_job else None,
+    }
+    try:
+        store.write_group("experts", task.expert_id, result.state_dict, attrs,
+                          arrays={"region": region} if region is not None else None)
+    except HpcsoupError:
+        if store.has_group("experts", task.expert_id):  # a concurrent duplicate run finished first
+            _say(f"[{task.expert_id}] another run completed it first: keeping that one")
+            checkpoint.remove()
+            return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
+                    "metrics": store.group_attrs("experts", task.expert_id).get("metrics")}
+        raise
+    checkpoint.remove()
+    status = "resumed" if result.resumed_from is not None else "trained"
+    _say(f"[{task.expert_id}] {status}: val {metrics['val']:.4f} test {metrics['test']:.4f} "
+         f"({metrics['metric']}, best epoch {metrics['best_epoch'] + 1}) in {result.seconds:.1f} s "
+         f"-> {store.path}/experts/{task.expert_id}")
+    return {"task_id": task.task_id, "expert_id": task.expert_id, "status": status,
+            "metrics": metrics, "train_seconds": result.seconds, "init_id": iid}
+
+
+def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int) -> dict:
+    """Body of one Dask task (a separate process): train one expert."""
+    torch.set_num_threads(threads)
+    cfg = build_config(cfg_dict)
+    stop = StopFlag(stop_file)
+    try:
+        return train_task(cfg, sweep.task(cfg, task_id), stop=stop)
+    except Preempted as exc:
+        return {"task_id": task_id, "status": "preempted", "error": str(exc)}
+    except HpcsoupError as exc:  # report it; the other experts still train
+        return {"task_id": task_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
+    """Train ``todo`` in a Dask LocalCluster of worker processes sized to this machine."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cores = available_cores()
+    workers = max(1, min(len(todo), cfg.experts.workers or cores))
+    threads = max(1, cfg.threads or cores // workers)
+    stop_file = store.path / CHECKPOINTS / f"stop-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    stop = StopFlag(stop_file)
+    _say(f"training {len(todo)} experts in {workers} Dask worker process(es), {threads} thread(s) "
+         f"each")
+    results = []
+    with stop.installed(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, memory_limit=0,
+                                        silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        config = cfg.to_dict()
+        futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads,
+                                 key=f"train-{t.expert_id}-{uuid.uuid4().hex[:6]}", pure=False)
+                   for t in todo]
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except Exception as exc:  # a worker died (e.g. out of memory): report, keep the rest
+                results.append({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    stop_file.unlink(missing_ok=True)
+    return sorted(results, key=lambda r: r.get("task_id", -1))
+
+
+def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
+    """Train one task (``task_id``, default ``$SLURM_ARRAY_TASK_ID``) or all of them here.
+
+    Returns ``{"store", "mode", "tasks": [{task_id, expert_id, status, metrics, ...}],
+    "trained", "existing", "seconds", "workers"}``. Raises :class:`Preempted` (exit
+    code 75) when stopped by a signal after checkpointing, and :class:`HpcsoupError`
+    when a task failed.
+    """
+    start = time.perf_counter()
+    all_of_them = sweep.tasks(cfg)
+    if not all_of_them:
+        raise ConfigError("this config trains nothing: experts.count = 0 and specialists.archs = []; "
+                          "set experts.count or list specialists.archs")
+    store = open_store(cfg)
+    if all_tasks:
+        todo = [t for t in all_of_them if not store.has_group("experts", t.expert_id)]
+        done = [{"task_id": t.task_id, "expert_id": t.expert_id, "status": "exists"}
+                for t in all_of_them if t not in todo]
+        if done:
+            _say(f"{len(done)} expert(s) already complete in {store.path}: "
+                 f"{', '.join(d['expert_id'] for d in done)}")
+        if todo:  # inits before the workers start: they then only read them
+            graph = _graph(cfg)
+            for t in todo:
+                ensure_init(store, t.model_spec(graph.num_features, graph.num_classes), t.init_seed)
+        results = done + (_run_all(cfg, store, todo) if todo else [])
+        workers = min(len(todo), cfg.experts.workers or available_cores()) if todo else 0
+        mode = "all"
+    else:
+        if task_id is None:
+            task_id = SlurmEnv.from_env().array_task_id
+        if task_id is None:
+            raise ConfigError(f"no task id: pass --task-id N (0..{len(all_of_them) - 1}), --all, or "
+                              f"run inside a SLURM array job (SLURM_ARRAY_TASK_ID)")
+        task = sweep.task(cfg, task_id)
+        _set_threads(cfg, SlurmEnv.from_env().cpus_per_task)
+        with StopFlag().installed() as stop:
+            results = [train_task(cfg, task, store=store, stop=stop)]
+        workers, mode = 1, "task"
+    results = sorted(results, key=lambda r: r.get("task_id", -1))
+    out = {"store": str(store.path), "mode": mode, "tasks": results, "workers": workers,
+           "trained": sum(r["status"] in ("trained", "resumed") for r in results),
+           "existing": sum(r["status"] == "exists" for r in results),
+           "seconds": time.perf_counter() - start}
+    _say(f"train: {out['trained']} trained, {out['existing']} already there, "
+         f"{out['seconds']:.1f} s -> {store.path}")
+    preempted = [r for r in results if r["status"] == "preempted"]
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        raise HpcsoupError(f"{len(failed)} of {len(results)} training task(s) failed: "
+                           + "; ".join(f"task {r.get('task_id')}: {r['error']}" for r in failed))
+    if preempted:
+        raise Preempted(f"{len(preempted)} task(s) stopped by a signal after checkpointing; rerun "
+                        f"`hpcsoup train --all` to resume them")
+    return out
