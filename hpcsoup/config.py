@@ -136,6 +136,8 @@ SCHEMA: dict = {
             "init": Field("uniform", (str,), choices=("uniform", "validation")),
             "patience": Field(10, (int,), **_pos()),
             "eval_every": Field(1, (int,), **_pos()),
+            "momentum": Field(0.9, (float,), **_nonneg("SGD momentum")),
+            "restart": Field(10, (int,), **_pos("steps per cosine_warm_restarts period")),
         },
         "pls": {
             "partitions": Field(32, (int,), **_pos()),
@@ -146,6 +148,10 @@ SCHEMA: dict = {
             "lr": Field(1.0, (float,), **_pos()),
             "patience": Field(10, (int,), **_pos()),
             "eval_every": Field(5, (int,), **_pos()),
+            "check": Field("partitions", (str,), choices=("partitions", "full"),
+                           hint="stopping check: per partition (memory of one) or full graph"),
+            "cache": Field(False, (bool,), hint="keep the K subgraphs in memory (faster, "
+                                                "about the graph's size more memory)"),
         },
     },
     "merge": {

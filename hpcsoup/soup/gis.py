@@ -1,4 +1,4 @@
-"""Greedy interpolation souping (GIS).
+r"""Greedy interpolation souping (GIS).
 
 Jaiswal et al., "Graph Ladling: Shockingly Simple Parallel GNN Training without
 Intermediate Communication", ICML 2023 (https://arxiv.org/abs/2306.10466).

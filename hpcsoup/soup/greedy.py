@@ -1,4 +1,4 @@
-"""Greedy souping: add experts to a running mean while validation does not drop.
+r"""Greedy souping: add experts to a running mean while validation does not drop.
 
 Wortsman et al., "Model soups", ICML 2022 (https://arxiv.org/abs/2203.05482),
 Recipe 1 (*greedy soup*): sort the experts by validation score

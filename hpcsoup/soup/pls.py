@@ -40,8 +40,9 @@ memory falls with :math:`1/K`, time with :math:`R/K`.
 
 Settings: those of LS (``steps``, ``lr``, ``optimizer``, ``momentum``,
 ``schedule``, ``restart``, ``init``, ``patience``, ``eval_every``) plus
-``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check`` and
-``partition_seed`` (METIS seed).
+``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
+``partition_seed`` (METIS seed) and ``cache`` (keep the K subgraphs in memory:
+faster on small graphs, but they weigh about as much as the graph itself).
 """
 from __future__ import annotations
 
@@ -125,8 +126,69 @@ class PartitionSource(abc.ABC):
         return int(self.val_counts.sum())
 
 
+class CSRNeighbours:
+    """Neighbour lists of a graph read straight from a row-sorted ``edge_index`` (no copy).
+
+    Datasets here are coalesced (sorted by source, then target), so node ``i``'s
+    neighbours are ``edge_index[1, ptr[i]:ptr[i+1]]``; only ``ptr`` ([N+1]) is
+    built. An unsorted ``edge_index`` is sorted once (a copy). Extracting a
+    partition's subgraph then costs O(edges of the partition), not O(E): PLS can
+    rebuild subgraphs on the fly instead of keeping all K in memory.
+    """
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int):
+        row = edge_index[0]
+        if row.numel() > 1 and not bool((row[1:] >= row[:-1]).all()):
+            order = torch.argsort(row, stable=True)
+            edge_index = edge_index[:, order]
+            row = edge_index[0]
+        self.col = edge_index[1]
+        self.ptr = torch.zeros(num_nodes + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(row, minlength=num_nodes), 0, out=self.ptr[1:])
+        self.num_nodes = num_nodes
+        # local id of each node in the subgraph being built (-1: not in it); reset after use
+        self._local = torch.full((num_nodes,), -1, dtype=torch.long)
+
+    def gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(owner, neighbour)``: for each edge out of ``nodes``, its position in ``nodes``
+        and its other end."""
+        start = self.ptr[nodes]
+        count = self.ptr[nodes + 1] - start
+        owner = torch.repeat_interleave(torch.arange(nodes.numel()), count)
+        offset = torch.repeat_interleave(start - (torch.cumsum(count, 0) - count), count)
+        return owner, self.col[offset + torch.arange(owner.numel())]
+
+    def subgraph(self, core: torch.Tensor, hops: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(subset, local_edge_index, core_count)``: ``core`` plus ``hops`` hops of halo
+        (core nodes first, then each hop's new nodes by id) and the edges among them."""
+        local = self._local
+        subset = core
+        local[core] = torch.arange(core.numel())
+        frontier = core
+        try:
+            for _ in range(hops):
+                _, neighbours = self.gather(frontier)
+                new = torch.unique(neighbours[local[neighbours] < 0])
+                if new.numel() == 0:
+                    break
+                local[new] = torch.arange(subset.numel(), subset.numel() + new.numel())
+                subset = torch.cat([subset, new])
+                frontier = new
+            owner, neighbours = self.gather(subset)
+            target = local[neighbours]
+            keep = target >= 0
+            edge_index = torch.stack([owner[keep], target[keep]])
+        finally:
+            local[subset] = -1
+        return subset, edge_index, core.numel()
+
+
 class LocalPartitionSource(PartitionSource):
-    """All K partitions of a graph held in this process (METIS via :mod:`hpcsoup.data.partition`).
+    """All K partitions of a graph held in this process.
+
+    The METIS partition vector comes from :func:`hpcsoup.data.partition.partition`
+    (seeded, cached on disk with ``cache_dir``). Subgraphs are cut from the full
+    graph by :class:`CSRNeighbours` in O(edges of the partition) when asked for.
 
     Args:
         graph: the dataset.
@@ -134,28 +196,28 @@ class LocalPartitionSource(PartitionSource):
         halo: hops of halo around each partition (default: ``0``).
         seed: METIS seed (default: ``0``).
         cache_dir: where the partition vector is cached (default: no cache).
-        cache: keep built subgraphs in memory (default: ``True``; their total size
-            is about that of the graph, times the halo's growth).
+        cache: keep built subgraphs in memory (default: ``False``: all K together
+            weigh about as much as the graph, which would undo PLS's memory saving).
     """
 
     def __init__(self, graph, num_parts: int, halo: int = 0, seed: int = 0,
-                 cache_dir=None, cache: bool = True):
+                 cache_dir=None, cache: bool = False):
         from hpcsoup.data.partition import part_nodes, partition
-        from torch_geometric.utils import degree
 
         data = graph.data
         if not 1 <= num_parts <= data.num_nodes:
             raise SoupError(f"pls partitions={num_parts} must be in 1..{data.num_nodes} "
                             f"(the nodes of '{graph.name}')")
         self.graph, self.num_parts, self.halo, self.cache = graph, int(num_parts), int(halo), cache
-        parts = partition(data.edge_index, data.num_nodes, self.num_parts, seed=seed,
-                          cache_dir=cache_dir)
-        self.nodes = part_nodes(parts, self.num_parts)
+        self.parts = partition(data.edge_index, data.num_nodes, self.num_parts, seed=seed,
+                               cache_dir=cache_dir)
+        self.nodes = part_nodes(self.parts, self.num_parts)
         val = graph.mask("val")
         self.val_counts = torch.tensor([int(val[n].sum()) for n in self.nodes], dtype=torch.long)
         self.val_order = torch.cumsum(val.long(), 0) - 1  # global validation position per node
         self.val_labels = data.y[val]
-        self.deg = degree(data.edge_index[1], data.num_nodes)
+        self.neighbours = CSRNeighbours(data.edge_index, data.num_nodes)
+        self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
 
     def owns(self, k: int) -> bool:
@@ -164,11 +226,8 @@ class LocalPartitionSource(PartitionSource):
     def part(self, k: int) -> Part:
         if k in self._parts:
             return self._parts[k]
-        from hpcsoup.data.partition import induced_subgraph_with_halo
-
         data = self.graph.data
-        subset, edge_index, core = induced_subgraph_with_halo(
-            data.edge_index, data.num_nodes, self.nodes[k], self.halo)
+        subset, edge_index, core = self.neighbours.subgraph(self.nodes[k], self.halo)
         val_mask = torch.zeros(subset.numel(), dtype=torch.bool)
         val_mask[:core] = self.graph.mask("val")[subset[:core]]
         part = Part(data.x[subset], edge_index, data.y[subset], val_mask,
@@ -187,7 +246,7 @@ class PartitionLearnedSoup(SoupMethod):
 
     name = "pls"
     defaults = {**OPTIM_DEFAULTS, "eval_every": 5, "partitions": 32, "per_step": 4, "halo": 0,
-                "check": "partitions", "partition_seed": 0}
+                "check": "partitions", "partition_seed": 0, "cache": False}
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0,
              source: PartitionSource | None = None,
@@ -207,19 +266,23 @@ class PartitionLearnedSoup(SoupMethod):
         """
         s = self.settings
         steps, every, per_step = int(s["steps"]), int(s["eval_every"]), int(s["per_step"])
+        cache = bool(s["cache"])
         if source is None:
             source = LocalPartitionSource(evaluator.graph, int(s["partitions"]), int(s["halo"]),
-                                          seed=int(s["partition_seed"]))
+                                          seed=int(s["partition_seed"]), cache=cache)
         allreduce = allreduce or _identity
         num_parts = source.num_parts
         draw_partitions(seed, 0, num_parts, per_step)  # validates per_step early
-        adjacency: dict[int, torch.Tensor] = {}
+        built: dict[int, tuple] = {}
 
         def subgraph(k: int):
+            if k in built:
+                return built[k]
             part = source.part(k)
-            if k not in adjacency:
-                adjacency[k] = evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
-            return part, adjacency[k]
+            pair = part, evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
+            if cache:
+                built[k] = pair
+            return pair
 
         if evaluate is None:
             if s["check"] == "full":

@@ -1,4 +1,4 @@
-"""Uniform souping: the arithmetic mean of all experts.
+r"""Uniform souping: the arithmetic mean of all experts.
 
 .. math::
     W_p = \frac{1}{n} \sum_{i=1}^{n} W_{i,p}

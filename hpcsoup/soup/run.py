@@ -1,0 +1,221 @@
+"""``hpcsoup soup``: read a store's experts, soup them with each method, write ``soups/``.
+
+:func:`run_soup` is what the CLI calls; its pieces (:func:`load_ingredients`,
+:func:`method_settings`, :func:`soup_attrs`, :func:`write_soup`) are reusable by
+the distributed runner.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import sys
+import threading
+import time
+
+import torch
+
+from hpcsoup.errors import SoupError
+from hpcsoup.soup.base import MERGE_HINT, Ingredients, SoupResult
+from hpcsoup.soup.evaluate import Evaluator
+from hpcsoup.soup.learned import OPTIM_DEFAULTS
+from hpcsoup.soup.registry import get_method, method_class
+
+log = logging.getLogger("hpcsoup.soup")
+
+#: LS settings PLS takes from ``soup.learned`` (the optimizer is one choice for both)
+SHARED_OPTIM = ("optimizer", "momentum", "schedule", "restart", "init")
+
+
+def ensure_progress_output() -> None:
+    """Send the ``hpcsoup.soup`` progress log to stderr when nobody configured logging."""
+    logger = logging.getLogger("hpcsoup")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hpcsoup soup] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def soup_arch(cfg) -> str:
+    return cfg.soup.arch or cfg.experts.arch
+
+
+def method_settings(cfg, name: str) -> dict:
+    """The settings of method ``name`` from the config's ``[soup.*]`` sections."""
+    cls = method_class(name)
+    if name == "gis":
+        values = {"granularity": cfg.soup.gis.granularity}
+    elif name == "learned":
+        values = cfg.soup.learned.to_dict()
+    elif name == "pls":
+        values = {k: cfg.soup.learned[k] for k in SHARED_OPTIM}
+        values.update({k: v for k, v in cfg.soup.pls.to_dict().items() if k in cls.defaults})
+    else:
+        values = {}
+    return {k: v for k, v in values.items() if k in cls.defaults}
+
+
+def expert_infos(cfg, store, graph=None) -> list:
+    """Complete experts (role ``expert``) of the config's soup architecture and dataset."""
+    arch = soup_arch(cfg)
+    infos = [g for g in store.groups("experts", role="expert")]
+    if not infos:
+        raise SoupError(f"store '{store.path}' has no complete experts (role 'expert'); "
+                        f"train them first with `hpcsoup train --config <file> --all`")
+    names = {cfg.data.dataset} | ({graph.name} if graph is not None else set())
+    same_data = [g for g in infos if g.attrs.get("dataset") in names or "dataset" not in g.attrs]
+    if not same_data:
+        found = sorted({str(g.attrs.get("dataset")) for g in infos})
+        raise SoupError(f"store '{store.path}' has experts for datasets {found}, none for "
+                        f"'{cfg.data.dataset}'; set data.dataset to one of those")
+    chosen = [g for g in same_data if g.attrs.get("arch") == arch]
+    if not chosen:
+        found = sorted({str(g.attrs.get("arch")) for g in same_data})
+        raise SoupError(f"store '{store.path}' has no complete '{arch}' experts (it has "
+                        f"{found}); set soup.arch to one of those")
+    return chosen
+
+
+def load_ingredients(cfg, store, graph=None) -> Ingredients:
+    """The experts to soup, stacked (:class:`SoupError` if their shapes differ)."""
+    return Ingredients.from_store(store, expert_infos(cfg, store, graph))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs.
+
+    A thread samples RSS (``/proc/self/statm``) every ``interval`` seconds;
+    ``peak`` is the largest value seen, ``above_start`` the peak minus the RSS
+    when the block began (what the block itself added). Without ``/proc`` it falls
+    back to ``ru_maxrss`` (the process's lifetime peak).
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self):
+        try:
+            self.start = self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        except OSError:
+            self._thread = None
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return False
+
+    @property
+    def above_start(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, seed: int) -> str:
+    """Deterministic id: the same experts, settings and seed give the same soup id."""
+    key = json.dumps({"ids": ingredients.ids, "settings": settings, "seed": seed}, sort_keys=True,
+                     default=str)
+    return f"{arch}-{method}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def soup_attrs(cfg, graph, ingredients: Ingredients, result: SoupResult, metrics: dict,
+               settings: dict, seconds: float, memory: PeakMemory, ranks: int = 1) -> dict:
+    """The attrs of a ``soups/<id>`` group (DESIGN.md, the store contract)."""
+    from hpcsoup.store import provenance
+
+    extras = {k: v for k, v in result.extras.items() if k != "logits"}
+    return {
+        "method": result.method, "arch": ingredients.spec.arch, "model": ingredients.spec.to_dict(),
+        "dataset": graph.name, "ingredients": list(ingredients.ids),
+        "coefficients": result.coefficients, "metrics": metrics, "seconds": seconds,
+        "peak_rss_bytes": memory.peak, "rss_above_start_bytes": memory.above_start,
+        "ranks": ranks, "settings": settings, "seed": cfg.soup.seed, "extras": extras,
+        "device": cfg.device, "versions": provenance(), "config": cfg.to_dict(),
+    }
+
+
+def write_soup(store, group_id: str, result: SoupResult, attrs: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in result.state_dict.items()}
+    arrays = {}
+    if "logits" in result.extras:
+        arrays["logits"] = torch.tensor(result.extras["logits"], dtype=torch.float32)
+    store.write_group("soups", group_id, state, attrs, arrays=arrays, overwrite=True)
+
+
+def run_soup(cfg, methods: list[str] | None = None) -> dict:
+    """Soup the complete experts of ``cfg``'s store with each method; write ``soups/``.
+
+    Args:
+        cfg: a validated config (:func:`hpcsoup.config.load_config`).
+        methods: method names (default: ``cfg.soup.methods``).
+
+    Returns:
+        ``{"store", "dataset", "arch", "ingredients", "best_expert", "soups": [...]}``,
+        each soup with ``id, method, metrics, seconds, peak_rss_bytes, extras``.
+    """
+    from hpcsoup.data import load_from_config
+    from hpcsoup.store import Store
+
+    ensure_progress_output()
+    methods = list(methods or cfg.soup.methods)
+    for name in methods:
+        method_class(name)  # unknown names fail before any work
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store = Store.open(cfg.store)
+    graph = load_from_config(cfg)
+    ingredients = load_ingredients(cfg, store, graph)
+    if ingredients.spec.in_channels != graph.num_features or \
+            ingredients.spec.out_channels != graph.num_classes:
+        raise SoupError(f"experts of model {ingredients.spec.to_dict()} do not fit dataset "
+                        f"'{graph.name}' ({graph.num_features} features, {graph.num_classes} "
+                        f"classes); {MERGE_HINT}")
+    device = torch.device(cfg.device)
+    ingredients = ingredients.to(device)
+    evaluator = Evaluator(ingredients.spec, graph, device)
+    log.info("%d %s experts on %s (%s): %s", ingredients.n, ingredients.spec.arch, graph.name,
+             graph.metric, ", ".join(ingredients.ids))
+    experts = [store.group_attrs("experts", i).get("metrics", {}) for i in ingredients.ids]
+    best = max(range(ingredients.n), key=lambda i: experts[i].get("val", float("-inf")))
+    summary = {"store": str(cfg.store), "dataset": graph.name, "arch": ingredients.spec.arch,
+               "metric": graph.metric, "ingredients": ingredients.ids,
+               "best_expert": {"id": ingredients.ids[best], **experts[best]}, "soups": []}
+    for name in methods:
+        settings = method_settings(cfg, name)
+        method = get_method(name, **settings)
+        log.info("%s: %s", name, settings)
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            result = method.soup(ingredients, evaluator, seed=cfg.soup.seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        metrics = evaluator.metrics(result.state_dict)
+        gid = soup_id(ingredients.spec.arch, name, ingredients, settings, cfg.soup.seed)
+        attrs = soup_attrs(cfg, graph, ingredients, result, metrics, settings, seconds, memory)
+        write_soup(store, gid, result, attrs)
+        log.info("%s: val %.4f test %.4f in %.2f s -> soups/%s", name, metrics["val"],
+                 metrics["test"], seconds, gid)
+        summary["soups"].append({"id": gid, "method": name, "metrics": metrics,
+                                 "seconds": seconds, "peak_rss_bytes": memory.peak,
+                                 "rss_above_start_bytes": memory.above_start,
+                                 "extras": attrs["extras"]})
+    return summary

@@ -1,0 +1,151 @@
+import threading
+
+import pytest
+import torch
+
+from hpcsoup.errors import SoupError
+from hpcsoup.soup import Evaluator, get_method
+from hpcsoup.soup.pls import LocalPartitionSource, draw_partitions, partition_score
+
+pytest.importorskip("hpcsoup.data.partition", reason="METIS partitions (foundation) not there yet")
+
+SAME = dict(optimizer="adam", lr=0.3, steps=8, patience=100, eval_every=1)
+
+
+def test_draws_depend_on_seed_and_step_only():
+    a = [draw_partitions(7, step, 16, 4) for step in range(20)]
+    assert a == [draw_partitions(7, step, 16, 4) for step in range(20)]
+    assert all(d == sorted(set(d)) and len(d) == 4 and 0 <= d[0] and d[-1] < 16 for d in a)
+    assert len({tuple(d) for d in a}) > 10          # steps see different partitions
+    assert a != [draw_partitions(8, step, 16, 4) for step in range(20)]
+    assert draw_partitions(0, 3, 5, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(SoupError, match="per_step=9 must be in 1..partitions=8"):
+        draw_partitions(0, 0, 8, 9)
+
+
+@pytest.mark.parametrize("arch", ["sage", "gcn"])
+def test_halo_of_layers_makes_partition_predictions_exact(tiny_graph, arch):
+    from conftest import train_experts
+
+    experts = train_experts(tiny_graph, arch=arch, n=2, epochs=5)
+    evaluator = Evaluator(experts.spec, tiny_graph)
+    weights = torch.full((experts.num_tensors, experts.n), 0.5)
+    full = evaluator.evaluate(experts.mix(weights))
+    source = LocalPartitionSource(tiny_graph, 6, halo=experts.spec.layers)
+    cache = {}
+
+    def subgraph(k):
+        part = source.part(k)
+        cache.setdefault(k, evaluator.adjacency(part.edge_index, part.num_nodes, part.deg))
+        return part, cache[k]
+
+    score = partition_score(experts, evaluator, source, subgraph, weights, lambda t: t)
+    assert score == pytest.approx(full, abs=1e-9)
+    # and the logits of every core node are the full graph's
+    logits = evaluator.logits(experts.mix(weights))
+    for k in range(6):
+        part, adj = subgraph(k)
+        out = evaluator.forward(experts.mix(weights), part.x, adj)
+        core = source.nodes[k]
+        assert torch.allclose(out[:core.numel()], logits[core], atol=1e-5)
+
+
+def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_experts):
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    ls = get_method("learned", **SAME).soup(tiny_experts, evaluator, seed=3)
+    pls = get_method("pls", partitions=5, per_step=5, halo=tiny_experts.spec.layers,
+                     **SAME).soup(tiny_experts, evaluator, seed=3)
+    assert pls.extras["steps"] == ls.extras["steps"] == SAME["steps"]
+    assert pls.extras["best_step"] == ls.extras["best_step"]
+    assert torch.allclose(torch.tensor(pls.extras["logits"]), torch.tensor(ls.extras["logits"]),
+                          atol=1e-4)
+    for name in ls.state_dict:
+        assert torch.allclose(pls.state_dict[name], ls.state_dict[name], atol=1e-5)
+
+
+def test_pls_step_for_step_with_sgd_and_early_stopping(tiny_graph, tiny_experts):
+    settings = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=40, patience=3, eval_every=2)
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    ls = get_method("learned", **settings).soup(tiny_experts, evaluator)
+    pls = get_method("pls", partitions=4, per_step=4, halo=2, check="full",
+                     **settings).soup(tiny_experts, evaluator)
+    assert (pls.extras["steps"], pls.extras["checks"], pls.extras["stopped_early"]) == \
+        (ls.extras["steps"], ls.extras["checks"], ls.extras["stopped_early"])
+    assert torch.allclose(torch.tensor(pls.coefficients), torch.tensor(ls.coefficients), atol=1e-4)
+
+
+def test_same_seed_same_soup_and_seed_changes_the_draws(tiny_graph, tiny_experts):
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    method = get_method("pls", partitions=8, per_step=2, steps=10, lr=0.3, patience=100)
+    a = method.soup(tiny_experts, evaluator, seed=1)
+    b = method.soup(tiny_experts, evaluator, seed=1)
+    c = method.soup(tiny_experts, evaluator, seed=2)
+    assert a.coefficients == b.coefficients
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert a.extras["logits"] != c.extras["logits"]
+
+
+class _Shard(LocalPartitionSource):
+    """Partitions k with k % size == rank: what one of `size` processes would hold."""
+
+    def __init__(self, graph, parts, rank, size):
+        super().__init__(graph, parts)
+        self.rank, self.size = rank, size
+
+    def owns(self, k):
+        return k % self.size == self.rank
+
+
+def test_splitting_partitions_over_workers_gives_the_same_soup(tiny_graph, tiny_experts):
+    """Two threads stand in for two MPI ranks: each computes its own partitions' terms."""
+    settings = dict(partitions=6, per_step=3, steps=6, lr=0.3, patience=100, eval_every=2)
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    single = get_method("pls", **settings).soup(tiny_experts, evaluator, seed=5)
+
+    size, barrier, lock = 2, threading.Barrier(2), threading.Lock()
+    slots: dict = {}
+
+    def allreduce(tensor):
+        with lock:
+            slots.setdefault("sum", torch.zeros_like(tensor))
+            slots["sum"] += tensor
+        barrier.wait()
+        total = slots["sum"].clone()
+        barrier.wait()
+        if threading.current_thread().name == "r0":
+            slots.pop("sum")
+        barrier.wait()
+        return total
+
+    results = {}
+
+    def rank(r):
+        source = _Shard(tiny_graph, settings["partitions"], r, size)
+        results[r] = get_method("pls", **settings).soup(
+            tiny_experts, Evaluator(tiny_experts.spec, tiny_graph), seed=5, source=source,
+            allreduce=allreduce)
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"r{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(size):
+        assert torch.allclose(torch.tensor(results[r].coefficients),
+                              torch.tensor(single.coefficients), atol=1e-6)
+
+
+def test_rocauc_check_gathers_per_node_scores(tiny_graph):
+    from conftest import make_graph, train_experts
+
+    graph = make_graph(metric="rocauc", seed=1)
+    experts = train_experts(graph, n=2, epochs=5)
+    evaluator = Evaluator(experts.spec, graph)
+    result = get_method("pls", partitions=4, per_step=4, halo=2, steps=0).soup(experts, evaluator)
+    assert result.extras["val"] == pytest.approx(evaluator.evaluate(result.state_dict), abs=1e-9)
+
+
+def test_bad_check_is_named(tiny_graph, tiny_experts):
+    with pytest.raises(SoupError, match="check='sometimes'"):
+        get_method("pls", check="sometimes", partitions=2, per_step=1).soup(
+            tiny_experts, Evaluator(tiny_experts.spec, tiny_graph))
