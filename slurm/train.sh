@@ -7,9 +7,11 @@
 #   sbatch --array=$(hpcsoup train --config jobs/quickstart.toml --array-spec) \
 #          slurm/train.sh jobs/quickstart.toml          # the same, explicitly (e.g. --array=0-9)
 #   sbatch slurm/train.sh jobs/x.toml experts.epochs=50 store=runs/x.zarr   # more args: --set k=v
+#   sbatch slurm/train.sh jobs/x.toml --set experts.epochs=50                # (this form works too)
 #   bash slurm/train.sh jobs/x.toml                     # outside SLURM: `hpcsoup train --all`
 #
-# Arguments: the config (default jobs/quickstart.toml), then any number of key=value overrides.
+# Arguments: the config (default jobs/quickstart.toml), then any number of key=value overrides
+# (each may be preceded by --set).
 # Environment: HPCSOUP_PYTHON, the interpreter with hpcsoup installed (default: python).
 # Resources: the #SBATCH lines below, overridden by sbatch's command line (--time, --partition,
 # --cpus-per-task, --gpus-per-task ...); `hpcsoup submit` sets them from the config's [slurm].
@@ -31,8 +33,15 @@ set -uo pipefail
 CONFIG="${1:-jobs/quickstart.toml}"
 (( $# > 0 )) && shift
 PY="${HPCSOUP_PYTHON:-python}"
+ARGS=("$@")
 SETS=()
-for kv in "$@"; do SETS+=(--set "$kv"); done
+while (( $# > 0 )); do  # overrides as `key=value` or as `--set key=value` (what `hpcsoup submit` passes)
+    case "$1" in
+        --set) SETS+=(--set "${2:?train.sh: --set needs key=value}"); shift 2 ;;
+        --set=*) SETS+=(--set "${1#--set=}"); shift ;;
+        *) SETS+=(--set "$1"); shift ;;
+    esac
+done
 PREEMPTED=75
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
@@ -48,7 +57,7 @@ if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     job="$(sbatch --parsable --array="$spec" \
         ${SLURM_JOB_PARTITION:+--partition="$SLURM_JOB_PARTITION"} \
         ${SLURM_JOB_ACCOUNT:+--account="$SLURM_JOB_ACCOUNT"} \
-        "$0" "$CONFIG" "$@")" || { echo "train.sh: resubmitting as an array failed" >&2; exit 1; }
+        "$0" "$CONFIG" "${ARGS[@]}")" || { echo "train.sh: resubmitting as an array failed" >&2; exit 1; }
     echo "train.sh: submitted array job ${job%%;*} (--array=$spec) for $CONFIG" >&2
     echo "${job%%;*}"
     exit 0
