@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    # Under MPI every rank returns a result; only rank 0 prints it (lines that several ranks
+    # print at once interleave in the launcher's output): one JSON line per job.
+    if args.json and not (isinstance(result, dict) and result.get("rank", 0) != 0):
         print(json.dumps(result, default=str))
     return 0
 

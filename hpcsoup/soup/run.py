@@ -160,20 +160,29 @@ def write_soup(store, group_id: str, result: SoupResult, attrs: dict) -> None:
     store.write_group("soups", group_id, state, attrs, arrays=arrays, overwrite=True)
 
 
-def run_soup(cfg, methods: list[str] | None = None) -> dict:
+def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
     """Soup the complete experts of ``cfg``'s store with each method; write ``soups/``.
 
     Args:
         cfg: a validated config (:func:`hpcsoup.config.load_config`).
         methods: method names (default: ``cfg.soup.methods``).
+        comm: the MPI communicator (default: :func:`hpcsoup.dist.mpi.world`, a size-1
+            stand-in outside ``mpiexec``/``srun``). With more than one rank, PLS runs
+            distributed over graph shards and the other methods on rank 0
+            (:func:`hpcsoup.dist.pls_mpi.run_soup_distributed`).
 
     Returns:
         ``{"store", "dataset", "arch", "ingredients", "best_expert", "soups": [...]}``,
         each soup with ``id, method, metrics, seconds, peak_rss_bytes, extras``.
     """
     from hpcsoup.data import load_from_config
+    from hpcsoup.dist.mpi import world
     from hpcsoup.store import Store
 
+    comm = world() if comm is None else comm
+    if comm.size > 1:
+        from hpcsoup.dist.pls_mpi import run_soup_distributed
+        return run_soup_distributed(cfg, methods, comm)
     ensure_progress_output()
     methods = list(methods or cfg.soup.methods)
     for name in methods:
