@@ -47,6 +47,9 @@ T = TypeVar("T")
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                       "MPI_LOCALNRANKS")
 
+#: seconds between printing a rank's error and ``MPI_Abort`` (so that the launcher forwards it)
+ABORT_GRACE = 0.5
+
 #: ``HPCSOUP_MPI=0`` never initialises MPI; ``HPCSOUP_MPI=1`` always does (a singleton world).
 MPI_SWITCH = "HPCSOUP_MPI"
 
@@ -293,6 +296,9 @@ def abort_on_error(comm: Comm, stream=None) -> Iterator[None]:
               file=stream, end="", flush=True)
         print(f"{prefix}aborting the MPI job (MPI_Abort) so that no rank hangs", file=stream,
               flush=True)
+        # Hydra stops forwarding a rank's output once the job is aborting (measured: under load
+        # the traceback above was lost): give it a moment to pass the lines on.
+        time.sleep(ABORT_GRACE)
         comm.abort(1)
 
 

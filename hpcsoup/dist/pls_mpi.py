@@ -308,16 +308,16 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                         f"supports check='partitions' only")
     path = shards_of_config(cfg)
 
+    def _experts():  # first: a store without experts fails before any partitioning
+        store = Store.open(cfg.store)
+        return store, load_ingredients(cfg, store, _Named(graph_name(cfg)))
+    store, ingredients = agree(comm, _experts, "reading the experts")
+
     def _prepare():
         if comm.rank == 0:
             prepare_from_config(cfg)
             gc.collect()  # the whole graph was needed to partition it: let it go
     agree(comm, _prepare, "partitioning the graph into the store")
-
-    def _experts():
-        store = Store.open(cfg.store)
-        return store, load_ingredients(cfg, store, _Named(graph_name(cfg)))
-    store, ingredients = agree(comm, _experts, "reading the experts")
 
     with PeakMemory() as memory:
         shard = agree(comm, lambda: load_shard(path, comm.rank, comm.size), "reading its partitions")

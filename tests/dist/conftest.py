@@ -21,12 +21,12 @@ from hpcsoup.train import fit
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: a quick PLS: 8 METIS parts of Cora, 4 per step, exact 2-hop halo; fixed steps, no early stop
-PLS = {"partitions": 8, "per_step": 4, "halo": 2, "steps": 30, "lr": 0.5, "patience": 1000,
+#: a quick PLS: 8 METIS parts of Cora, 4 per step, 1-hop halo; fixed steps, no early stop
+PLS = {"partitions": 8, "per_step": 4, "halo": 1, "steps": 20, "lr": 0.5, "patience": 1000,
        "eval_every": 5}
 
 
-def write_expert_store(store: Path, data_root: Path, n: int = 4, epochs: int = 30,
+def write_expert_store(store: Path, data_root: Path, n: int = 3, epochs: int = 20,
                        arch: str = "sage") -> Path:
     """``n`` Cora experts (2 layers, 16 hidden) trained from one shared init, as `hpcsoup train`
     would store them."""
@@ -63,7 +63,7 @@ def write_config(path: Path, store: Path, data_root: Path, **pls) -> Path:
 
 @pytest.fixture(scope="session")
 def cora_store(tmp_path_factory, data_root) -> Path:
-    """A store with 4 Cora experts (built once per session; never written to by tests)."""
+    """A store with 3 Cora experts (built once per session; never written to by tests)."""
     torch.set_num_threads(1)
     return write_expert_store(tmp_path_factory.mktemp("dist") / "experts.zarr", data_root)
 
