@@ -14,11 +14,15 @@ Rules that make many concurrent writers safe without locks (zarr has none):
   is atomic, so of several concurrent creators exactly one wins and the others
   open what it made (every writer creating a missing root in place loses groups:
   measured in ENVIRONMENT.md).
-- One writer per group. A group's attrs get ``complete=True`` *last*; readers
-  (:meth:`Store.groups`) see only complete groups, so a killed writer leaves
-  nothing visible, and its rerun replaces the incomplete group.
-- Inits may be written by any array task that finds none: each writes a private
-  temporary group and renames it into ``inits/<init_id>``; losers discard theirs.
+- One writer per group. A group is written under a private temporary name
+  (``<kind>/.tmp~<id>~<host>~<pid>~<random>``), its attrs get ``complete=True``
+  *last*, and one ``os.rename`` publishes it. Readers (:meth:`Store.groups`) see
+  only complete groups, so a killed writer leaves nothing visible (its rerun
+  removes the dead temporary copy, or replaces an incomplete group left at the
+  final name), and two runs of one task cannot mix their arrays: exactly one
+  rename wins.
+- Inits may be written by any array task that finds none, the same way; the
+  losers of the rename discard their copy.
 
 Every array stores its torch dtype (``torch_dtype`` attr; bfloat16 and float8 have
 no numpy dtype, so their bits are stored) and every params group a manifest with
@@ -35,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -112,6 +117,31 @@ def numpy_to_tensor(array: np.ndarray, dtype_name: str | None) -> torch.Tensor:
 
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.asarray(array).tobytes(order="C")).hexdigest()
+
+
+_HOST = socket.gethostname().replace("~", "-")
+
+
+def _temp_name(group_id: str) -> str:
+    """A writer's private name for a group: ``.tmp~<id>~<host>~<pid>~<random>``."""
+    return f".tmp~{group_id}~{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
+
+
+def _parse_temp(name: str) -> tuple[str, str, int] | None:
+    parts = name.split("~")
+    if len(parts) != 5 or parts[0] != ".tmp" or not parts[3].isdigit():
+        return None
+    return parts[1], parts[2], int(parts[3])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +324,8 @@ class Store:
         self._check_id("init", init_id)
         if self.has_init(init_id):
             return False
-        tmp_name = f".tmp-{init_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._remove_stale_temps(INITS, init_id)
+        tmp_name = _temp_name(init_id)
         tmp = zarr.create_group(store=str(self._dir(INITS, tmp_name)), zarr_format=3,
                                 attributes=_jsonable({**(attrs or {}), "complete": False}))
         self._write_params(tmp, state_dict)
@@ -302,10 +333,11 @@ class Store:
         try:
             os.rename(self._dir(INITS, tmp_name), self._dir(INITS, init_id))
         except OSError:
-            shutil.rmtree(self._dir(INITS, tmp_name), ignore_errors=True)
             if not self.has_init(init_id):
                 raise
             return False
+        finally:
+            shutil.rmtree(self._dir(INITS, tmp_name), ignore_errors=True)
         return True
 
     def read_init(self, init_id: str) -> dict:
@@ -331,30 +363,58 @@ class Store:
                     arrays: dict | None = None, overwrite: bool = False) -> GroupInfo:
         """Write one group: its params, its ``arrays`` (extra tensors), its attrs, then ``complete``.
 
-        An incomplete group of that id (a killed writer) is replaced. A complete one
-        is an error unless ``overwrite=True``: tasks never duplicate or silently
-        replace a finished expert.
+        The group is written under a private temporary name, ``complete=True`` last,
+        then renamed into ``<kind>/<group_id>`` in one atomic step: readers never see
+        a half-written group, and two runs of the same task cannot interleave their
+        arrays. An incomplete group of that id (left by a killed writer) is replaced;
+        a complete one is an error unless ``overwrite=True``: tasks never duplicate
+        or silently replace a finished expert.
         """
         self._check_kind(kind)
         self._check_id(kind[:-1], group_id)
-        existing = self._node_attrs(kind, group_id)
-        if existing is not None or self._dir(kind, group_id).exists():
-            if (existing or {}).get("complete") is True and not overwrite:
-                raise StoreError(f"'{kind}/{group_id}' already exists and is complete in store "
-                                 f"'{self.path}'; pass overwrite=True to replace it, or use another id")
-            log.info("store %s: replacing %s '%s/%s'", self.path,
-                     "complete" if existing and existing.get("complete") else "incomplete",
-                     kind, group_id)
-            shutil.rmtree(self._dir(kind, group_id))
-        attrs = {k: v for k, v in _jsonable(dict(attrs)).items() if k != "complete"}
-        group = self._group(kind, create=True).create_group(
-            group_id, attributes={**attrs, "complete": False})
-        self._write_params(group, state_dict)
-        for name, tensor in (arrays or {}).items():
+        for name in arrays or {}:
             self._check_array_name(kind, group_id, name)
-            self._write_tensor(group, name, tensor)
-        group.attrs.update({"complete": True})  # LAST: from now on readers see this group
+        if self.has_group(kind, group_id) and not overwrite:
+            raise self._exists_error(kind, group_id)
+        attrs = {k: v for k, v in _jsonable(dict(attrs)).items() if k != "complete"}
+        self._remove_stale_temps(kind, group_id)
+        tmp = self._dir(kind, _temp_name(group_id))
+        group = zarr.create_group(store=str(tmp), zarr_format=3,
+                                  attributes={**attrs, "complete": False})
+        try:
+            self._write_params(group, state_dict)
+            for name, tensor in (arrays or {}).items():
+                self._write_tensor(group, name, tensor)
+            group.attrs.update({"complete": True})  # LAST, then one rename makes it visible
+            target = self._dir(kind, group_id)
+            if target.exists():
+                if self.has_group(kind, group_id) and not overwrite:  # completed meanwhile
+                    raise self._exists_error(kind, group_id)
+                log.info("store %s: replacing '%s/%s'", self.path, kind, group_id)
+                shutil.rmtree(target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if self.has_group(kind, group_id) and not overwrite:
+                    raise self._exists_error(kind, group_id) from None
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return GroupInfo(kind, group_id, {**attrs, "complete": True})
+
+    def _exists_error(self, kind: str, group_id: str) -> StoreError:
+        return StoreError(f"'{kind}/{group_id}' already exists and is complete in store "
+                          f"'{self.path}'; pass overwrite=True to replace it, or use another id")
+
+    def _remove_stale_temps(self, kind: str, group_id: str) -> None:
+        """Delete temporary copies of ``group_id`` whose writer (on this host) is dead."""
+        folder = self._dir(kind)
+        if not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            parsed = _parse_temp(entry.name)
+            if parsed and parsed[0] == group_id and parsed[1] == _HOST and not _alive(parsed[2]):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _check_array_name(self, kind: str, group_id: str, name: str) -> None:
         if name == PARAMS or not _ID.match(name):
@@ -367,8 +427,18 @@ class Store:
                 if g.complete and all(g.attrs.get(k) == v for k, v in attr_filters.items())]
 
     def incomplete(self, kind: str) -> list[GroupInfo]:
-        """Groups whose writer was killed or is still running (invisible to :meth:`groups`)."""
-        return [g for g in self._all_groups(kind) if not g.complete]
+        """Groups being written, or left by killed writers (invisible to :meth:`groups`).
+
+        Temporary copies appear under their group id with a ``writer`` attr ``host:pid``.
+        """
+        out = [g for g in self._all_groups(kind) if not g.complete]
+        folder = self._dir(kind)
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            parsed = _parse_temp(entry.name)
+            if parsed:
+                attrs = self._node_attrs(kind, entry.name) or {}
+                out.append(GroupInfo(kind, parsed[0], {**attrs, "writer": f"{parsed[1]}:{parsed[2]}"}))
+        return out
 
     def _all_groups(self, kind: str) -> list[GroupInfo]:
         self._check_kind(kind)

@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import torch
 
@@ -114,14 +113,15 @@ def _train_nodes(graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Te
                           "seed": task.region_seed, "count": int(mask.sum())}
 
 
-def _batches(cfg, graph: Graph, store: Store) -> ClusterBatches | None:
+def _batches(cfg, graph: Graph) -> ClusterBatches | None:
+    """Cluster mini-batches from METIS parts (cached beside the datasets) for big graphs."""
     e = cfg.experts
     if e.batching == "full":
         return None
-    from hpcsoup.data.partition import partition
+    from hpcsoup.data.partition import partition, partition_cache_dir
 
-    parts = partition(graph.data.edge_index, graph.num_nodes, e.batch_partitions, seed=cfg.data.seed,
-                      cache_dir=store.path / ".cache")
+    parts = partition(graph, None, e.batch_partitions, seed=cfg.data.seed,
+                      cache_dir=partition_cache_dir(cfg.data.root or None))
     return ClusterBatches(graph.data.edge_index, parts, e.parts_per_batch)
 
 
@@ -174,7 +174,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
                  weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
                  on_epoch=_progress(task, cfg.experts.progress_every),
-                 batches=_batches(cfg, graph, store), eval_every=cfg.experts.eval_every,
+                 batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
                  checkpoint=checkpoint)
     metrics = {k: result.metrics[k] for k in ("metric", "val", "test", "best_epoch")}
     slurm = SlurmEnv.from_env()

@@ -1,17 +1,22 @@
 """The Zarr store: exact round trips, complete-last visibility, concurrent writers, clear errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import queue
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 from hpcsoup.cli import main as cli_main
 from hpcsoup.errors import StoreError, StoreNotFoundError
 from hpcsoup.store import GroupInfo, Store, describe_store, provenance
+from hpcsoup.store.zarr_store import _HOST
 
 
 def _state(seed: int = 0) -> dict:
@@ -78,9 +83,9 @@ def test_create_is_idempotent_and_keeps_the_first_attrs(tmp_path):
 def test_only_complete_groups_are_visible_and_filters_apply(store):
     store.write_group("experts", "a", _state(0), {"arch": "sage", "role": "expert"})
     store.write_group("experts", "b", _state(1), {"arch": "gcn", "role": "specialist"})
-    # A writer killed mid-way: group and some params there, complete never written.
-    half = store._group("experts", create=True).create_group("c", attributes={"arch": "sage",
-                                                                               "complete": False})
+    # An incomplete group at the final name (e.g. written by another tool, never completed).
+    half = zarr.create_group(store=str(store.path / "experts" / "c"),
+                             attributes={"arch": "sage", "complete": False})
     half.create_group("params")
     assert [g.id for g in store.groups("experts")] == ["a", "b"]
     assert [g.id for g in store.groups("experts", arch="sage")] == ["a"]
@@ -109,6 +114,20 @@ def test_inits_are_written_once(store):
     assert store.inits() == ["sage-abc"]
     with pytest.raises(StoreNotFoundError, match=r"init 'gcn-x' is not in store .*sage-abc"):
         store.read_init("gcn-x")
+
+
+def test_a_dead_writers_temporary_copy_is_invisible_and_cleaned_up(store):
+    """A writer SIGKILLed mid-write leaves only a hidden temporary copy; the rerun removes it."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is certainly not running any more
+    tmp = store.path / "experts" / f".tmp~sage-e002~{_HOST}~{dead.pid}~abcd1234"
+    zarr.create_group(store=str(tmp), attributes={"arch": "sage", "complete": False})
+    assert store.groups("experts") == []
+    (info,) = store.incomplete("experts")
+    assert info.id == "sage-e002" and info.attrs["writer"] == f"{_HOST}:{dead.pid}"
+    store.write_group("experts", "sage-e002", _state(), {"arch": "sage"})
+    assert not tmp.exists() and [g.id for g in store.groups("experts")] == ["sage-e002"]
+    assert store.incomplete("experts") == []
 
 
 # ------------------------------------------------------------------ bad input
@@ -172,33 +191,45 @@ def test_wrong_store_path_and_missing_group(tmp_path, store):
 
 # ------------------------------------------------------------------ concurrency
 
-def _writer(path: str, i: int, barrier) -> None:
+def _writer(path: str, i: int, barrier, won) -> None:
     barrier.wait()
     store = Store.create(path, attrs={"writer": i})
     store.write_init("shared", _state(99), {"by": i})
     store.write_group("experts", f"w{i}", _state(i), {"arch": "sage", "writer": i})
+    try:  # every writer also races for one shared id: exactly one may win
+        store.write_group("experts", "dup", _state(100 + i), {"writer": i})
+        won.put(i)
+    except StoreError as exc:
+        assert "already exists and is complete" in str(exc)
 
 
 @pytest.mark.parametrize("round_", range(3))
 def test_eight_concurrent_writers_lose_nothing(tmp_path, round_):
     """8 processes start together: each creates the root, the shared init and its own expert."""
     ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(8)
+    barrier, won = ctx.Barrier(8), ctx.Queue()
     path = str(tmp_path / "c.zarr")
-    procs = [ctx.Process(target=_writer, args=(path, i, barrier)) for i in range(8)]
+    procs = [ctx.Process(target=_writer, args=(path, i, barrier, won)) for i in range(8)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0] * 8
     store = Store.open(path)
-    assert [g.id for g in store.groups("experts")] == [f"w{i}" for i in range(8)]
+    winners = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            winners.append(won.get(timeout=1))
+    assert len(winners) == 1
+    dup_state, dup_attrs = store.load_group("experts", "dup")
+    assert dup_attrs["writer"] == winners[0] and _equal(dup_state, _state(100 + winners[0]))
+    assert [g.id for g in store.groups("experts")] == ["dup"] + [f"w{i}" for i in range(8)]
     for i in range(8):
         assert _equal(store.load_group("experts", f"w{i}")[0], _state(i))
     assert _equal(store.read_init("shared"), _state(99))
     assert store.attrs["writer"] in range(8)
-    leftovers = [p.name for p in list(tmp_path.iterdir()) + list((tmp_path / "c.zarr/inits").iterdir())
-                 if p.name.startswith(".")]
+    leftovers = [p.name for d in (tmp_path, tmp_path / "c.zarr/inits", tmp_path / "c.zarr/experts")
+                 for p in d.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
 

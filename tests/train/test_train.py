@@ -199,8 +199,24 @@ def test_specialists_record_their_region(tmp_path, data_root):
     attrs = store.group_attrs("experts", "gcn-s0")
     assert attrs["train_nodes"]["split"] == "random" and attrs["train_nodes"]["region"] == 0
     assert attrs["train_nodes"]["parents"] == 2
-    assert attrs["train_nodes"]["count"] + store.group_attrs("experts", "gat-s1")["train_nodes"]["count"] == 140
+    other = store.group_attrs("experts", "gat-s1")
+    assert attrs["train_nodes"]["count"] + other["train_nodes"]["count"] == 140
     assert store.group_attrs("experts", "gat-s1")["model"]["heads"] == 4
+
+
+def test_partition_mini_batches_and_metis_specialists(tmp_path, data_root):
+    values = _config(tmp_path, data_root, batching="partitions", batch_partitions=8, parts_per_batch=2,
+                     epochs=3)
+    values["specialists"]["split"] = "metis"
+    cfg = build_config(values)
+    run_train(cfg, task_id=0)
+    run_train(cfg, task_id=2)
+    store = Store.open(cfg.store)
+    assert store.group_attrs("experts", "sage-e000")["hyper"]["batching"] == "partitions"
+    assert store.group_attrs("experts", "sage-e000")["metrics"]["val"] > 1 / 7
+    region = store.read_array("experts", "gcn-s0", "region")
+    assert store.group_attrs("experts", "gcn-s0")["train_nodes"]["split"] == "metis"
+    assert set(region.unique().tolist()) == {0, 1}
 
 
 def test_task_id_is_required_outside_slurm(tmp_path, data_root, monkeypatch):

@@ -1,0 +1,124 @@
+"""Benchmark `hpcsoup train --all`: wall time of N experts on Dask workers vs one worker.
+
+The must-show of the experts issue: 8 GraphSAGE experts on Cora (the quickstart's settings:
+2 layers, hidden 64, 100 epochs, validation check every epoch) trained by
+``run_train(cfg, all_tasks=True)`` into a fresh store, with ``experts.workers`` = 1 and = the
+machine's cores. Each worker is one process with one torch thread.
+
+Measurement: wall time of the whole call (Dask LocalCluster start, worker imports, dataset
+load, training, store writes), the variants interleaved over ``--rounds`` rounds, medians; the
+experts' own ``train_seconds`` (sum over experts) as the compute inside; and a check that every
+variant produced bit-identical weights (same seeds). The 2 cores are shared with other work:
+ratios from one process are what to compare.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_train.py                  # 8 experts, 100 epochs, 2 rounds
+    .venv/bin/python benchmarks/bench_train.py --quick          # 4 experts, 5 epochs, 1 round
+
+Writes benchmarks/out/bench_train.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from hpcsoup.config import build_config  # noqa: E402
+from hpcsoup.store import Store  # noqa: E402
+from hpcsoup.train.run import available_cores, run_train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+
+def _config(store: Path, args, workers: int):
+    return build_config({
+        "name": "bench-train", "store": str(store), "threads": 1,
+        "data": {"dataset": "Cora", "root": args.data_root},
+        "experts": {"arch": "sage", "count": args.experts, "layers": 2, "hidden": 64,
+                    "epochs": args.epochs, "lr": 0.01, "workers": workers, "progress_every": 10**6},
+        "specialists": {"archs": []},
+    })
+
+
+def _weights(store: Path) -> dict:
+    s = Store.open(store)
+    return {g.id: s.load_group("experts", g.id)[0] for g in s.groups("experts")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data-root", default=str(OUT / "data"))
+    parser.add_argument("--quick", action="store_true", help="4 experts, 5 epochs, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.experts, args.epochs, args.rounds = 4, 5, 1
+    torch.set_num_threads(1)
+    cores = available_cores()
+    variants = {"1 worker": 1, f"{cores} workers": cores}
+    work = OUT / "bench_train"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = {name: [] for name in variants}
+    reference = None
+    for r in range(args.rounds):
+        order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
+        for name, workers in order:
+            store = work / f"r{r}-{workers}.zarr"
+            start = time.perf_counter()
+            out = run_train(_config(store, args, workers), all_tasks=True)
+            wall = time.perf_counter() - start
+            s = Store.open(store)
+            experts = s.groups("experts")
+            compute = sum(g.attrs["train_seconds"] for g in experts)
+            rows[name].append({"wall_s": wall, "train_seconds_sum": compute,
+                               "workers": out["workers"], "experts": len(experts),
+                               "val": [g.attrs["metrics"]["val"] for g in experts],
+                               "test": [g.attrs["metrics"]["test"] for g in experts]})
+            weights = _weights(store)
+            if reference is None:
+                reference = weights
+            same = all(torch.equal(weights[k][p], reference[k][p]) for k in reference
+                       for p in reference[k])
+            rows[name][-1]["identical_to_first"] = same
+            print(f"round {r} {name}: {wall:.1f} s wall, {compute:.1f} s of training, "
+                  f"identical weights: {same}", file=sys.stderr)
+            shutil.rmtree(store)
+    base = statistics.median(x["wall_s"] for x in rows["1 worker"])
+    table = []
+    for name, runs in rows.items():
+        wall = statistics.median(x["wall_s"] for x in runs)
+        table.append({"variant": name, "wall_s": wall, "speedup": base / wall,
+                      "train_seconds_sum": statistics.median(x["train_seconds_sum"] for x in runs),
+                      "val_mean": statistics.mean(runs[0]["val"]),
+                      "test_mean": statistics.mean(runs[0]["test"]),
+                      "identical": all(x["identical_to_first"] for x in runs)})
+    print(f"\n{args.experts} SAGE experts on Cora, {args.epochs} epochs, 1 torch thread per worker, "
+          f"{cores} cores, median of {args.rounds} round(s)")
+    print("| variant | wall s | speedup | sum of experts' train s | mean val | mean test | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['variant']} | {t['wall_s']:.1f} | {t['speedup']:.2f}x | "
+              f"{t['train_seconds_sum']:.1f} | {t['val_mean']:.4f} | {t['test_mean']:.4f} | "
+              f"{t['identical']} |")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_train.json").write_text(json.dumps(
+        {"experts": args.experts, "epochs": args.epochs, "rounds": args.rounds, "cores": cores,
+         "threads_per_worker": 1, "runs": rows, "table": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
