@@ -36,7 +36,7 @@ from hpcsoup.train.checkpoint import Checkpointer, Preempted, rng_state, set_rng
 class TrainResult:
     state_dict: dict          # weights of the best epoch by validation score
     metrics: dict             # {"metric", "val", "test", "best_epoch"}
-    seconds: float
+    seconds: float            # training time, including the runs before a resume
     epochs_run: int = 0       # epochs trained by this call (fewer than `epochs` after a resume)
     resumed_from: int | None = None  # last epoch of the checkpoint this call resumed from
 
@@ -133,7 +133,7 @@ def fit(model: torch.nn.Module, graph: Graph, *, train_mask: torch.Tensor | None
     torch.manual_seed(seed)
     best: dict = {"val": float("-inf")}
     best_state = _clone(model.state_dict())
-    first = 0
+    first, earlier_seconds = 0, 0.0
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -141,6 +141,7 @@ def fit(model: torch.nn.Module, graph: Graph, *, train_mask: torch.Tensor | None
         set_rng_state(resumed["rng"], device)
         batch_generator.set_state(resumed["batch_rng"])
         best, best_state, first = resumed["best"], resumed["best_state"], resumed["epoch"] + 1
+        earlier_seconds = float(resumed.get("seconds", 0.0))
     try:
         for epoch in range(first, epochs):
             model.train()
@@ -165,7 +166,8 @@ def fit(model: torch.nn.Module, graph: Graph, *, train_mask: torch.Tensor | None
                 checkpoint.save({"epoch": epoch, "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "rng": rng_state(device),
                                  "batch_rng": batch_generator.get_state(), "best": best,
-                                 "best_state": best_state})
+                                 "best_state": best_state,
+                                 "seconds": earlier_seconds + time.perf_counter() - start})
                 if checkpoint.stop:
                     raise Preempted(f"{checkpoint.name}: stopped by {checkpoint.stop.reason} after "
                                     f"epoch {epoch + 1}/{epochs}; checkpoint saved to "
@@ -174,7 +176,7 @@ def fit(model: torch.nn.Module, graph: Graph, *, train_mask: torch.Tensor | None
         set_rng_state(saved_rng, device)
     if best["val"] == float("-inf"):  # epochs == first: nothing left to train
         best = dict(evaluate(model, graph, device), best_epoch=epochs - 1)
-    return TrainResult(best_state, best, time.perf_counter() - start, epochs - first,
+    return TrainResult(best_state, best, earlier_seconds + time.perf_counter() - start, epochs - first,
                        checkpoint.resumed_from if checkpoint is not None else None)
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -34,7 +35,7 @@ from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.slurm import SlurmEnv
 from hpcsoup.store import Store, provenance
 from hpcsoup.train import sweep
-from hpcsoup.train.checkpoint import Checkpointer, Preempted, StopFlag
+from hpcsoup.train.checkpoint import STOP_SIGNALS, Checkpointer, Preempted, StopFlag
 from hpcsoup.train.loop import ClusterBatches, fit
 from hpcsoup.train.regions import specialist_regions
 
@@ -151,6 +152,18 @@ def _progress(task: sweep.Task, every: int):
     return on_epoch
 
 
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config device={device!r}, but this torch ({torch.__version__}) sees no "
+                              f"CUDA device; set device='cpu' (--set device=cpu) or install a CUDA "
+                              f"build of torch")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"config device={device!r}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
 def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None) -> dict:
     """Train one task's expert into the store (a no-op when it is already complete)."""
     store = store or open_store(cfg)
@@ -159,6 +172,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         _say(f"[{task.expert_id}] already complete in {store.path}: nothing to do")
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
+    _check_device(cfg.device)
     graph = _graph(cfg)
     spec = task.model_spec(graph.num_features, graph.num_classes)
     iid, init_state = ensure_init(store, spec, task.init_seed)
@@ -207,11 +221,29 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
             "metrics": metrics, "train_seconds": result.seconds, "init_id": iid}
 
 
+def _worker_signals(stop_file: str) -> bool:
+    """Run in each Dask worker process (its main thread): a stop signal there also checkpoints.
+
+    When SLURM or a terminal signals the whole process group, the workers get the signal
+    too; by default it would kill them mid-epoch.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    flag = StopFlag(stop_file)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, flag._handle)
+    return True
+
+
 def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int) -> dict:
     """Body of one Dask task (a separate process): train one expert."""
     torch.set_num_threads(threads)
     cfg = build_config(cfg_dict)
     stop = StopFlag(stop_file)
+    if stop:  # stopped before this task began: leave it for the rerun
+        return {"task_id": task_id, "status": "preempted", "error": f"not started ({stop.reason})"}
     try:
         return train_task(cfg, sweep.task(cfg, task_id), stop=stop)
     except Preempted as exc:
@@ -235,6 +267,10 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
     with stop.installed(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         dashboard_address=None, memory_limit=0,
                                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        handled = client.run(_worker_signals, str(stop_file))
+        if not all(handled.values()):
+            log.warning("Dask workers could not install signal handlers: a signal to the whole "
+                        "process group kills them (resume then uses their last checkpoint)")
         config = cfg.to_dict()
         futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads,
                                  key=f"train-{t.expert_id}-{uuid.uuid4().hex[:6]}", pure=False)

@@ -219,6 +219,13 @@ def test_partition_mini_batches_and_metis_specialists(tmp_path, data_root):
     assert set(region.unique().tolist()) == {0, 1}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, data_root):
+    cfg = build_config(_config(tmp_path, data_root), ["device='cuda'"])
+    with pytest.raises(ConfigError, match=r"device='cuda', but this torch .* sees no CUDA device"):
+        run_train(cfg, task_id=0)
+
+
 def test_task_id_is_required_outside_slurm(tmp_path, data_root, monkeypatch):
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     cfg = build_config(_config(tmp_path, data_root))
@@ -314,3 +321,30 @@ def test_train_all_on_cora_with_eight_sage_experts(tmp_path, data_root):
     # A second --all finds everything done.
     again = run_train(build_config(values), all_tasks=True)
     assert again["existing"] == 8 and again["trained"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_all_checkpoints_every_worker_and_the_rerun_resumes(tmp_path, data_root):
+    """The whole process group gets SIGTERM (as from SLURM or `timeout`): exit 75, then resume."""
+    values = _config(tmp_path, data_root, count=2, epochs=15, checkpoint_every=100, progress_every=1)
+    values["specialists"]["archs"] = []
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(values))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hpcsoup", "train", "--config", str(config), "--all"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _wait_for(proc, "epoch 3/15")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    store = Store.open(values["store"])
+    assert store.groups("experts") == []
+    assert sorted(p.name for p in (store.path / ".checkpoints").glob("*.pt")) == ["sage-e000.pt",
+                                                                                   "sage-e001.pt"]
+    resumed = run_train(build_config(values), task_id=0)
+    assert resumed["tasks"][0]["status"] == "resumed"
+    reference = run_train(build_config(values, [f"store='{tmp_path / 'ref.zarr'}'"]), task_id=0)
+    assert reference["tasks"][0]["status"] == "trained"
+    assert _equal(store.load_group("experts", "sage-e000")[0],
+                  Store.open(tmp_path / "ref.zarr").load_group("experts", "sage-e000")[0])
