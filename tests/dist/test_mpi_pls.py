@@ -70,3 +70,152 @@ def test_agree_raises_on_every_rank_when_one_rank_fails(comm):
 def test_agree_keeps_the_error_class(comm):
     with pytest.raises(StoreError, match="corrupt"):
         agree(comm, lambda: (_ for _ in ()).throw(StoreError("chunk corrupt")), "reading")
+
+
+# --------------------------------------------------------------------------- shards and PLS
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    """One folder that every rank of the world sees (rank 0's tmp_path)."""
+    return world().bcast(tmp_path)
+
+
+def _prepared(comm, shared_dir, graph, partitions, halo):
+    """Rank 0 partitions ``graph`` into ``shared_dir`` while the others wait (as in a real run)."""
+    from hpcsoup.dist.shards import prepare
+
+    path = shared_dir / f"{graph.name}-{partitions}-{halo}-{comm.size}"
+    if comm.rank == 0:
+        prepare(path, graph, partitions, halo)
+    comm.barrier()
+    return path
+
+
+@pytest.mark.parametrize("arch,halo", [("sage", 0), ("gcn", 2)])
+def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, arch, halo):
+    from conftest import tiny_graph
+    from hpcsoup.dist.shards import load_shard
+    from hpcsoup.soup.pls import LocalPartitionSource
+
+    graph = tiny_graph()
+    path = _prepared(comm, shared_dir, graph, 6, halo)
+    shard = load_shard(path, comm.rank, comm.size)
+    assert sorted(shard.parts) == [k for k in range(6) if k % comm.size == comm.rank]
+    local = LocalPartitionSource(graph, 6, halo)
+    for k, stored in shard.parts.items():
+        expected = local.part(k)
+        for name in ("x", "edge_index", "y", "val_mask", "val_pos", "deg"):
+            assert torch.equal(getattr(stored, name), getattr(expected, name)), name
+        assert torch.equal(stored.nodes[: stored.core_count], local.nodes[k])
+        assert torch.equal(stored.test_mask[: stored.core_count], graph.mask("test")[local.nodes[k]])
+    # the ranks together hold every node exactly once as a core node
+    assert sum(comm.allgather(shard.core_nodes)) == graph.num_nodes
+    assert shard.attrs["val_counts"] == local.val_counts.tolist()
+
+
+def test_a_missing_partition_names_itself(shared_dir):
+    import shutil
+
+    from conftest import tiny_graph
+    from hpcsoup.dist.shards import load_shard, prepare
+
+    comm = self_comm()
+    path = prepare(shared_dir / f"own-{world().rank}", tiny_graph(), 4, 0)
+    shutil.rmtree(path / "p00002")
+    with pytest.raises(StoreNotFoundError, match="partition 2 is missing"):
+        load_shard(path, 0, 1)
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        load_shard(shared_dir / "nowhere", comm.rank, comm.size)
+
+
+def _distributed_pls(comm, path, ingredients, settings, seed=5):
+    from hpcsoup.dist.pls_mpi import Counted, ShardEvaluator, ShardSource, Subgraphs
+    from hpcsoup.dist.shards import load_shard
+    from hpcsoup.soup.pls import PartitionLearnedSoup, partition_score
+
+    shard = load_shard(path, comm.rank, comm.size)
+    source = ShardSource(shard)
+    evaluator = ShardEvaluator(ingredients.spec, shard.attrs["metric"])
+    subgraphs = Subgraphs(source, evaluator)
+    hook = Counted(comm)
+    result = PartitionLearnedSoup(**settings).soup(
+        ingredients, evaluator, seed=seed, source=source, allreduce=hook,
+        evaluate=lambda w: partition_score(ingredients, evaluator, source, subgraphs, w, comm.allreduce))
+    return result, hook, source, evaluator, subgraphs
+
+
+@pytest.mark.parametrize("arch,metric", [("sage", "accuracy"), ("gcn", "rocauc")])
+def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric):
+    from conftest import tiny_experts, tiny_graph
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.soup.pls import PartitionLearnedSoup
+
+    torch.manual_seed(0)
+    graph = tiny_graph(metric=metric)
+    ingredients = tiny_experts(graph, arch)
+    settings = {"partitions": 8, "per_step": 4, "halo": 1, "steps": 25, "lr": 0.5,
+                "eval_every": 5, "patience": 1000}
+    single = PartitionLearnedSoup(**settings).soup(ingredients, Evaluator(ingredients.spec, graph),
+                                                   seed=5)
+    path = _prepared(comm, shared_dir, graph, 8, 1)
+    result, hook, *_ = _distributed_pls(comm, path, ingredients, settings)
+    a = torch.tensor(single.coefficients)
+    b = torch.tensor(result.coefficients)
+    assert float((a - a.mean(1, keepdim=True)).abs().max()) > 1e-3  # the soup moved
+    assert float((a - b).abs().max()) <= 1e-5
+    assert result.extras["best_step"] == single.extras["best_step"]
+    # one allreduce per step, of the logits' gradient and the loss: 4 bytes x (T n + 1)
+    assert hook.calls == 25
+    assert hook.bytes == 25 * 4 * (ingredients.num_tensors * ingredients.n + 1)
+
+
+def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_dir):
+    from conftest import tiny_experts, tiny_graph
+    from hpcsoup.dist.pls_mpi import ShardEvaluator, ShardSource, Subgraphs, shard_scores
+    from hpcsoup.dist.shards import load_shard
+    from hpcsoup.soup import Evaluator
+
+    graph = tiny_graph(seed=1)
+    ingredients = tiny_experts(graph, "gcn", n=2, epochs=10)
+    params = ingredients.mean()
+    path = _prepared(comm, shared_dir, graph, 5, 2)  # halo 2 = layers: exact
+    source = ShardSource(load_shard(path, comm.rank, comm.size))
+    evaluator = ShardEvaluator(ingredients.spec, graph.metric)
+    scores = shard_scores(params, evaluator, source, Subgraphs(source, evaluator), comm.allreduce)
+    full = Evaluator(ingredients.spec, graph).metrics(params)
+    assert scores["val"] == pytest.approx(full["val"], abs=1e-6)
+    assert scores["test"] == pytest.approx(full["test"], abs=1e-6)
+
+
+def test_threads_per_rank_share_the_cores(comm):
+    import os
+
+    from hpcsoup.dist.pls_mpi import threads_per_rank
+
+    assert threads_per_rank(comm, 3) == 3
+    threads = threads_per_rank(comm, 0)
+    cpus, ranks = comm.node_cpus()
+    assert threads >= 1 and (threads * ranks <= cpus or threads == 1)
+    assert cpus <= (os.cpu_count() or 1) * max(1, ranks)
+
+
+def test_rank_device(comm):
+    from hpcsoup.dist.pls_mpi import rank_device
+    from hpcsoup.errors import SoupError
+
+    assert rank_device("cpu", comm) == torch.device("cpu")
+    if torch.cuda.is_available():
+        device = rank_device("cuda", comm)
+        assert device.type == "cuda" and device.index < torch.cuda.device_count()
+    else:
+        with pytest.raises(SoupError, match="no CUDA GPU"):
+            rank_device("cuda", comm)
+
+
+def test_abort_on_error_lets_errors_through_on_one_rank():
+    from hpcsoup.dist.mpi import abort_on_error
+
+    with pytest.raises(KeyError):
+        with abort_on_error(Comm(None)):
+            raise KeyError("one process: an ordinary exception")
