@@ -41,7 +41,8 @@ memory falls with :math:`1/K`, time with :math:`R/K`.
 Settings: those of LS (``steps``, ``lr``, ``optimizer``, ``momentum``,
 ``schedule``, ``restart``, ``init``, ``patience``, ``eval_every``) plus
 ``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
-``partition_seed`` (METIS seed) and ``cache`` (keep the K subgraphs in memory:
+``partition_seed`` (METIS seed), ``partition_cache`` (folder where the
+partition vector is cached) and ``cache`` (keep the K subgraphs in memory:
 faster on small graphs, but they weigh about as much as the graph itself).
 """
 from __future__ import annotations
@@ -246,7 +247,8 @@ class PartitionLearnedSoup(SoupMethod):
 
     name = "pls"
     defaults = {**OPTIM_DEFAULTS, "eval_every": 5, "partitions": 32, "per_step": 4, "halo": 0,
-                "check": "partitions", "partition_seed": 0, "cache": False}
+                "check": "partitions", "partition_seed": 0, "cache": False,
+                "partition_cache": None}
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0,
              source: PartitionSource | None = None,
@@ -269,7 +271,8 @@ class PartitionLearnedSoup(SoupMethod):
         cache = bool(s["cache"])
         if source is None:
             source = LocalPartitionSource(evaluator.graph, int(s["partitions"]), int(s["halo"]),
-                                          seed=int(s["partition_seed"]), cache=cache)
+                                          seed=int(s["partition_seed"]), cache=cache,
+                                          cache_dir=s["partition_cache"])
         allreduce = allreduce or _identity
         num_parts = source.num_parts
         draw_partitions(seed, 0, num_parts, per_step)  # validates per_step early
@@ -383,5 +386,6 @@ def partition_score(ingredients: Ingredients, evaluator, source: PartitionSource
         per_node[part.val_pos.to(evaluator.device)] = value
     per_node = allreduce(per_node)
     if evaluator.metric == "accuracy":
-        return float(per_node.mean()) if per_node.numel() else float("nan")
+        # float32 like metrics.accuracy: sums of 0/1 are exact, so the full-graph score is met
+        return float(per_node.float().mean()) if per_node.numel() else float("nan")
     return metric_score(evaluator.metric, per_node, source.val_labels.to(per_node.device))

@@ -149,3 +149,25 @@ def test_bad_check_is_named(tiny_graph, tiny_experts):
     with pytest.raises(SoupError, match="check='sometimes'"):
         get_method("pls", check="sometimes", partitions=2, per_step=1).soup(
             tiny_experts, Evaluator(tiny_experts.spec, tiny_graph))
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2])
+def test_csr_subgraphs_equal_the_foundations(tiny_graph, hops):
+    from hpcsoup.data.partition import induced_subgraph_with_halo
+    from hpcsoup.soup.pls import CSRNeighbours
+
+    data = tiny_graph.data
+    neighbours = CSRNeighbours(data.edge_index, data.num_nodes)
+    core = torch.tensor([5, 17, 3, 90, 41])
+    mine = neighbours.subgraph(core, hops)
+    theirs = induced_subgraph_with_halo(data.edge_index, data.num_nodes, core, hops)
+    assert mine[2] == theirs[2] == 5
+    assert torch.equal(mine[0][:5], core)
+    assert sorted(mine[0].tolist()) == sorted(theirs[0].tolist())
+
+    def edges(result):
+        subset, local, _ = result
+        return sorted(map(tuple, subset[local].t().tolist()))
+
+    assert edges(mine) == edges(theirs)
+    assert (neighbours._local == -1).all()  # the scratch map is reset
