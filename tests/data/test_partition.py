@@ -1,0 +1,166 @@
+"""METIS partitions (balanced, deterministic, cached) and exact halo subgraphs."""
+import pytest
+import torch
+from torch_geometric.utils import to_undirected
+
+import hpcsoup.data.partition as partition_module
+from hpcsoup.data.datasets import load_dataset
+from hpcsoup.data.partition import (edge_cut, exact_hops, fingerprint, induced_subgraph_with_halo,
+                                    part_nodes, partition, partition_cache_dir)
+from hpcsoup.data.synthetic import synthetic_products
+from hpcsoup.errors import DatasetError
+from hpcsoup.models.gnn import ModelSpec, build_model
+
+# a path 0-1-2-3-4-5 plus a chord 1-4, undirected
+PATH = to_undirected(torch.tensor([[0, 1, 2, 3, 4, 1], [1, 2, 3, 4, 5, 4]]))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cora(tmp_path_factory):
+    return load_dataset("Cora", root=tmp_path_factory.getbasetemp() / "data")
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    data, _ = synthetic_products(10_000, seed=0)
+    return data
+
+
+def check_balanced(parts, n, k):
+    assert parts.dtype == torch.long and parts.shape == (n,)
+    sizes = torch.bincount(parts, minlength=k)
+    assert int(parts.min()) == 0 and int(parts.max()) == k - 1 and bool((sizes > 0).all())
+    assert sizes.max().item() <= 1.1 * n / k, sizes.tolist()
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_balanced_and_deterministic_on_cora(cora, k):
+    parts = partition(cora, None, k, seed=0)
+    check_balanced(parts, cora.num_nodes, k)
+    assert torch.equal(parts, partition(cora.data.edge_index, cora.num_nodes, k, seed=0))
+    assert edge_cut(cora.data.edge_index, parts) < 0.3          # METIS cuts few edges
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_balanced_on_synthetic(synthetic, k):
+    parts = partition(synthetic, None, k, seed=1)
+    check_balanced(parts, synthetic.num_nodes, k)
+    assert torch.equal(parts, partition(synthetic, None, k, seed=1))
+    random_cut = 1 - 1 / k
+    assert edge_cut(synthetic.edge_index, parts) < random_cut
+
+
+def test_directed_duplicate_and_self_loop_input_gives_the_same_partition(cora):
+    ei, n = cora.data.edge_index, cora.num_nodes
+    one_way = ei[:, ei[0] < ei[1]]
+    messy = torch.cat([one_way, one_way[:, :100], torch.arange(50).repeat(2, 1)], dim=1)
+    assert torch.equal(partition(messy, n, 8), partition(ei, n, 8))
+
+
+def test_trivial_and_invalid_k(cora):
+    assert torch.equal(partition(cora, None, 1), torch.zeros(cora.num_nodes, dtype=torch.long))
+    with pytest.raises(DatasetError, match=r"partition of 'Cora': k=2709 parts is invalid; "
+                                           r"use an integer from 1 to the node count 2708"):
+        partition(cora, None, 2709)
+    with pytest.raises(DatasetError, match="k=0 parts is invalid"):
+        partition(PATH, 6, 0)
+    with pytest.raises(DatasetError, match="pass num_nodes"):
+        partition(PATH, None, 2)
+    with pytest.raises(DatasetError, match="refers to node 5 but num_nodes=5"):
+        partition(PATH, 5, 2)
+
+
+def test_cache_hit_returns_the_same_parts_without_metis(cora, tmp_path, monkeypatch):
+    first = partition(cora, None, 8, seed=3, cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    fp = fingerprint(cora.data.edge_index, cora.num_nodes)
+    assert [f.name for f in files] == [f"Cora-2708-k8-s3-{fp}.pt"]
+
+    def no_metis(*args):
+        raise AssertionError("METIS ran despite a cached partition")
+
+    monkeypatch.setattr(partition_module, "_metis", no_metis)
+    assert torch.equal(partition(cora, None, 8, seed=3, cache_dir=tmp_path), first)
+    with pytest.raises(AssertionError, match="METIS ran"):    # another seed is another entry
+        partition(cora, None, 8, seed=4, cache_dir=tmp_path)
+
+
+def test_stale_or_corrupt_cache_is_never_used(cora, tmp_path):
+    ei, n = cora.data.edge_index, cora.num_nodes
+    parts = partition(ei, n, 4, cache_dir=tmp_path)
+    changed = ei[:, 2:]                                   # another graph, same node count
+    assert fingerprint(changed, n) != fingerprint(ei, n)
+    partition(changed, n, 4, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("graph-2708-k4-s0-*.pt"))) == 2
+    (path,) = [p for p in tmp_path.iterdir() if fingerprint(ei, n) in p.name]
+    path.write_bytes(b"not a tensor")
+    assert torch.equal(partition(ei, n, 4, cache_dir=tmp_path), parts)
+    torch.save(torch.zeros(3, dtype=torch.long), path)      # wrong shape
+    assert torch.equal(partition(ei, n, 4, cache_dir=tmp_path), parts)
+    assert partition_cache_dir(tmp_path) == tmp_path / "partitions"
+
+
+def test_part_nodes_and_edge_cut_on_a_literal_graph():
+    parts = torch.tensor([0, 0, 0, 1, 1, 1])
+    nodes = part_nodes(parts, 3)
+    assert [t.tolist() for t in nodes] == [[0, 1, 2], [3, 4, 5], []]
+    # 6 undirected edges (12 entries); 2-3 and 1-4 cross: 4 entries
+    assert edge_cut(PATH, parts) == pytest.approx(4 / 12)
+    assert edge_cut(PATH, torch.zeros(6, dtype=torch.long)) == 0.0
+    with pytest.raises(DatasetError, match=r"part ids span 0..1, outside 0..0"):
+        part_nodes(parts, 1)
+
+
+def test_halo_subgraph_on_a_literal_graph():
+    core = torch.tensor([1, 0])
+    subset, local, count = induced_subgraph_with_halo(PATH, 6, core, hops=0)
+    assert subset.tolist() == [1, 0] and count == 2
+    assert sorted(map(tuple, local.t().tolist())) == [(0, 1), (1, 0)]
+    subset, local, count = induced_subgraph_with_halo(PATH, 6, core, hops=1)
+    assert subset.tolist() == [1, 0, 2, 4] and count == 2          # core first, halo ascending
+    edges = {(int(subset[a]), int(subset[b])) for a, b in local.t().tolist()}
+    assert edges == {(0, 1), (1, 0), (1, 2), (2, 1), (1, 4), (4, 1)}
+    subset, _, _ = induced_subgraph_with_halo(PATH, 6, core, hops=2)
+    assert subset.tolist() == [1, 0, 2, 3, 4, 5]                   # the halo is ascending
+    with pytest.raises(DatasetError, match="hops=-1 must be an integer >= 0"):
+        induced_subgraph_with_halo(PATH, 6, core, hops=-1)
+
+
+def test_exact_hops():
+    assert [exact_hops(a, 2) for a in ("gcn", "sage", "gat", "gin")] == [3, 2, 2, 2]
+    with pytest.raises(DatasetError, match="unknown architecture 'mlp'"):
+        exact_hops("mlp", 2)
+
+
+def halo_error(graph, parts, k, model, hops):
+    """Largest |subgraph output - full-graph output| on the core nodes over all parts."""
+    x, ei, n = graph.data.x, graph.data.edge_index, graph.num_nodes
+    with torch.no_grad():
+        full = model(x, ei)
+        worst = 0.0
+        for nodes in part_nodes(parts, k):
+            subset, local, core = induced_subgraph_with_halo(ei, n, nodes, hops)
+            out = model(x[subset], local)[:core]
+            worst = max(worst, (out - full[nodes]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gat", "gin"])
+@pytest.mark.parametrize("layers", [2, 3])
+def test_halo_makes_core_outputs_exact(cora, arch, layers):
+    k = 8
+    parts = partition(cora, None, k)
+    model = build_model(ModelSpec(arch, cora.num_features, cora.num_classes, layers=layers,
+                                  hidden=16, heads=2), seed=0).eval()
+    hops = exact_hops(arch, layers)
+    assert halo_error(cora, parts, k, model, hops) < 1e-5
+    # one hop less is not exact -- for gcn that is L hops: the degrees at distance L are short
+    assert halo_error(cora, parts, k, model, hops - 1) > 1e-4
