@@ -1,0 +1,84 @@
+"""The shipped datasets load offline with their published statistics; bad names and splits fail
+clearly."""
+import shutil
+
+import pytest
+import torch
+from torch_geometric.utils import is_undirected
+
+from hpcsoup.data.datasets import SHIPPED, SHIPPED_DIR, Graph, load_dataset
+from hpcsoup.errors import DatasetError
+
+# nodes, directed edges, features, classes (shared/data/README.md); split 0 sizes; metric
+STATS = {
+    "Cora": (2708, 10556, 1433, 7, (140, 500, 1000), "accuracy"),
+    "CiteSeer": (3327, 9104, 3703, 6, (120, 500, 1000), "accuracy"),
+    "Minesweeper": (10000, 78804, 7, 2, (5000, 2500, 2500), "rocauc"),
+    "Tolokers": (11758, 1038000, 10, 2, (5879, 2939, 2940), "rocauc"),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "data"
+
+
+@pytest.mark.parametrize("name", sorted(STATS))
+def test_shipped_statistics(root, name):
+    nodes, edges, features, classes, split, metric = STATS[name]
+    graph = load_dataset(name, root=root)
+    d = graph.data
+    assert isinstance(graph, Graph) and graph.name == name
+    assert (graph.num_nodes, d.edge_index.size(1), graph.num_features, graph.num_classes) == \
+        (nodes, edges, features, classes)
+    assert (int(d.train_mask.sum()), int(d.val_mask.sum()), int(d.test_mask.sum())) == split
+    assert graph.metric == metric
+    assert is_undirected(d.edge_index, num_nodes=nodes)
+    assert d.x.dtype == torch.float32 and d.y.dtype == torch.long and d.y.shape == (nodes,)
+    assert int(d.y.max()) == classes - 1
+    masks = [d.train_mask, d.val_mask, d.test_mask]
+    assert all(m.dtype == torch.bool and m.shape == (nodes,) for m in masks)
+    assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() \
+        and not (masks[1] & masks[2]).any()
+    assert graph.info()["edges"] == edges
+    assert set(SHIPPED) == set(STATS)
+
+
+def test_score_uses_the_standard_metric(root):
+    cora = load_dataset("Cora", root=root)
+    perfect = torch.nn.functional.one_hot(cora.data.y, cora.num_classes).float()
+    assert cora.score(perfect, "test") == 1.0
+    assert cora.score(-perfect, "val") == 0.0
+    mines = load_dataset("Minesweeper", root=root)
+    logits = torch.nn.functional.one_hot(mines.data.y, 2).float()
+    assert mines.score(logits, "test") == 1.0                         # ROC-AUC of a perfect ranking
+    assert mines.score(torch.zeros_like(logits), "test") == 0.5      # a constant score
+
+
+def test_heterophilous_splits_differ_and_bad_split_is_an_error(root):
+    first = load_dataset("Minesweeper", root=root, split=0)
+    last = load_dataset("Minesweeper", root=root, split=9)
+    assert not torch.equal(first.data.train_mask, last.data.train_mask)
+    with pytest.raises(DatasetError, match=r"'Minesweeper' has 10 splits; split=10 .*0\.\.9"):
+        load_dataset("Minesweeper", root=root, split=10)
+    with pytest.raises(DatasetError, match="split 'dev' of 'Cora' is unknown"):
+        load_dataset("Cora", root=root).mask("dev")
+
+
+def test_unknown_dataset_names_itself_and_the_valid_names(root):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'Pubmed'.*'CiteSeer', 'Cora', "
+                                           r"'Minesweeper', 'Tolokers'.*synthetic-products"):
+        load_dataset("Pubmed", root=root)
+    with pytest.raises(DatasetError, match="did you mean 'Cora'"):
+        load_dataset("cora", root=root)
+    with pytest.raises(DatasetError, match="pyg/<Class>/<name>"):
+        load_dataset("pyg/NoSuchClass/x", root=root)
+
+
+def test_generic_pyg_path_reads_a_prepared_root(tmp_path):
+    shutil.copytree(SHIPPED_DIR / "planetoid" / "Cora" / "raw", tmp_path / "Cora" / "raw")
+    graph = load_dataset("pyg/Planetoid/Cora", root=tmp_path)
+    assert graph.name == "pyg/Planetoid/Cora" and graph.metric == "accuracy"
+    assert graph.info() | {"dataset": "Cora"} == {
+        "dataset": "Cora", "nodes": 2708, "edges": 10556, "features": 1433, "classes": 7,
+        "metric": "accuracy", "train": 140, "val": 500, "test": 1000}
