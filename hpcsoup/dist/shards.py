@@ -34,6 +34,7 @@ import dataclasses
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -366,26 +367,43 @@ def load_shard(path: str | Path, rank: int, size: int) -> Shard:
 def _main(argv: list[str] | None = None) -> int:
     """Partition a config's graph into its store ahead of a distributed soup.
 
-    ``python -m hpcsoup.dist.shards --config jobs/X.toml [--set k=v ...]``: a
-    single-process step, so that no soup rank ever needs the whole graph.
+    ``python -m hpcsoup.dist.shards --config jobs/X.toml [--set k=v ...] [--method m ...]``:
+    a single-process step (``slurm/soup.sh`` runs it first), so that no soup rank ever
+    needs the whole graph. Takes ``hpcsoup soup``'s options; does nothing when PLS is not
+    among the methods or the partitioned graph is already in the store. Reports on stderr.
     """
     import argparse
     import json
+    import sys
 
     from hpcsoup.config import load_config
     from hpcsoup.dist.pls_mpi import prepare_from_config
+    from hpcsoup.errors import HpcsoupError
 
     parser = argparse.ArgumentParser(prog="python -m hpcsoup.dist.shards",
                                      description=_main.__doc__.splitlines()[0])
     parser.add_argument("--config", "-c")
     parser.add_argument("--store")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--method", action="append")
+    parser.add_argument("--json", action="store_true", help="(accepted and ignored)")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([f"store={json.dumps(args.store)}"] if args.store else [])
-    path = prepare_from_config(load_config(args.config, overrides))
-    attrs = open_parts(path)
-    print(json.dumps({"path": str(path), "partitions": attrs["partitions"], "halo": attrs["halo"],
-                      "nodes": attrs["num_nodes"], "sizes": attrs["sizes"]}))
+    try:
+        cfg = load_config(args.config, overrides)
+        if "pls" not in (args.method or cfg.soup.methods):
+            print("hpcsoup.dist.shards: no pls among the methods: nothing to partition",
+                  file=sys.stderr)
+            return 0
+        start = time.perf_counter()
+        path = prepare_from_config(cfg)
+        attrs = open_parts(path)
+    except HpcsoupError as exc:
+        print(f"hpcsoup.dist.shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"hpcsoup.dist.shards: {path}: {attrs['partitions']} partitions of {attrs['num_nodes']} "
+          f"nodes, halo {attrs['halo']}, {min(attrs['sizes'])}..{max(attrs['sizes'])} nodes each "
+          f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return 0
 
 
