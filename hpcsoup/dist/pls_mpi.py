@@ -258,7 +258,8 @@ def shard_scores(params: dict, evaluator: ShardEvaluator, source: ShardSource,
     per_node = allreduce(per_node)
     val, test = per_node[:num_val], per_node[num_val:]
     if evaluator.metric == "accuracy":
-        scores = [float(v.mean()) if v.numel() else float("nan") for v in (val, test)]
+        # float32 like metrics.accuracy (sums of 0/1 are exact): equal to the full-graph score
+        scores = [float(v.float().mean()) if v.numel() else float("nan") for v in (val, test)]
     else:
         scores = [metric_score(evaluator.metric, v, labels)
                   for v, labels in ((val, source.val_labels), (test, source.test_labels))]
