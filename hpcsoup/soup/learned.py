@@ -46,13 +46,13 @@ log = logging.getLogger("hpcsoup.soup")
 #: settings LS and PLS share, with their defaults
 OPTIM_DEFAULTS = {
     "steps": 100,
-    "lr": 1.0,
+    "lr": 0.3,
     "optimizer": "adam",
     "momentum": 0.9,
     "schedule": "none",
     "restart": 10,
     "init": "uniform",
-    "patience": 10,
+    "patience": 5,
     "eval_every": 1,
 }
 

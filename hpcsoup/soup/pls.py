@@ -42,8 +42,10 @@ Settings: those of LS (``steps``, ``lr``, ``optimizer``, ``momentum``,
 ``schedule``, ``restart``, ``init``, ``patience``, ``eval_every``) plus
 ``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
 ``partition_seed`` (METIS seed), ``partition_cache`` (folder where the
-partition vector is cached) and ``cache`` (keep the K subgraphs in memory:
-faster on small graphs, but they weigh about as much as the graph itself).
+partition vector is cached), ``cache`` (keep the K subgraphs in memory:
+faster on small graphs, but they weigh about as much as the graph itself) and
+``draw`` (``random`` | ``stratified``, see :func:`draw_partitions`; stratified
+balances the ranks of a distributed run).
 """
 from __future__ import annotations
 
@@ -62,13 +64,31 @@ from hpcsoup.soup.learned import OPTIM_DEFAULTS, Progress, Stopper, init_logits,
 log = logging.getLogger("hpcsoup.soup")
 
 
-def draw_partitions(seed: int, step: int, num_parts: int, per_step: int) -> list[int]:
-    """The ``per_step`` partitions step ``step`` uses: a function of (seed, step) alone, sorted."""
+DRAWS = ("random", "stratified")
+
+
+def draw_partitions(seed: int, step: int, num_parts: int, per_step: int,
+                    how: str = "random") -> list[int]:
+    """The ``per_step`` partitions step ``step`` uses: a function of (seed, step) alone, sorted.
+
+    ``how="random"``: R of the K partitions uniformly without replacement.
+    ``how="stratified"``: one partition drawn uniformly from each of the R strata
+    ``{k : k mod R = j}``; every partition is still drawn with probability about R/K
+    (exactly when R divides K), and ranks that hold partitions round-robin
+    (``k mod P``, :mod:`hpcsoup.dist.shards`) each get exactly R/P of a step's
+    partitions when P divides R: distributed steps are balanced.
+    """
     if not 1 <= per_step <= num_parts:
         raise SoupError(f"pls per_step={per_step} must be in 1..partitions={num_parts}")
     # a fixed integer mix of (seed, step): Python's hash() is salted per process for str
     key = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63 - 1)
     generator = torch.Generator().manual_seed(key)
+    if how == "stratified":
+        return sorted(j + per_step * int(torch.randint(len(range(j, num_parts, per_step)), (1,),
+                                                       generator=generator))
+                      for j in range(per_step))
+    if how != "random":
+        raise SoupError(f"pls draw={how!r} is unknown; choose from {list(DRAWS)}")
     return sorted(torch.randperm(num_parts, generator=generator)[:per_step].tolist())
 
 
@@ -246,9 +266,9 @@ class PartitionLearnedSoup(SoupMethod):
     """Partition learned souping (PLS); see the module docstring."""
 
     name = "pls"
-    defaults = {**OPTIM_DEFAULTS, "eval_every": 5, "partitions": 32, "per_step": 4, "halo": 0,
+    defaults = {**OPTIM_DEFAULTS, "eval_every": 5, "patience": 3, "partitions": 32, "per_step": 4, "halo": 0,
                 "check": "partitions", "partition_seed": 0, "cache": False,
-                "partition_cache": None}
+                "partition_cache": None, "draw": "random"}
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0,
              source: PartitionSource | None = None,
@@ -275,7 +295,7 @@ class PartitionLearnedSoup(SoupMethod):
                                           cache_dir=s["partition_cache"])
         allreduce = allreduce or _identity
         num_parts = source.num_parts
-        draw_partitions(seed, 0, num_parts, per_step)  # validates per_step early
+        draw_partitions(seed, 0, num_parts, per_step, s["draw"])  # validates early
         built: dict[int, tuple] = {}
 
         def subgraph(k: int):
@@ -312,7 +332,7 @@ class PartitionLearnedSoup(SoupMethod):
                     progress.step(step, loss_value, score, stopper.best, force=True)
                     stopped = True
                     break
-            drawn = draw_partitions(seed, step, num_parts, per_step)
+            drawn = draw_partitions(seed, step, num_parts, per_step, s["draw"])
             total = int(source.val_counts[drawn].sum())
             grad = torch.zeros_like(logits)
             loss_sum = torch.zeros((), device=logits.device)
