@@ -219,3 +219,25 @@ def test_abort_on_error_lets_errors_through_on_one_rank():
     with pytest.raises(KeyError):
         with abort_on_error(Comm(None)):
             raise KeyError("one process: an ordinary exception")
+
+
+def test_stratified_draw_balances_round_robin_ranks():
+    from hpcsoup.dist.shards import owner_of
+    from hpcsoup.errors import SoupError
+    from hpcsoup.soup.pls import draw_partitions
+
+    counts = torch.zeros(32)
+    for step in range(2000):
+        drawn = draw_partitions(4, step, 32, 8, "stratified")
+        assert drawn == draw_partitions(4, step, 32, 8, "stratified")  # (seed, step) alone
+        assert drawn == sorted(drawn) and sorted(k % 8 for k in drawn) == list(range(8))
+        for ranks in (1, 2, 4, 8):  # P | R: every rank computes exactly R / P partitions
+            load = torch.bincount(torch.tensor([owner_of(k, ranks) for k in drawn]), minlength=ranks)
+            assert load.tolist() == [8 // ranks] * ranks
+        counts[drawn] += 1
+    assert float((counts / 2000 - 8 / 32).abs().max()) < 0.04  # each partition ~R/K of the steps
+    assert draw_partitions(0, 0, 5, 5, "stratified") == [0, 1, 2, 3, 4]
+    assert draw_partitions(0, 1, 10, 3, "stratified") != draw_partitions(1, 1, 10, 3, "stratified") \
+        or draw_partitions(0, 2, 10, 3, "stratified") != draw_partitions(1, 2, 10, 3, "stratified")
+    with pytest.raises(SoupError, match="draw='blocks' is unknown"):
+        draw_partitions(0, 0, 8, 2, "blocks")
