@@ -182,14 +182,24 @@ class ShardEvaluator:
         self.spec, self.metric, self.device = spec, metric, torch.device(device)
         self.template = make_template(spec, self.device)
         self.evaluations = 0
+        self._adjacency: dict[int, tuple] = {}
 
     def adjacency(self, edge_index: torch.Tensor, num_nodes: int,
                   deg: torch.Tensor | None = None) -> torch.Tensor:
+        """The adjacency of a held partition, built once: a rank keeps its partitions in memory
+        anyway, so rebuilding it every step (what PLS does with ``cache=False``, to save the
+        memory of partitions it would otherwise not keep) would only cost time."""
         from hpcsoup.soup.evaluate import build_adjacency
+
+        key = id(edge_index)
+        if key in self._adjacency and self._adjacency[key][0] is edge_index:
+            return self._adjacency[key][1]
         if deg is not None and deg.numel() == 0:
             deg = None
-        return build_adjacency(self.spec.arch, edge_index.to(self.device), num_nodes,
-                               None if deg is None else deg.to(self.device))
+        adj = build_adjacency(self.spec.arch, edge_index.to(self.device), num_nodes,
+                              None if deg is None else deg.to(self.device))
+        self._adjacency[key] = (edge_index, adj)  # the tensor itself keeps the id unique
+        return adj
 
     def forward(self, params: dict, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call
@@ -278,7 +288,8 @@ class RankRun:
     settings: dict
     seconds: float
     shard_stats: list              # every rank's Shard.stats()
-    peak_rss: list                 # every rank's peak RSS during PLS (bytes)
+    peak_rss: list                 # every rank's peak RSS while it read its shard and ran PLS
+    start_rss: list                # every rank's RSS before it read its shard (bytes)
     step_bytes: int                # this rank's payload of one step's allreduce
     step_calls: int
     eval_bytes: int
@@ -357,7 +368,8 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                     "exact": source.halo >= ingredients.spec.layers})
     steps = max(1, step_hook.calls)
     return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
-                   comm.allgather(memory.peak), step_hook.bytes // steps, step_hook.calls,
+                   comm.allgather(memory.peak), comm.allgather(memory.start),
+                   step_hook.bytes // steps, step_hook.calls,
                    eval_hook.bytes, threads, str(device), ingredients, path)
 
 
