@@ -340,8 +340,8 @@ def test_sigterm_to_train_all_checkpoints_every_worker_and_the_rerun_resumes(tmp
     assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
     store = Store.open(values["store"])
     assert store.groups("experts") == []
-    assert sorted(p.name for p in (store.path / ".checkpoints").glob("*.pt")) == ["sage-e000.pt",
-                                                                                   "sage-e001.pt"]
+    saved = sorted(p.name for p in (store.path / ".checkpoints").glob("*.pt"))
+    assert saved == ["sage-e000.pt", "sage-e001.pt"], "every worker checkpoints on the signal"
     resumed = run_train(build_config(values), task_id=0)
     assert resumed["tasks"][0]["status"] == "resumed"
     reference = run_train(build_config(values, [f"store='{tmp_path / 'ref.zarr'}'"]), task_id=0)
