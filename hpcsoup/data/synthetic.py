@@ -40,8 +40,9 @@ related classes, class :math:`c` in group :math:`g(c) = c \bmod G`):
 4. **Features** -- class means :math:`\mu_c = \rho\, m_{g(c)} + \sqrt{1 - \rho^2}\, \nu_c` with
    :math:`m_g, \nu_c \sim \mathcal N(0, I_F)` and :math:`\rho = 0.6` (related classes look alike);
    :math:`x_i = \mu_{y_i} + \sigma_x \varepsilon_i`, :math:`\varepsilon_i \sim \mathcal N(0, I_F)`,
-   :math:`\sigma_x` = ``feature_noise``. With the defaults a feature-only MLP reaches about 62%
-   test accuracy (products: 61%) and a 2-layer GraphSAGE about 90%.
+   :math:`\sigma_x` = ``feature_noise``. With the defaults (test accuracy at the best validation
+   epoch, measured) a 2-layer GraphSAGE / feature-only MLP reach 0.89 / 0.59 at 10^4 nodes and
+   0.93 / 0.71 at 10^5 (more training nodes help the MLP); ogbn-products: about 0.79 / 0.61.
 5. **Split** -- random ``train_frac`` / ``val_frac`` / rest (default 8% / 2% / 90%, the sizes of
    products' split; products' own split is by sales rank).
 
@@ -51,7 +52,8 @@ chunk sizes, so the graph depends on the arguments alone (identical on any machi
 Memory: edges are drawn in chunks of :data:`CHUNK` as int64 keys
 :math:`\min(u,v) N + \max(u,v)` and deduplicated by an in-place sort; the returned ``edge_index``
 is int64 (:math:`32 M` bytes). The peak is about :math:`48 M + 4 N F` bytes plus the
-interpreter: measured in ``benchmarks/RESULTS.md``.
+interpreter: measured 3.6 GiB in all at 2.4M nodes (120M directed edges), 83 s on a shared
+2-core machine (``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 
