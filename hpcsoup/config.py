@@ -125,6 +125,8 @@ SCHEMA: dict = {
         "methods": Field(list(SOUP_METHODS), (list,), choices=SOUP_METHODS),
         "arch": Field("", (str,), hint="architecture to soup ('' = experts.arch)"),
         "seed": Field(0, (int,)),
+        "reorder": Field(True, (bool,), hint="store the graph METIS-partition-contiguous for "
+                                             "faster full-graph forwards (results unchanged)"),
         "gis": {
             "granularity": Field(20, (int,), check=lambda v: v >= 2, hint="must be >= 2"),
         },
@@ -135,6 +137,7 @@ SCHEMA: dict = {
             "schedule": Field("none", (str,), choices=("none", "cosine", "cosine_warm_restarts")),
             "init": Field("uniform", (str,), choices=("uniform", "validation")),
             "patience": Field(5, (int,), **_pos("checks without improvement before stopping")),
+            "min_delta": Field(1e-3, (float,), **_nonneg("smallest val gain that is an improvement")),
             "eval_every": Field(1, (int,), **_pos()),
             "momentum": Field(0.9, (float,), **_nonneg("SGD momentum")),
             "restart": Field(10, (int,), **_pos("steps per cosine_warm_restarts period")),
@@ -147,6 +150,7 @@ SCHEMA: dict = {
             "steps": Field(100, (int,), **_pos()),
             "lr": Field(0.3, (float,), **_pos()),
             "patience": Field(3, (int,), **_pos("checks without improvement before stopping")),
+            "min_delta": Field(1e-3, (float,), **_nonneg("smallest val gain that is an improvement")),
             "eval_every": Field(5, (int,), **_pos()),
             "check": Field("partitions", (str,), choices=("partitions", "full"),
                            hint="stopping check: per partition (memory of one) or full graph"),
@@ -164,6 +168,17 @@ SCHEMA: dict = {
         "calibration": Field(True, (bool,)),
         "anchors": Field(0, (int,), **_nonneg("anchor nodes for alignment; 0 = all nodes")),
         "seed": Field(0, (int,)),
+        "threshold": Field(0.5, (float,), check=lambda v: 0 <= v <= 1,
+                           hint="gate sparsity in [0, 1]: 0 = every parent everywhere, "
+                                ">= 0.5 = top parent only (2 parents)"),
+        "readout": Field("probs", (str,), choices=("probs", "logits")),
+        "route_target": Field("owner", (str,), choices=("owner", "confidence")),
+        "reference": Field("auto", (str,), hint="'auto' or a parent index such as '1'"),
+        "gate_hops": Field(2, (int,), **_nonneg("hops of smoothed features in the gate")),
+        "gate_smooth": Field(-1, (int,), check=lambda v: v >= -1,
+                             hint="gate smoothing steps; -1 = chosen by cross-validation"),
+        "calibrate_output": Field(False, (bool,)),
+        "repeats": Field(15, (int,), **_pos("interleaved timing rounds, child vs ensemble")),
     },
     "slurm": {
         "partition": Field("", (str,)),

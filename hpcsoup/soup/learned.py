@@ -27,6 +27,7 @@ SGD with lr 5-80 and cosine annealing with warm restarts), ``momentum`` (SGD),
 ``schedule`` (``none`` | ``cosine`` | ``cosine_warm_restarts``), ``restart``
 (the warm-restart period in steps), ``init`` (``uniform``: :math:`R = 0`;
 ``validation``: :math:`R_{p,i} = 100 (v_i - \\max_j v_j)`), ``patience``,
+``min_delta`` (the smallest validation gain that counts as an improvement),
 ``eval_every``. The official code's learnable logit scale is not used: it is
 discarded at the end, so the soup returned would differ from the one scored.
 """
@@ -53,6 +54,7 @@ OPTIM_DEFAULTS = {
     "restart": 10,
     "init": "uniform",
     "patience": 5,
+    "min_delta": 1e-3,
     "eval_every": 1,
 }
 
@@ -104,12 +106,16 @@ class Stopper:
 
     ``check(step, score, logits)`` records the score of ``logits``: a score
     ``>=`` the best replaces the kept logits (ties keep the latest, which has the
-    lower training loss), a score ``>`` the best resets the patience count. It
-    returns True after ``patience`` checks without a strict improvement.
+    lower training loss); a score above the best of the last reset by more than
+    ``min_delta`` resets the patience count (so a crawl of one validation node at
+    a time on a large graph does not keep learning alive). It returns True after
+    ``patience`` checks without such an improvement.
     """
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.reference = float("-inf")  # the score that last reset the patience count
         self.best = float("-inf")
         self.best_step = -1
         self.best_logits: torch.Tensor | None = None
@@ -120,8 +126,8 @@ class Stopper:
         self.checks += 1
         if score != score:  # NaN (e.g. ROC-AUC of one class): never an improvement
             score = float("-inf")
-        if score > self.best:
-            self.stale = 0
+        if score > self.reference + self.min_delta or self.checks == 1:
+            self.stale, self.reference = 0, score
         else:
             self.stale += 1
         if score >= self.best or self.best_logits is None:
@@ -156,7 +162,8 @@ class LearnedSoup(SoupMethod):
         start_evals = evaluator.evaluations
         logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device)
         optimizer, scheduler = make_optimizer(logits, s)
-        stopper, progress = Stopper(s["patience"]), Progress(self.name, steps)
+        stopper = Stopper(s["patience"], s["min_delta"])
+        progress = Progress(self.name, steps)
         val = evaluator.masks["val"]
         y_val = evaluator.y[val]
         updates, loss_value = 0, float("nan")

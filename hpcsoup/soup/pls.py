@@ -39,7 +39,7 @@ at once, so the peak memory of a step is that of one partition's subgraph:
 memory falls with :math:`1/K`, time with :math:`R/K`.
 
 Settings: those of LS (``steps``, ``lr``, ``optimizer``, ``momentum``,
-``schedule``, ``restart``, ``init``, ``patience``, ``eval_every``) plus
+``schedule``, ``restart``, ``init``, ``patience``, ``min_delta``, ``eval_every``) plus
 ``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
 ``partition_seed`` (METIS seed), ``partition_cache`` (folder where the
 partition vector is cached), ``cache`` (keep the K subgraphs in memory:
@@ -321,7 +321,8 @@ class PartitionLearnedSoup(SoupMethod):
         start_evals = evaluator.evaluations
         logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device)
         optimizer, scheduler = make_optimizer(logits, s)
-        stopper, progress = Stopper(s["patience"]), Progress(self.name, steps)
+        stopper = Stopper(s["patience"], s["min_delta"])
+        progress = Progress(self.name, steps)
         updates, stopped, part_forwards = 0, False, 0
         loss_value = float("nan")
         for step in range(steps):

@@ -42,6 +42,26 @@ def soup_arch(cfg) -> str:
     return cfg.soup.arch or cfg.experts.arch
 
 
+def partition_cache(cfg) -> str:
+    """Where METIS partition vectors are cached: the foundation's folder under the data root."""
+    from hpcsoup.data.partition import partition_cache_dir
+
+    return str(partition_cache_dir(cfg.data.root or None))
+
+
+def graph_order(cfg, graph):
+    """The node order the shared evaluator stores the graph in (``soup.reorder``)."""
+    if not cfg.soup.reorder:
+        return None
+    from hpcsoup.data.partition import partition
+    from hpcsoup.soup.evaluate import locality_order
+
+    # the partition PLS uses (same K and seed), so METIS runs once and is cached
+    k = min(cfg.soup.pls.partitions, graph.num_nodes)
+    return locality_order(partition(graph.data.edge_index, graph.num_nodes, k, seed=0,
+                                    cache_dir=partition_cache(cfg)))
+
+
 def method_settings(cfg, name: str) -> dict:
     """The settings of method ``name`` from the config's ``[soup.*]`` sections."""
     cls = method_class(name)
@@ -52,6 +72,7 @@ def method_settings(cfg, name: str) -> dict:
     elif name == "pls":
         values = {k: cfg.soup.learned[k] for k in SHARED_OPTIM}
         values.update({k: v for k, v in cfg.soup.pls.to_dict().items() if k in cls.defaults})
+        values["partition_cache"] = partition_cache(cfg)
     else:
         values = {}
     return {k: v for k, v in values.items() if k in cls.defaults}
@@ -131,6 +152,7 @@ class PeakMemory:
 
 def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, seed: int) -> str:
     """Deterministic id: the same experts, settings and seed give the same soup id."""
+    settings = {k: v for k, v in settings.items() if k != "partition_cache"}  # a path, not a choice
     key = json.dumps({"ids": ingredients.ids, "settings": settings, "seed": seed}, sort_keys=True,
                      default=str)
     return f"{arch}-{method}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -199,7 +221,7 @@ def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
                         f"classes); {MERGE_HINT}")
     device = torch.device(cfg.device)
     ingredients = ingredients.to(device)
-    evaluator = Evaluator(ingredients.spec, graph, device)
+    evaluator = Evaluator(ingredients.spec, graph, device, order=graph_order(cfg, graph))
     log.info("%d %s experts on %s (%s): %s", ingredients.n, ingredients.spec.arch, graph.name,
              graph.metric, ", ".join(ingredients.ids))
     experts = [store.group_attrs("experts", i).get("metrics", {}) for i in ingredients.ids]

@@ -66,3 +66,21 @@ def test_bad_settings_are_named(tiny_graph, tiny_experts):
     no_scores = type(tiny_experts)(tiny_experts.spec, tiny_experts.params, tiny_experts.ids)
     with pytest.raises(SoupError, match="init='validation' needs"):
         get_method("learned", init="validation").soup(no_scores, evaluator)
+
+
+def test_stopper_keeps_latest_best_and_ignores_gains_below_min_delta():
+    from hpcsoup.soup.learned import Stopper
+
+    stopper = Stopper(patience=2, min_delta=0.01)
+    logits = torch.zeros(2, 3)
+    assert not stopper.check(0, 0.50, logits)
+    assert not stopper.check(1, 0.505, logits + 1)   # kept (best) but no reset: stale 1
+    assert stopper.best_step == 1
+    assert stopper.check(2, 0.508, logits + 2)       # +0.008 over the reference: stale 2 -> stop
+    assert stopper.best_step == 2 and torch.equal(stopper.best_logits, logits + 2)
+    fresh = Stopper(patience=2, min_delta=0.01)
+    fresh.check(0, 0.50, logits)
+    fresh.check(1, 0.505, logits)
+    assert not fresh.check(2, 0.52, logits)           # +0.02: a real improvement resets
+    assert not fresh.check(3, float("nan"), logits)  # NaN never improves, never replaces
+    assert fresh.best == 0.52

@@ -23,3 +23,18 @@ def test_evaluator_reproduces_the_plain_pyg_model(tiny_graph, arch, self_loops):
     assert torch.allclose(got, expected, atol=1e-5)
     assert evaluator.evaluations == 1
     assert evaluator.metrics(model.state_dict())["metric"] == "accuracy"
+
+
+def test_a_locality_order_changes_nothing_but_speed(tiny_graph):
+    from hpcsoup.soup.evaluate import locality_order
+
+    spec = ModelSpec("gcn", tiny_graph.num_features, tiny_graph.num_classes, 2, 16)
+    state = build_model(spec, seed=1).state_dict()
+    parts = torch.arange(tiny_graph.num_nodes) % 7
+    plain, ordered = Evaluator(spec, tiny_graph), Evaluator(spec, tiny_graph,
+                                                            order=locality_order(parts))
+    assert torch.allclose(plain.logits(state), ordered.logits(state), atol=1e-5)
+    params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+    loss = ordered.forward(params)[ordered.masks["val"]].logsumexp(1).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in params.values())
