@@ -1,0 +1,337 @@
+"""The merged child: one model, one hidden stream, routed UMPM operators.
+
+An H-GRAMA child (arXiv 2602.19332) of ``K`` parents computes, layer by layer,
+
+.. math::
+    h^{(l+1)}_i = \\sum_k g_k(i)\\, \\big[\\varphi_k(Z^{(l)}_{k,i}) - \\mu_k\\big] T_k + \\mu_{ref},
+    \\qquad Z^{(l)}_k = \\tilde H_k W^{self}_k + P_k(\\tilde H_k)\\,\\tilde H_k W^{nbr}_k + b_k,
+
+where :math:`\\tilde H_k = (H - \\mu_{ref}) T_k^\\top + \\mu_k` is the one hidden stream read in
+parent ``k``'s basis (:mod:`~hpcsoup.merge.align`), :math:`g` the gate
+(:mod:`~hpcsoup.merge.route`) and the output is the gate-weighted mixture of the parents' output
+layers (``readout='probs'``: :math:`\\log \\sum_k g_k\\,\\mathrm{softmax}(Z^{(L)}_k)`, a mixture of
+experts; ``'logits'``: :math:`\\sum_k g_k Z^{(L)}_k`).
+
+The transports are folded into the weights: a row coming from parent ``k`` enters parent ``j``'s
+layer through :math:`M_{kj} = \\begin{bmatrix} T_k T_j^\\top W_j \\\\
+(\\mu_j - \\mu_k T_k T_j^\\top) W_j \\end{bmatrix}` applied to ``[g_k a | g_k]``, so the stream is
+never materialised and a parent reading its own rows uses its own weights (:math:`T_j T_j^\\top =
+I`). Calibration (:mod:`~hpcsoup.merge.calibrate`) is folded into the same matrices.
+
+Execution is sparse in the gate: parent ``k`` is computed only on the rows the gate sends to it
+(:func:`~hpcsoup.merge.route.sparsify`) and projected only on the support those rows read
+(:meth:`~hpcsoup.merge.umpm.GraphOps.restrict`). Parents on identical rows share one pass over
+the edges for all their static propagations; dense projections of the input are shared too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from hpcsoup.errors import MergeError
+from hpcsoup.merge.route import RidgeGate, normalise, sparsify
+from hpcsoup.merge.umpm import (Block, GraphOps, UMPMLayer, as_features, csr_rows,
+                                layer_forward, project, propagate_static)
+
+READOUTS = ("probs", "logits")
+
+
+@dataclasses.dataclass
+class Routing:
+    """Where each parent runs under one gate: rows, support block, gate weights, row maps."""
+
+    gate: torch.Tensor                  # [N, K] sparse gate (rows sum to 1)
+    rows: list[torch.Tensor]            # node ids per parent
+    weights: list[torch.Tensor]         # [n_k, 1] gate weight of each of its rows
+    blocks: list[Block]
+    hard: bool = False                  # every node on exactly one parent (weights all 1)
+    pairs: dict = dataclasses.field(default_factory=dict)  # (k, j) -> (src_pos, dst_pos) | None
+    inputs: dict | None = None          # cached support rows of the input features, per parent
+
+    def pair(self, k: int, j: int):
+        """Positions (in parent k's rows, in parent j's support) of the rows j reads from k."""
+        key = (k, j)
+        if key not in self.pairs:
+            block = self.blocks[j]
+            rows_k = self.rows[k]
+            if block.support is None:
+                self.pairs[key] = (None, rows_k)
+            else:
+                n = block.ops.num_nodes
+                local = torch.full((n,), -1, dtype=torch.long)
+                local[block.support] = torch.arange(block.support.numel())
+                pos = local.index_select(0, rows_k)
+                keep = (pos >= 0).nonzero().view(-1)
+                self.pairs[key] = (keep, pos.index_select(0, keep))
+        return self.pairs[key]
+
+
+@dataclasses.dataclass
+class ChildCache:
+    """What a fixed graph (and fixed features) lets the child compute once."""
+
+    ops: GraphOps
+    routing: Routing | None = None
+    attention: dict | None = None
+
+
+class MergedGNN(nn.Module):
+    """A merged H-GRAMA child; ``forward(x, edge_index)`` returns class scores ``[N, C]``.
+
+    Args:
+        parents: per parent ``{"name", "arch", "layers": [UMPMLayer, ...]}``; layer 0 reads the
+            input features with its own weight; layer ``l >= 1`` of parent ``j`` reads the stream
+            through ``mix[l][j][k]`` (one matrix per source parent ``k``).
+        mix: ``mix[l][j][k]`` = :math:`M_{kj}` of shape ``[d_k + 1, cols_j]`` (``None`` at ``l=0``).
+        gate: a fitted :class:`~hpcsoup.merge.route.RidgeGate`, or ``None`` for equal weights.
+        threshold: gate sparsity (see :func:`~hpcsoup.merge.route.sparsify`).
+        readout: ``probs`` or ``logits``.
+    """
+
+    def __init__(self, parents: list[dict], mix: list, gate: RidgeGate | None,
+                 threshold: float = 0.0, readout: str = "probs", info: dict | None = None):
+        super().__init__()
+        if readout not in READOUTS:
+            raise MergeError(f"readout {readout!r} is unknown; choose from {list(READOUTS)}")
+        self.parents = parents
+        self.mix = mix
+        self.gate = gate
+        self.threshold = float(threshold)
+        self.readout = readout
+        self.info = dict(info or {})
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def num_parents(self) -> int:
+        return len(self.parents)
+
+    @property
+    def depth(self) -> int:
+        return len(self.parents[0]["layers"])
+
+    def layer(self, j: int, l: int) -> UMPMLayer:
+        return self.parents[j]["layers"][l]
+
+    def structure(self) -> dict:
+        """JSON-able description (stored as the merge's attrs); tensors in :meth:`tensors`."""
+        return {
+            "parents": [{"name": p["name"], "arch": p["arch"],
+                         "layers": [layer.meta() for layer in p["layers"]]} for p in self.parents],
+            "threshold": self.threshold, "readout": self.readout,
+            "gate": None if self.gate is None else self.gate.meta(),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.gate is not None:
+            out.update({f"gate.{k}": v for k, v in self.gate.tensors().items()})
+        for j, p in enumerate(self.parents):
+            for l, layer in enumerate(p["layers"]):
+                for name, value in layer.tensors().items():
+                    if l > 0 and name == "weight":
+                        continue  # replaced by the per-source matrices below
+                    out[f"p{j}.l{l}.{name}"] = value
+                if l > 0:
+                    for k, m in enumerate(self.mix[l][j]):
+                        out[f"p{j}.l{l}.from{k}"] = m
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - plain tensors, stored one array each
+        return self.tensors()
+
+    @classmethod
+    def from_parts(cls, structure: dict, tensors: dict) -> "MergedGNN":
+        """Rebuild a child from :meth:`structure` and :meth:`tensors` (what the store keeps)."""
+        parents, mix = [], [None] * len(structure["parents"][0]["layers"])
+        for j, p in enumerate(structure["parents"]):
+            layers = []
+            for l, meta in enumerate(p["layers"]):
+                parts = {name.split(".", 2)[2]: t for name, t in tensors.items()
+                         if name.startswith(f"p{j}.l{l}.")}
+                if l > 0:
+                    parts["weight"] = parts[f"from{j}"][:-1]
+                layers.append(UMPMLayer.from_parts(meta, parts))
+            parents.append({"name": p["name"], "arch": p["arch"], "layers": layers})
+        k = len(parents)
+        for l in range(1, len(mix)):
+            mix[l] = [[tensors[f"p{j}.l{l}.from{s}"] for s in range(k)] for j in range(k)]
+        gate = None
+        if structure.get("gate") is not None:
+            g = structure["gate"]
+            gate = RidgeGate(tensors["gate.coef"], tensors["gate.intercept"],
+                             int(g["smooth_steps"]), float(g.get("lam", 0.0)),
+                             float(g.get("cv_error", float("nan"))))
+        return cls(parents, mix, gate, structure["threshold"], structure["readout"])
+
+    # ----------------------------------------------------------------------------- routing
+    def gate_weights(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
+        """The dense gate ``[N, K]`` before sparsification (equal weights without a router)."""
+        if self.gate is None:
+            return torch.full((x.size(0), self.num_parents), 1.0 / self.num_parents)
+        return normalise(self.gate.scores(x, ops))
+
+    def route(self, x: torch.Tensor, ops: GraphOps) -> Routing:
+        gate = sparsify(self.gate_weights(x, ops), self.threshold)
+        rows, weights, blocks = [], [], []
+        for k in range(self.num_parents):
+            r = (gate[:, k] > 0).nonzero().view(-1)
+            rows.append(r)
+            weights.append(gate[r, k].unsqueeze(1).contiguous())
+            blocks.append(ops.restrict(r))
+        hard = bool((gate > 0).sum(1).eq(1).all())
+        return Routing(gate, rows, weights, blocks, hard)
+
+    def make_cache(self, x: torch.Tensor, edge_index: torch.Tensor, undirected: bool = False,
+                   attention: bool = True) -> ChildCache:
+        """Graph operators, routing and (optionally) GAT attention, computed once."""
+        ops = GraphOps(edge_index, x.size(0), undirected=undirected)
+        routing = self.route(as_features(x), ops)
+        routing.inputs = {}
+        cache = ChildCache(ops, routing, {} if attention else None)
+        self.forward(x, edge_index, cache=cache)
+        return cache
+
+    # ----------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor | None = None, *,
+                undirected: bool = False, cache: ChildCache | None = None,
+                capture: bool = False):
+        """Class scores ``[N, C]`` (log-probabilities for ``readout='probs'``).
+
+        With ``capture`` also returns the pre-activations ``trace[l][j] = Z`` of every parent's
+        layer on its rows (what calibration matches).
+        """
+        if cache is not None:
+            ops = cache.ops
+        else:
+            if edge_index is None:
+                raise MergeError("MergedGNN.forward needs edge_index (or a cache from make_cache)")
+            ops = GraphOps(edge_index, x.size(0), undirected=undirected)
+        x = as_features(x)
+        routing = cache.routing if cache is not None and cache.routing is not None \
+            else self.route(x, ops)
+        attention = cache.attention if cache is not None else None
+        k_all = range(self.num_parents)
+        trace = []
+        acts = None  # per parent: (activations on its rows, gate weights or None when hard)
+        for l in range(self.depth):
+            layers = [self.layer(j, l) for j in k_all]
+            if l == 0:
+                proj = self._project_input(x, layers, routing)
+            else:
+                proj = [self._project_stream(acts, l, j, routing) for j in k_all]
+            z = self._propagate(layers, proj, routing, attention, l)
+            if capture:
+                trace.append(z)
+            if l == self.depth - 1:
+                out = self._readout([layers[j].activate(z[j]) for j in k_all], routing, x.size(0))
+                return (out, trace) if capture else out
+            acts = []
+            for j in k_all:
+                a = layers[j].activate(z[j])
+                w = None if routing.hard else routing.weights[j]
+                acts.append((a, None) if w is None else (a * w, w))
+        raise MergeError("a merged child needs at least one layer")
+
+    def _project_input(self, x, layers, routing: Routing) -> list[torch.Tensor]:
+        """Layer-0 projections on each parent's support (one shared product when all are full)."""
+        if all(b.support is None for b in routing.blocks):
+            weights = [layer.weight for layer in layers]
+            full = project(x, torch.cat(weights, 1) if len(weights) > 1 else weights[0])
+            out, start = [], 0
+            for w in weights:
+                out.append(full[:, start:start + w.size(1)])
+                start += w.size(1)
+            return out
+        out = []
+        for j, (layer, b) in enumerate(zip(layers, routing.blocks)):
+            rows = routing.inputs.get(j) if routing.inputs is not None else None
+            if rows is None:
+                rows = csr_rows(x, b.support)
+                if routing.inputs is not None:
+                    routing.inputs[j] = rows
+            out.append(project(rows, layer.weight))
+        return out
+
+    def _project_stream(self, acts, l: int, j: int, routing: Routing) -> torch.Tensor:
+        """Parent j's layer-l projection of the stream on its support (sum over source parents).
+
+        A source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row of
+        ``M_kj`` is the transport's offset.
+        """
+        block = routing.blocks[j]
+        mats = self.mix[l][j]
+        out = None
+        for k, (a, w) in enumerate(acts):
+            src, dst = routing.pair(k, j)
+            if dst.numel() == 0:
+                continue
+            if src is not None:
+                a = a.index_select(0, src)
+                w = None if w is None else w.index_select(0, src)
+            m = mats[k]
+            if w is None:
+                part = torch.addmm(m[-1], a, m[:-1])
+            else:
+                part = torch.addmm(w * m[-1], a, m[:-1])
+            if out is None and dst.numel() == block.n_support and src is None \
+                    and block.support is None and a.size(0) == block.n_support:
+                out = part  # the only source covers every row in order
+                continue
+            if out is None:
+                out = torch.zeros(block.n_support, m.size(1))
+            out.index_add_(0, dst, part)
+        if out is None:
+            out = torch.zeros(block.n_support, mats[0].size(1))
+        return out
+
+    def _propagate(self, layers, proj, routing: Routing, attention, l: int) -> list[torch.Tensor]:
+        """Pre-activations on each parent's rows; static parents on the same rows share one pass."""
+        z: list = [None] * len(layers)
+        groups: dict = {}
+        for j, layer in enumerate(layers):
+            if layer.prop == "gat":
+                key = (j, l)
+                cached = attention.get(key) if attention is not None else None
+                z[j], att = layer_forward(layer, routing.blocks[j], proj[j], cached)
+                if attention is not None:
+                    attention[key] = att
+            else:
+                groups.setdefault(id(routing.blocks[j]), []).append(j)
+        for members in groups.values():
+            block = routing.blocks[members[0]]
+            splits = [layers[j].split(proj[j]) for j in members]
+            aggs = propagate_static(block, [(layers[j].prop, s[1]) for j, s in zip(members, splits)])
+            for j, (u_self, _), agg in zip(members, splits, aggs):
+                z[j] = layers[j].finish(block, u_self, agg)
+        return z
+
+    def _readout(self, z, routing: Routing, n: int) -> torch.Tensor:
+        """Gate-weighted mixture of the parents' outputs on their rows.
+
+        ``probs``: :math:`\\log \\sum_k g_k \\mathrm{softmax}(z_k)`, computed in log space
+        (``logaddexp`` of :math:`\\log g_k + \\mathrm{log\\_softmax}(z_k)`) so that confident
+        parents do not underflow.
+        """
+        if self.readout == "logits":
+            out = torch.zeros(n, z[0].size(1))
+            for j, zj in enumerate(z):
+                part = zj if routing.hard else zj * routing.weights[j]
+                rows = routing.rows[j]
+                if rows.numel() == n:
+                    out += part
+                else:
+                    out.index_add_(0, rows, part)
+            return out
+        out = torch.full((n, z[0].size(1)), float("-inf"))
+        for j, zj in enumerate(z):
+            part = zj.log_softmax(-1)
+            rows = routing.rows[j]
+            if routing.hard:
+                out.index_copy_(0, rows, part)
+                continue
+            part = part + routing.weights[j].log()
+            out.index_copy_(0, rows, torch.logaddexp(out.index_select(0, rows), part))
+        return out

@@ -1,0 +1,223 @@
+"""H-GRAMA: training-free, label-free merging of GNN parents of different architectures.
+
+"Training-Free Cross-Architecture Merging for Graph Neural Networks" (Bhattacharya, Kalsariya,
+Manwani, arXiv 2602.19332): parents (e.g. a GCN and a GAT) trained on different labelled node
+subsets of one graph become one child, with no labels and no optimisation at merge time:
+
+1. **UMPM** (:mod:`~hpcsoup.merge.umpm`): every parent layer in one operator family.
+2. **Message alignment** (:mod:`~hpcsoup.merge.align`): per hidden layer, a transport of each
+   parent's activations into a reference parent's basis, fitted on unlabelled anchor nodes.
+3. **Routing** (:mod:`~hpcsoup.merge.route`): a closed-form ridge gate over the parents per node.
+4. **Calibration** (:mod:`~hpcsoup.merge.calibrate`): per-channel statistics matched, folded in.
+5. **Fused execution** (:mod:`~hpcsoup.merge.child`): one hidden stream, each parent computed
+   only where the gate sends nodes, static propagations sharing one pass over the edges.
+
+Depth rule: parents must have the same depth (the merge is layer by layer; the paper reports
+retention "in compatible depth settings"). Different depths raise :class:`MergeError` rather than
+silently pairing unrelated layers. Hidden widths may differ: the reference is the widest parent
+(a GAT among equally wide ones, which keeps its heads exact) and narrower parents get
+semi-orthogonal transports, exact on their own rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from hpcsoup.errors import MergeError
+from hpcsoup.merge import align, calibrate
+from hpcsoup.merge.child import READOUTS, MergedGNN
+from hpcsoup.merge.route import TARGETS, confidence_targets, fit_gate, owner_targets
+from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features
+
+ROUTINGS = ("ridge", "uniform", "none")
+
+
+@dataclasses.dataclass
+class HGramaSettings:
+    """Every choice of a merge (stored with the child). Defaults were chosen by measurement.
+
+    Args:
+        alignment: ``procrustes``, ``permutation`` or ``none`` (ablation).
+        routing: ``ridge`` (the gate), ``uniform`` or ``none`` (both: equal weights, the ablation).
+        calibration: fold label-free statistics matching into the weights.
+        anchors: anchor nodes for alignment (``0`` = all nodes).
+        seed: seeds the anchor sample and the gate's cross-validation folds.
+        threshold: gate sparsity: parents with gate weight below it are not computed on a node
+            (``0`` = every parent everywhere; ``1`` = top parent only).
+        readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
+        route_target: ``owner`` (which parent was trained on the node) or ``confidence``.
+        reference: ``auto`` or a parent index: the parent whose hidden basis is the stream's.
+        gate_hops: hops of smoothed features in the gate's descriptors.
+        gate_standardize: scale descriptors per column (else per hop block).
+        gate_smooth: smoothing steps of the gate's scores (``-1``: chosen by cross-validation).
+        calibrate_output: calibrate the output layer too (per-class shifts of the logits; off by
+            default: measured to cost retention, see benchmarks/RESULTS.md).
+    """
+
+    alignment: str = "procrustes"
+    routing: str = "ridge"
+    calibration: bool = True
+    anchors: int = 0
+    seed: int = 0
+    threshold: float = 0.5
+    readout: str = "probs"
+    route_target: str = "owner"
+    reference: str | int = "auto"
+    gate_hops: int = 2
+    gate_standardize: bool = False
+    gate_smooth: int = -1
+    calibrate_output: bool = False
+
+    def __post_init__(self):
+        checks = [("alignment", self.alignment, align.ALIGNMENTS), ("routing", self.routing, ROUTINGS),
+                  ("readout", self.readout, READOUTS), ("route_target", self.route_target, TARGETS)]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise MergeError(f"H-GRAMA setting {name}={value!r} is unknown; "
+                                 f"choose from {list(allowed)}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise MergeError(f"H-GRAMA setting threshold={self.threshold!r} must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, section) -> "HGramaSettings":
+        """From a config's ``[merge]`` section (keys that are not settings are ignored)."""
+        values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def check_parents(parents: list[UMPMNet]) -> None:
+    """Raise :class:`MergeError` unless the parents can be merged layer by layer."""
+    if len(parents) < 2:
+        raise MergeError(f"H-GRAMA merges at least 2 parents, got {len(parents)}")
+    depths = {p.name: p.depth for p in parents}
+    if len(set(depths.values())) > 1:
+        raise MergeError(f"parents have different depths {depths}; H-GRAMA merges layer by layer "
+                         f"and needs equal depths: train the specialists with one "
+                         f"specialists.layers (no depth-matching rule is applied)")
+    ins = {p.name: p.layers[0].in_dim for p in parents}
+    outs = {p.name: p.widths[-1] for p in parents}
+    if len(set(ins.values())) > 1 or len(set(outs.values())) > 1:
+        raise MergeError(f"parents disagree on input features {ins} or classes {outs}; "
+                         f"merge parents trained on the same dataset")
+
+
+def choose_reference(parents: list[UMPMNet], reference="auto") -> int:
+    """The parent whose hidden basis the stream uses: widest, a GAT first among the widest."""
+    if reference != "auto":
+        index = int(reference)
+        if not 0 <= index < len(parents):
+            raise MergeError(f"reference={reference!r} is not a parent index 0..{len(parents) - 1}")
+        return index
+    width = [max(p.widths[:-1], default=0) for p in parents]
+    best = max(width)
+    candidates = [i for i, w in enumerate(width) if w == best]
+    gats = [i for i in candidates if parents[i].arch == "gat"]
+    return (gats or candidates)[0]
+
+
+def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
+          trained_on: torch.Tensor | None = None,
+          settings: HGramaSettings | None = None, undirected: bool = False,
+          ops: GraphOps | None = None) -> MergedGNN:
+    """Merge UMPM parents into one :class:`MergedGNN`, without labels and without training.
+
+    Args:
+        parents: the parents in UMPM form (:func:`~hpcsoup.merge.umpm.from_pyg`).
+        x, edge_index: the graph's features and edges (no labels are taken).
+        trained_on: ``[N]`` index of the parent trained on each node, ``-1`` elsewhere; the
+            gate's target for ``route_target='owner'``.
+        settings: :class:`HGramaSettings` (default: the defaults).
+        undirected: ``edge_index`` is symmetric (lets :class:`GraphOps` skip a sort).
+        ops: prebuilt :class:`GraphOps` of the graph.
+    """
+    settings = settings or HGramaSettings()
+    check_parents(parents)
+    start = time.perf_counter()
+    ops = ops or GraphOps(edge_index, x.size(0), undirected=undirected)
+    feats = as_features(x)
+    runs = [p.forward(x, ops, capture=True) for p in parents]
+    logits = [r[0] for r in runs]
+    traces = [r[1] for r in runs]
+    k, depth = len(parents), parents[0].depth
+    ref = choose_reference(parents, settings.reference)
+    anchors = align.anchor_nodes(x.size(0), settings.anchors, settings.seed)
+
+    # transports of every parent's hidden activations into the reference basis, per layer
+    transports = []
+    for l in range(depth - 1):
+        h_ref = traces[ref][l][1]
+        row = []
+        for j in range(k):
+            if j == ref:
+                mu = (h_ref if anchors is None else h_ref[anchors]).mean(0)
+                if settings.alignment == "none":
+                    mu = torch.zeros_like(mu)
+                row.append(align.Transport(torch.eye(h_ref.size(1)), mu, mu))
+            else:
+                row.append(align.fit_transport(traces[j][l][1], h_ref, settings.alignment, anchors))
+        transports.append(row)
+
+    # fold the transports into per-source projection matrices M_kj
+    mix: list = [None] * depth
+    for l in range(1, depth):
+        mix[l] = []
+        for j in range(k):
+            w = parents[j].layers[l].weight
+            tj = transports[l - 1][j]
+            per_source = []
+            for s in range(k):
+                ts = transports[l - 1][s]
+                if s == j and tj.matrix.size(0) <= tj.matrix.size(1):
+                    # T_j T_j^T = I: a parent reads its own rows with its own weights, exactly
+                    cross, offset = None, torch.zeros(w.size(1))
+                    per_source.append(torch.cat([w, offset.unsqueeze(0)], 0).contiguous())
+                    continue
+                cross = ts.matrix @ tj.matrix.t()                          # T_s T_j^T
+                offset = (tj.mu_a - ts.mu_a @ cross) @ w                   # (mu_j - mu_s T_s T_j^T) W_j
+                per_source.append(torch.cat([cross @ w, offset.unsqueeze(0)], 0).contiguous())
+            mix[l].append(per_source)
+
+    gate = None
+    if settings.routing == "ridge":
+        if settings.route_target == "owner":
+            if trained_on is None:
+                raise MergeError("routing='ridge' with route_target='owner' needs trained_on "
+                                 "(which parent was trained on each node)")
+            nodes, targets = owner_targets(trained_on, k)
+        else:
+            nodes = anchors if anchors is not None else torch.arange(x.size(0))
+            targets = confidence_targets(logits)[nodes]
+        gate = fit_gate(feats, ops, nodes, targets, hops=settings.gate_hops,
+                        standardize=settings.gate_standardize, seed=settings.seed,
+                        smooth_grid=(0, 1, 2, 4, 8) if settings.gate_smooth < 0
+                        else (int(settings.gate_smooth),))
+
+    child_parents = [{"name": p.name, "arch": p.arch, "layers": list(p.layers)} for p in parents]
+    child = MergedGNN(child_parents, mix, gate, settings.threshold, settings.readout)
+
+    if settings.calibration:
+        cache_routing = child.route(feats, ops)
+        for l in range(1, depth if settings.calibrate_output else depth - 1):
+            _, trace = _capture(child, x, ops, cache_routing)
+            for j in range(k):
+                rows = cache_routing.rows[j]
+                target = traces[j][l][0].index_select(0, rows)
+                scale, shift = calibrate.affine_match(trace[l][j], target, cache_routing.weights[j])
+                layer, mats = calibrate.fold(child.layer(j, l), child.mix[l][j], scale, shift)
+                child.parents[j]["layers"][l] = layer
+                child.mix[l][j] = mats
+    child.info = {"reference": ref, "parents": [p.name for p in parents],
+                  "settings": settings.to_dict(), "merge_seconds": time.perf_counter() - start,
+                  "gate": None if gate is None else gate.meta()}
+    return child
+
+
+def _capture(child: MergedGNN, x, ops, routing):
+    from hpcsoup.merge.child import ChildCache
+    return child.forward(x, cache=ChildCache(ops, routing, None), capture=True)

@@ -1,0 +1,223 @@
+"""Routing: a per-node gate over the parents, fitted in closed form and without labels.
+
+H-GRAMA (arXiv 2602.19332) routes every node to the parents likely to serve it. The gate here is
+ridge regression on label-free node descriptors, the input features smoothed over the graph,
+
+.. math::
+    S = \\mathcal{S}^{s}\\big([X, \\hat A X, \\dots, \\hat A^{h} X]\\,B + \\mathbf 1 c^\\top\\big),
+    \\qquad B = \\arg\\min_B \\lVert D_{fit} B - Y \\rVert^2 + \\lambda \\lVert B \\rVert^2
+
+(:math:`\\hat A` the GCN-normalised adjacency, :math:`\\mathcal S^{s}` ``s`` further smoothing steps
+with :math:`\\hat A`), then :math:`g_k(i) = \\max(S_{ik}, 0) / \\sum_k \\max(S_{ik}, 0)`.
+
+Targets ``Y`` never use labels:
+
+- ``owner`` (default): one-hot of *which parent was trained on the node*, known on the parents'
+  training nodes only (the fit set);
+- ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on every
+  node.
+
+``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
+(label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
+(squared error alone preferred unsmoothed gates that misroute more). At inference the descriptors are never built: by linearity
+:math:`\\sum_h \\hat A^h X B_h = B_0' X + \\hat A(X B_1' + \\hat A(\\dots))`, i.e. one narrow projection
+of ``X`` and ``h + s`` propagations of width ``K`` (Horner's rule).
+
+A sparse gate saves compute: :func:`sparsify` drops parents whose weight is below a threshold
+(the top parent is always kept), and the merged child computes each parent only on its rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hpcsoup.errors import MergeError
+from hpcsoup.merge.umpm import GraphOps, propagate_static
+
+TARGETS = ("owner", "confidence")
+
+
+def smooth(ops: GraphOps, scores: torch.Tensor, steps: int) -> torch.Tensor:
+    """``A_hat^steps @ scores`` with the GCN-normalised adjacency."""
+    block = ops.full()
+    for _ in range(steps):
+        scores = propagate_static(block, [("gcn", scores)])[0]
+    return scores
+
+
+def descriptors(x: torch.Tensor, ops: GraphOps, hops: int) -> list[torch.Tensor]:
+    """``[X, A_hat X, ..., A_hat^hops X]`` (dense), the gate's node descriptors."""
+    x = x.to_dense() if x.layout != torch.strided else x
+    out = [x.float()]
+    for _ in range(hops):
+        out.append(smooth(ops, out[-1], 1))
+    return out
+
+
+@dataclasses.dataclass
+class RidgeGate:
+    """A fitted gate: ``scores = smooth^s(sum_h A_hat^h X B_h + c)``.
+
+    ``coef`` has shape ``[hops + 1, F, K]``; ``intercept`` ``[K]``.
+    """
+
+    coef: torch.Tensor
+    intercept: torch.Tensor
+    smooth_steps: int = 0
+    lam: float = 0.0
+    cv_error: float = float("nan")
+
+    @property
+    def hops(self) -> int:
+        return self.coef.size(0) - 1
+
+    @property
+    def num_parents(self) -> int:
+        return self.coef.size(2)
+
+    def scores(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
+        """Raw gate scores ``[N, K]`` (one narrow projection, Horner's rule over the hops)."""
+        hops, k = self.hops, self.num_parents
+        flat = self.coef.permute(1, 0, 2).reshape(self.coef.size(1), (hops + 1) * k)
+        proj = x @ flat
+        out = proj[:, hops * k:]
+        for h in range(hops - 1, -1, -1):
+            out = smooth(ops, out.contiguous(), 1) + proj[:, h * k:(h + 1) * k]
+        out = out + self.intercept
+        return smooth(ops, out.contiguous(), self.smooth_steps)
+
+    def __call__(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
+        return normalise(self.scores(x, ops))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"coef": self.coef, "intercept": self.intercept}
+
+    def meta(self) -> dict:
+        return {"smooth_steps": self.smooth_steps, "lam": self.lam, "cv_error": self.cv_error}
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Gate weights from scores: clip at 0, divide by the row sum (uniform where all are <= 0)."""
+    g = scores.clamp_min(0.0)
+    total = g.sum(1, keepdim=True)
+    uniform = torch.full_like(g, 1.0 / g.size(1))
+    return torch.where(total > 1e-12, g / total.clamp_min(1e-12), uniform)
+
+
+def sparsify(gate: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Drop weights below ``threshold`` (keeping each node's top parent) and renormalise.
+
+    ``threshold = 0`` keeps every parent everywhere (dense mixture); ``threshold > 1/2`` for two
+    parents, or ``1.0`` for any number, routes each node to its top parent only.
+    """
+    if threshold <= 0:
+        return gate
+    top = torch.zeros_like(gate, dtype=torch.bool)
+    top.scatter_(1, gate.argmax(1, keepdim=True), True)
+    keep = (gate >= threshold) | top
+    g = torch.where(keep, gate, torch.zeros_like(gate))
+    return g / g.sum(1, keepdim=True)
+
+
+def owner_targets(trained_on: torch.Tensor, num_parents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(node ids, one-hot targets)`` from ``trained_on`` (parent index per node, -1 = none)."""
+    nodes = (trained_on >= 0).nonzero().view(-1)
+    if nodes.numel() == 0:
+        raise MergeError("routing target 'owner' needs the nodes each parent was trained on, "
+                         "but trained_on marks none; pass the specialists' regions and train mask "
+                         "or use merge.route_target='confidence'")
+    present = torch.bincount(trained_on[nodes], minlength=num_parents)
+    if bool((present == 0).any()):
+        missing = (present == 0).nonzero().view(-1).tolist()
+        raise MergeError(f"routing target 'owner': parents {missing} were trained on no node of "
+                         f"trained_on; check the parents' regions")
+    return nodes, torch.nn.functional.one_hot(trained_on[nodes], num_parents).float()
+
+
+def confidence_targets(parent_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Each parent's max-softmax confidence, normalised over the parents, ``[N, K]``."""
+    conf = torch.stack([z.softmax(-1).max(-1).values for z in parent_logits], 1)
+    return conf / conf.sum(1, keepdim=True)
+
+
+def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch.Tensor, *,
+             hops: int = 2, standardize: bool = False,
+             lambdas: tuple = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+             smooth_grid: tuple = (0, 1, 2, 4, 8), folds: int = 5, seed: int = 0) -> RidgeGate:
+    """Fit a :class:`RidgeGate` on ``targets`` ``[len(nodes), K]`` at ``nodes``.
+
+    Descriptors are centred over all nodes (transductive, label-free) and scaled per hop block to
+    unit mean row norm (``standardize=False``) or per column to unit variance. ``lambdas`` are
+    relative to the mean diagonal of the Gram matrix. The pair (``lambda``, smoothing steps) with
+    the smallest k-fold squared error on held-out fit nodes wins (ties: the first in grid order).
+    """
+    blocks = descriptors(x, ops, hops)
+    means = [b.mean(0) for b in blocks]
+    if standardize:
+        scales = [b.std(0).clamp_min(1e-6) for b in blocks]
+    else:
+        scales = [((b - m).norm(dim=1).mean().clamp_min(1e-12)).expand(b.size(1))
+                  for b, m in zip(blocks, means)]
+    design = torch.cat([(b - m) / s for b, m, s in zip(blocks, means, scales)], 1).double()
+    y = targets.double()
+    n = nodes.numel()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    k = max(2, min(folds, n))
+    errors = torch.zeros(len(lambdas), len(smooth_grid), dtype=torch.float64)
+    for held in order.chunk(k):
+        fit_mask = torch.ones(n, dtype=torch.bool)
+        fit_mask[held] = False
+        if not bool(fit_mask.any()):
+            continue
+        for li, coef in enumerate(_ridge_path(design[nodes[fit_mask]], y[fit_mask], lambdas)):
+            pred = (design @ coef[0] + coef[1]).float()
+            for si, steps in enumerate(smooth_grid):
+                sm = smooth(ops, pred, steps) if steps else pred
+                held_pred = sm[nodes[held]].double()
+                # misrouted held-out nodes first (what costs retention), squared error breaks ties
+                misrouted = (held_pred.argmax(1) != y[held].argmax(1)).sum()
+                errors[li, si] += misrouted + 1e-3 * ((held_pred - y[held]) ** 2).sum()
+    best = int(errors.argmin())
+    li, si = divmod(best, len(smooth_grid))
+    weight, bias = _ridge_path(design[nodes], y, (lambdas[li],))[0]
+    # fold centring and scaling into per-hop coefficients and one intercept
+    coef, intercept, start = [], bias.clone(), 0
+    for b, m, s in zip(blocks, means, scales):
+        w = weight[start:start + b.size(1)] / s.double().unsqueeze(1)
+        intercept -= m.double() @ w
+        coef.append(w)
+        start += b.size(1)
+    return RidgeGate(torch.stack(coef).float(), intercept.float(), smooth_grid[si],
+                     float(lambdas[li]), float(errors[li, si] / max(n, 1)))
+
+
+def _ridge_path(design: torch.Tensor, y: torch.Tensor, lambdas) -> list:
+    """Ridge solutions ``(W, b)`` for each relative ``lambda`` (intercept unpenalised).
+
+    Uses the dual (``n x n``) or primal (``p x p``) eigendecomposition, whichever is smaller, so
+    every ``lambda`` costs one back-substitution.
+    """
+    mean_d, mean_y = design.mean(0), y.mean(0)
+    d, yc = design - mean_d, y - mean_y
+    n, p = d.shape
+    out = []
+    if n <= p:
+        gram = d @ d.t()
+        evals, evecs = torch.linalg.eigh(gram)
+        scale = float(gram.diagonal().mean().clamp_min(1e-12))
+        proj = evecs.t() @ yc
+        for lam in lambdas:
+            alpha = evecs @ (proj / (evals + lam * scale).clamp_min(1e-12).unsqueeze(1))
+            w = d.t() @ alpha
+            out.append((w, mean_y - mean_d @ w))
+    else:
+        gram = d.t() @ d
+        evals, evecs = torch.linalg.eigh(gram)
+        scale = float(gram.diagonal().mean().clamp_min(1e-12)) * 1.0
+        proj = evecs.t() @ (d.t() @ yc)
+        for lam in lambdas:
+            w = evecs @ (proj / (evals + lam * scale * p / n).clamp_min(1e-12).unsqueeze(1))
+            out.append((w, mean_y - mean_d @ w))
+    return out

@@ -1,0 +1,209 @@
+"""Stage 5b: ``hpcsoup merge`` -- H-GRAMA over specialists read from the store.
+
+``run_merge(cfg, parents=None)`` reads the parents (default: the config's specialists
+``<arch>-s<k>`` for ``specialists.archs``, as ``hpcsoup train`` names them; or ``merge.parents``;
+or the ids given), merges them (:func:`~hpcsoup.merge.hgrama.merge`), evaluates child, parents and
+ensemble, times child against ensemble and writes ``merges/<merge_id>``:
+
+- params: the child's tensors (:meth:`~hpcsoup.merge.child.MergedGNN.tensors`);
+- attrs: ``method="hgrama"``, ``parents``, ``settings``, ``structure`` (what
+  :func:`load_merged` needs), ``metrics`` {``metric``, ``val``, ``test``, ``retention``
+  {parent: child / parent on the parent's region}, ``retention_mean``, ``retention_min`` (the
+  worst-served parent), ``speedup_vs_ensemble``, ``ensemble`` {...}, ``parents`` {...},
+  ``timing`` {...}}, ``seconds``, ``versions``.
+
+Retention is measured on the test nodes of each parent's region (the region array stored with the
+specialists). The merge itself reads no labels: only features, edges, the train mask and the
+regions (which parent was trained on which node).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import torch
+
+from hpcsoup.data import Graph, load_from_config
+from hpcsoup.errors import MergeError, StoreError
+from hpcsoup.merge.child import MergedGNN
+from hpcsoup.merge.ensemble import Ensemble
+from hpcsoup.merge.hgrama import HGramaSettings, merge
+from hpcsoup.merge.timing import time_child_vs_ensemble
+from hpcsoup.merge.route import sparsify
+from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
+from hpcsoup.models import ModelSpec
+from hpcsoup.store import Store, provenance
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_parents(cfg) -> list[str]:
+    """``merge.parents`` if set, else the config's specialists as ``hpcsoup train`` names them."""
+    if list(cfg.merge.parents):
+        return [str(p) for p in cfg.merge.parents]
+    return [f"{arch}-s{k}" for k, arch in enumerate(cfg.specialists.archs)]
+
+
+def load_parents(store: Store, ids: list[str]) -> tuple[list[UMPMNet], list[dict], list]:
+    """``(UMPM parents, their attrs, their region arrays or None)`` from ``experts/<id>``."""
+    known = [g.id for g in store.groups("experts")]
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise MergeError(f"parents {missing} are not complete experts in store '{store.path}' "
+                         f"(it has {known or 'none'}); train them first with "
+                         f"`hpcsoup train --config <file> --all`, or pass --parents ID,ID")
+    nets, attrs, regions = [], [], []
+    for gid in ids:
+        state_dict, a = store.load_group("experts", gid)
+        spec = ModelSpec.from_dict(a["model"])
+        nets.append(from_pyg(spec, state_dict, gid))
+        attrs.append(a)
+        try:
+            regions.append(store.read_array("experts", gid, "region").long())
+        except (StoreError, KeyError, FileNotFoundError):
+            regions.append(None)
+    return nets, attrs, regions
+
+
+def trained_on(graph: Graph, attrs: list[dict], regions: list) -> torch.Tensor | None:
+    """Which parent was trained on each node (``-1``: none), from the stored regions."""
+    n = graph.num_nodes
+    out = torch.full((n,), -1, dtype=torch.long)
+    train = graph.mask("train")
+    for k, (a, region) in enumerate(zip(attrs, regions)):
+        nodes = a.get("train_nodes") or {}
+        if region is None or nodes.get("region") is None:
+            return None
+        if region.numel() != n:
+            raise MergeError(f"parent {k}: stored region has {region.numel()} nodes, the graph "
+                             f"'{graph.name}' has {n}; merge parents trained on this dataset")
+        out[train & (region == int(nodes["region"]))] = k
+    return out
+
+
+def parent_regions(graph: Graph, attrs: list[dict], regions: list) -> list[torch.Tensor]:
+    """Per parent, its region's nodes (all nodes for a parent without a region)."""
+    out = []
+    for a, region in zip(attrs, regions):
+        nodes = a.get("train_nodes") or {}
+        if region is None or nodes.get("region") is None:
+            out.append(torch.ones(graph.num_nodes, dtype=torch.bool))
+        else:
+            out.append(region == int(nodes["region"]))
+    return out
+
+
+def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
+                   regions: list[torch.Tensor], names: list[str], *, repeats: int = 15,
+                   timing: bool = True) -> dict:
+    """Scores of child, parents and ensemble; retention per parent; timing of child vs ensemble.
+
+    ``regions[k]`` is a boolean node mask of parent ``k``'s region; retention is measured on its
+    test nodes: ``score(child) / score(parent k)``.
+    """
+    data = graph.data
+    x = as_features(data.x)
+    ensemble = Ensemble(parents)
+    out = child(x, data.edge_index, undirected=True)
+    ens_out, member_out = ensemble(x, data.edge_index, undirected=True, members=True)
+    test = graph.mask("test")
+    metrics = {"metric": graph.metric, "val": graph.score(out, "val"),
+               "test": graph.score(out, "test"), "retention": {}, "parents": {},
+               "ensemble": {"test": graph.score(ens_out, "test"), "retention": {}}}
+    for name, region, logits in zip(names, regions, member_out):
+        own = test & region
+        parent_own = graph.score(logits, own)
+        metrics["parents"][name] = {"own": parent_own, "test": graph.score(logits, "test"),
+                                    "child_own": graph.score(out, own),
+                                    "ensemble_own": graph.score(ens_out, own),
+                                    "test_nodes": int(own.sum())}
+        metrics["retention"][name] = graph.score(out, own) / parent_own if parent_own else float("nan")
+        metrics["ensemble"]["retention"][name] = (graph.score(ens_out, own) / parent_own
+                                                  if parent_own else float("nan"))
+    for target in (metrics, metrics["ensemble"]):
+        values = list(target["retention"].values())
+        target["retention_mean"] = sum(values) / len(values)
+        target["retention_min"] = min(values)
+    sparse = sparsify(child.gate_weights(x, GraphOps(data.edge_index, x.size(0), undirected=True)),
+                      child.threshold)
+    metrics["routing"] = {"parents_per_node": float((sparse > 0).sum(1).float().mean()),
+                          "share": {n: float((sparse[:, k] > 0).float().mean())
+                                    for k, n in enumerate(names)}}
+    if timing:
+        t = time_child_vs_ensemble(child, ensemble, x, data.edge_index, repeats=repeats)
+        metrics["timing"] = t
+        metrics["speedup_vs_ensemble"] = t["speedup"]["cached"]
+        metrics["speedup_uncached"] = t["speedup"]["uncached"]
+        metrics["speedup_cached_attention"] = t["speedup"]["cached_attention"]
+    return metrics
+
+
+def merge_id(ids: list[str], settings: HGramaSettings) -> str:
+    """``hgrama-<parent+parent>-<8 hex of the settings>``: one group per parents x settings."""
+    digest = hashlib.sha1(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"hgrama-{'+'.join(ids)}-{digest}"
+
+
+def run_merge(cfg, parents: list[str] | None = None) -> dict:
+    """Merge the parents of a config with H-GRAMA, evaluate, time and store the child."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    ids = list(parents) if parents else default_parents(cfg)
+    if len(ids) < 2:
+        raise MergeError(f"hpcsoup merge needs at least 2 parents, got {ids}; list "
+                         f"specialists.archs in the config or pass --parents ID,ID")
+    store = Store.open(cfg.store)
+    nets, attrs, stored_regions = load_parents(store, ids)
+    graph = load_from_config(cfg)
+    datasets = {a.get("dataset") for a in attrs}
+    if datasets != {graph.name}:
+        raise MergeError(f"parents {ids} were trained on {sorted(map(str, datasets))}, the config's "
+                         f"dataset is '{graph.name}'; set data.dataset to theirs")
+    settings = HGramaSettings.from_config(cfg.merge)
+    owners = trained_on(graph, attrs, stored_regions)
+    if owners is None and settings.routing == "ridge" and settings.route_target == "owner":
+        raise MergeError(f"parents {ids} have no stored regions (they are not specialists), so "
+                         f"'which parent was trained on the node' is unknown; use specialists or "
+                         f"--set merge.route_target=\"confidence\"")
+    _say(f"merge: {' + '.join(ids)} on {graph.name} (alignment {settings.alignment}, routing "
+         f"{settings.routing}, calibration {settings.calibration}, threshold {settings.threshold}, "
+         f"{torch.get_num_threads()} thread(s))")
+    data = graph.data
+    child = merge(nets, data.x, data.edge_index, trained_on=owners, settings=settings,
+                  undirected=True)
+    merge_seconds = child.info["merge_seconds"]
+    regions = parent_regions(graph, attrs, stored_regions)
+    metrics = evaluate_merge(child, nets, graph, regions, ids, repeats=cfg.merge.repeats)
+    gid = merge_id(ids, settings)
+    attrs_out = {
+        "method": "hgrama", "parents": ids, "dataset": graph.name, "settings": settings.to_dict(),
+        "structure": child.structure(), "reference": ids[child.info["reference"]],
+        "metrics": metrics, "seconds": {"merge": merge_seconds,
+                                        "total": time.perf_counter() - start},
+        "config": cfg.to_dict(), "versions": provenance(),
+    }
+    store.write_group("merges", gid, child.tensors(), attrs_out, overwrite=True)
+    _say(f"merge: {gid}: {graph.metric} test {metrics['test']:.4f} (ensemble "
+         f"{metrics['ensemble']['test']:.4f}); retention mean {metrics['retention_mean']:.3f}, "
+         f"worst {metrics['retention_min']:.3f}; {metrics['speedup_vs_ensemble']:.2f}x faster "
+         f"than the ensemble (uncached {metrics['speedup_uncached']:.2f}x) "
+         f"-> {store.path}/merges/{gid}")
+    return {"merge_id": gid, "store": str(store.path), "parents": ids, "metrics": metrics,
+            "seconds": attrs_out["seconds"]}
+
+
+def load_merged(store: Store | str, merge_id: str) -> MergedGNN:
+    """A stored child, ready to run alone: ``load_merged(store, id)(x, edge_index)``."""
+    store = store if isinstance(store, Store) else Store.open(store)
+    tensors, attrs = store.load_group("merges", merge_id)
+    if attrs.get("method") != "hgrama" or "structure" not in attrs:
+        raise MergeError(f"merges/{merge_id} in '{store.path}' is not an H-GRAMA child "
+                         f"(method={attrs.get('method')!r}); pick an id from `hpcsoup store ls`")
+    child = MergedGNN.from_parts(attrs["structure"], tensors)
+    child.info = {"parents": attrs.get("parents"), "settings": attrs.get("settings")}
+    return child

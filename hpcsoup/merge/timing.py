@@ -1,0 +1,72 @@
+"""Full-graph inference time of a merged child against its ensemble, measured fairly.
+
+The 2 cores of a shared machine make absolute times noisy (ENVIRONMENT.md), so the child and the
+ensemble run **interleaved** in one process, each regime once per round, and the reported numbers
+are medians over rounds and ratios of medians. Three regimes:
+
+- ``uncached``: every forward builds the graph operators (CSR, degrees), the child's routing and
+  all attention from scratch, on both sides;
+- ``cached`` (the headline ``speedup_vs_ensemble``): the graph operators are built once for both;
+  the child also keeps its routing (rows, supports, sub-operators, support rows of the input),
+  which a fixed graph with fixed features determines; attention is recomputed on both sides;
+- ``cached_attention``: as ``cached``, and GAT attention computed once on the fixed graph, on
+  both sides.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from hpcsoup.merge.child import MergedGNN
+from hpcsoup.merge.ensemble import Ensemble
+from hpcsoup.merge.umpm import as_features
+
+REGIMES = ("uncached", "cached", "cached_attention")
+
+
+def time_child_vs_ensemble(child: MergedGNN, ensemble: Ensemble, x: torch.Tensor,
+                           edge_index: torch.Tensor, repeats: int = 15, undirected: bool = True,
+                           warmup: int = 2, threads: int = 1) -> dict:
+    """Median seconds and speedups (ensemble / child) in the three regimes.
+
+    Returns ``{"child": {regime: s}, "ensemble": {regime: s}, "speedup": {regime: ratio},
+    "repeats": n, "threads": torch threads}``. The torch thread count is fixed to ``threads``
+    (default 1) while timing and restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time(child, ensemble, as_features(x), edge_index, repeats, undirected, warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time(child, ensemble, x, edge_index, repeats, undirected, warmup) -> dict:
+    child_cache = child.make_cache(x, edge_index, undirected=undirected, attention=False)
+    ens_cache = ensemble.make_cache(x, edge_index, undirected=undirected, attention=False)
+    child_att = child.make_cache(x, edge_index, undirected=undirected, attention=True)
+    ens_att = ensemble.make_cache(x, edge_index, undirected=undirected, attention=True)
+    runs = {
+        ("child", "uncached"): lambda: child(x, edge_index, undirected=undirected),
+        ("ensemble", "uncached"): lambda: ensemble(x, edge_index, undirected=undirected),
+        ("child", "cached"): lambda: child(x, cache=child_cache),
+        ("ensemble", "cached"): lambda: ensemble(x, cache=ens_cache),
+        ("child", "cached_attention"): lambda: child(x, cache=child_att),
+        ("ensemble", "cached_attention"): lambda: ensemble(x, cache=ens_att),
+    }
+    times = {key: [] for key in runs}
+    for round_ in range(warmup + max(1, repeats)):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return {
+        "child": {r: med[("child", r)] for r in REGIMES},
+        "ensemble": {r: med[("ensemble", r)] for r in REGIMES},
+        "speedup": {r: med[("ensemble", r)] / med[("child", r)] for r in REGIMES},
+        "repeats": max(1, repeats), "threads": torch.get_num_threads(),
+    }

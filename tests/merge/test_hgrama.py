@@ -1,0 +1,164 @@
+"""H-GRAMA merges: exactness, label-freeness, determinism, depth rule, baselines."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hpcsoup.errors import MergeError
+from hpcsoup.merge.child import MergedGNN
+from hpcsoup.merge.ensemble import Ensemble, interpolate
+from hpcsoup.merge.hgrama import HGramaSettings, merge
+from hpcsoup.merge.route import RidgeGate
+from hpcsoup.merge.umpm import from_pyg
+from hpcsoup.models import build_model
+
+from conftest import train_specialist, trained_on
+
+
+def _permuted(spec, state: dict, perm: torch.Tensor) -> dict:
+    """The same 2-layer network with its hidden units reordered by ``perm``."""
+    s = copy.deepcopy(state)
+    if spec.arch == "gcn":
+        s["convs.0.lin.weight"] = s["convs.0.lin.weight"][perm]
+        s["convs.0.bias"] = s["convs.0.bias"][perm]
+        s["convs.1.lin.weight"] = s["convs.1.lin.weight"][:, perm]
+    elif spec.arch == "sage":
+        for name in ("lin_l.weight", "lin_r.weight"):
+            s[f"convs.0.{name}"] = s[f"convs.0.{name}"][perm]
+            s[f"convs.1.{name}"] = s[f"convs.1.{name}"][:, perm]
+        s["convs.0.lin_l.bias"] = s["convs.0.lin_l.bias"][perm]
+    elif spec.arch == "gin":
+        s["convs.0.nn.2.weight"] = s["convs.0.nn.2.weight"][perm]
+        s["convs.0.nn.2.bias"] = s["convs.0.nn.2.bias"][perm]
+        s["convs.1.nn.0.weight"] = s["convs.1.nn.0.weight"][:, perm]
+    else:
+        raise ValueError(spec.arch)
+    return s
+
+
+def _spec_state(specialists, arch):
+    return next(v for (a, _), v in specialists.items() if a == arch)
+
+
+def _pyg_logits(spec, state, graph):
+    model = build_model(spec)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return model(graph.data.x, graph.data.edge_index)
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
+@pytest.mark.parametrize("alignment", ["procrustes", "permutation"])
+def test_merging_with_a_permuted_copy_gives_back_the_original(cora, cora_regions, specialists,
+                                                              arch, alignment):
+    spec, state = _spec_state(specialists, arch)
+    perm = torch.randperm(spec.hidden, generator=torch.Generator().manual_seed(0))
+    parents = [from_pyg(spec, state, "a"), from_pyg(spec, _permuted(spec, state, perm), "b")]
+    expected = _pyg_logits(spec, state, cora).log_softmax(-1)
+    data = cora.data
+    for threshold in (0.0, 0.5):  # dense mixture, and hard routing (mixed neighbourhoods)
+        child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                      settings=HGramaSettings(alignment=alignment, threshold=threshold))
+        got = child(data.x, data.edge_index)
+        assert (got - expected).abs().max() <= 1e-4, (alignment, threshold)
+    # without alignment the same merge is not the original function: the test can fail
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                  settings=HGramaSettings(alignment="none", threshold=0.0))
+    assert (child(data.x, data.edge_index) - expected).abs().max() > 1e-2
+
+
+def test_merge_uses_no_labels(cora, cora_regions, specialists):
+    parents = [from_pyg(*_spec_state(specialists, "gcn"), "gcn"),
+               from_pyg(*_spec_state(specialists, "gat"), "gat")]
+    owners = trained_on(cora, cora_regions)
+    data = cora.data
+    child = merge(parents, data.x, data.edge_index, trained_on=owners)
+    unlabelled = copy.copy(data)
+    del unlabelled.y
+    assert "y" not in unlabelled
+    again = merge(parents, unlabelled.x, unlabelled.edge_index, trained_on=owners)
+    for name, tensor in child.tensors().items():
+        assert torch.equal(tensor, again.tensors()[name]), name
+    assert torch.equal(child(data.x, data.edge_index), again(data.x, data.edge_index))
+
+
+def test_same_inputs_give_an_identical_child(cora, cora_regions, specialists):
+    parents = [from_pyg(*_spec_state(specialists, a), a) for a in ("sage", "gat", "gin")]
+    data = cora.data
+    owners = trained_on(cora, cora_regions)
+    owners[owners == 1] = torch.tensor([1, 2]).repeat(int((owners == 1).sum()))[:int((owners == 1).sum())]
+    settings = HGramaSettings(anchors=500, seed=3)
+    a = merge(parents, data.x, data.edge_index, trained_on=owners, settings=settings)
+    b = merge(parents, data.x, data.edge_index, trained_on=owners, settings=settings)
+    assert a.structure() == b.structure()
+    assert a.tensors().keys() == b.tensors().keys()
+    assert all(torch.equal(t, b.tensors()[k]) for k, t in a.tensors().items())
+    assert torch.equal(a(data.x, data.edge_index), b(data.x, data.edge_index))
+
+
+def test_a_parent_routed_everywhere_is_reproduced_exactly_even_when_narrower(cora, cora_regions):
+    # GCN with 16 hidden units, GAT with 32: the reference is the wider GAT; the GCN's rows go
+    # through a semi-orthogonal transport and back, which must be exact on its own rows.
+    gcn = train_specialist(cora, cora_regions, "gcn", 0, hidden=16, epochs=5)
+    gat = train_specialist(cora, cora_regions, "gat", 1, hidden=32, epochs=5)
+    parents = [from_pyg(*gcn, "gcn"), from_pyg(*gat, "gat")]
+    data = cora.data
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions))
+    assert child.info["reference"] == 1
+    for k, (spec, state) in enumerate((gcn, gat)):
+        forced = MergedGNN.from_parts(child.structure(), child.tensors())
+        f = cora.num_features
+        intercept = torch.zeros(2)
+        intercept[k] = 1.0
+        forced.gate = RidgeGate(torch.zeros(3, f, 2), intercept)
+        got = forced(data.x, data.edge_index)
+        expected = _pyg_logits(spec, state, cora).log_softmax(-1)
+        assert (got - expected).abs().max() <= 1e-4, k
+
+
+def test_parents_of_different_depths_are_a_clear_error(cora, cora_regions):
+    a = train_specialist(cora, cora_regions, "gcn", 0, layers=2, epochs=1)
+    b = train_specialist(cora, cora_regions, "gat", 1, layers=3, epochs=1)
+    with pytest.raises(MergeError, match=r"different depths .*'gcn': 2.*'gat': 3"):
+        merge([from_pyg(*a, "gcn"), from_pyg(*b, "gat")], cora.data.x, cora.data.edge_index,
+              trained_on=trained_on(cora, cora_regions))
+
+
+def test_ensemble_is_the_mean_of_the_pyg_experts(cora, specialists):
+    pairs = [_spec_state(specialists, a) for a in ("gcn", "gat", "gin")]
+    expected = torch.stack([_pyg_logits(s, st, cora) for s, st in pairs]).mean(0)
+    ensemble = Ensemble([from_pyg(s, st) for s, st in pairs])
+    got = ensemble(cora.data.x, cora.data.edge_index)
+    assert (got - expected).abs().max() <= 1e-4
+    cache = ensemble.make_cache(cora.data.x, cora.data.edge_index)
+    assert torch.allclose(ensemble(cora.data.x, cache=cache), got, atol=1e-6)
+
+
+def test_interpolation_is_for_homogeneous_pairs_only(cora, cora_regions, specialists):
+    spec, state = _spec_state(specialists, "gcn")
+    other = train_specialist(cora, cora_regions, "gcn", 1, epochs=3)[1]
+    _, mid = interpolate([spec, spec], [state, other])
+    assert torch.allclose(mid["convs.0.bias"], (state["convs.0.bias"] + other["convs.0.bias"]) / 2)
+    with pytest.raises(MergeError, match="one architecture"):
+        interpolate([spec, _spec_state(specialists, "gat")[0]],
+                    [state, _spec_state(specialists, "gat")[1]])
+
+
+def test_cached_child_equals_uncached(cora, cora_regions, specialists):
+    parents = [from_pyg(*_spec_state(specialists, a), a) for a in ("gcn", "gat")]
+    data = cora.data
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions))
+    plain = child(data.x, data.edge_index)
+    for attention in (False, True):
+        cache = child.make_cache(data.x, data.edge_index, attention=attention)
+        assert torch.allclose(child(data.x, cache=cache), plain, atol=1e-6)
+
+
+def test_settings_errors_name_the_bad_value():
+    with pytest.raises(MergeError, match="alignment='rotate' is unknown"):
+        HGramaSettings(alignment="rotate")
+    with pytest.raises(MergeError, match=r"threshold=2\.0 must be in \[0, 1\]"):
+        HGramaSettings(threshold=2.0)
