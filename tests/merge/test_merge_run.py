@@ -1,0 +1,138 @@
+"""``hpcsoup merge`` over a store of specialists written by the train stage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpcsoup.config import load_config
+from hpcsoup.errors import MergeError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write_config(path: Path, store: Path, data_root: Path) -> Path:
+    path.write_text(f"""
+name = "merge-test"
+store = "{store}"
+threads = 1
+[data]
+dataset = "Cora"
+root = "{data_root}"
+[experts]
+count = 0
+[specialists]
+archs = ["gcn", "gat"]
+split = "metis"
+hidden = 16
+heads = 2
+epochs = 15
+[merge]
+repeats = 2
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def specialist_store(tmp_path_factory, data_root):
+    """A store holding a GCN and a GAT specialist on Cora's METIS halves (train stage API)."""
+    from hpcsoup.train.run import run_train
+
+    folder = tmp_path_factory.mktemp("merge-store")
+    config = _write_config(folder / "exp.toml", folder / "s.zarr", data_root)
+    cfg = load_config(config)
+    for task in (0, 1):
+        run_train(cfg, task_id=task)
+    return config
+
+
+def test_run_merge_stores_a_child_that_runs_alone(specialist_store):
+    from hpcsoup.data import load_from_config
+    from hpcsoup.merge.run import load_merged, run_merge
+    from hpcsoup.store import Store
+
+    cfg = load_config(specialist_store)
+    result = run_merge(cfg)
+    assert result["parents"] == ["gcn-s0", "gat-s1"]
+    store = Store.open(cfg.store)
+    assert [g.id for g in store.groups("merges", method="hgrama")] == [result["merge_id"]]
+    _, attrs = store.load_group("merges", result["merge_id"])
+    metrics = attrs["metrics"]
+    assert set(metrics["retention"]) == {"gcn-s0", "gat-s1"}
+    assert metrics["retention_min"] == min(metrics["retention"].values())
+    assert metrics["speedup_vs_ensemble"] > 0 and metrics["speedup_uncached"] > 0
+    assert attrs["parents"] == ["gcn-s0", "gat-s1"] and attrs["settings"]["alignment"] == "procrustes"
+    # METIS halves on Cora: the child keeps most of each parent's accuracy on its region
+    assert metrics["retention_mean"] > 0.8
+
+    graph = load_from_config(cfg)
+    child = load_merged(store, result["merge_id"])
+    logits = child(graph.data.x, graph.data.edge_index)
+    assert abs(graph.score(logits, "test") - metrics["test"]) < 1e-6
+
+    again = run_merge(cfg)  # same inputs -> the same group id and identical weights
+    assert again["merge_id"] == result["merge_id"]
+    tensors, _ = store.load_group("merges", result["merge_id"])
+    for name, tensor in child.tensors().items():
+        assert torch.equal(tensor, tensors[name]), name
+
+
+def test_cli_merge_prints_json(specialist_store, capsys):
+    from hpcsoup.cli import main
+
+    rc = main(["merge", "--config", str(specialist_store), "--parents", "gat-s1,gcn-s0",
+               "--set", "merge.threshold=0.0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["parents"] == ["gat-s1", "gcn-s0"]
+    # threshold 0: every parent with a positive gate weight runs on a node (most nodes: both)
+    assert out["metrics"]["routing"]["parents_per_node"] > 1.5
+
+
+def test_missing_parents_are_a_clear_error(specialist_store):
+    from hpcsoup.merge.run import run_merge
+
+    cfg = load_config(specialist_store)
+    with pytest.raises(MergeError, match=r"\['sage-s9'\] are not complete experts .*hpcsoup train"):
+        run_merge(cfg, parents=["gcn-s0", "sage-s9"])
+    with pytest.raises(MergeError, match="at least 2 parents"):
+        run_merge(cfg, parents=["gcn-s0"])
+
+
+@pytest.mark.slow
+def test_merge_sh_runs_outside_slurm(specialist_store, tmp_path):
+    env = dict(os.environ, HPCSOUP_PYTHON=sys.executable)
+    env.pop("SLURM_JOB_ID", None)
+    out = subprocess.run(["bash", str(REPO / "slurm" / "merge.sh"), str(specialist_store),
+                          "merge.alignment=\"permutation\"", "--json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "not inside SLURM" in out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["retention_mean"] > 0.5
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_merge_sh(slurm_cluster, specialist_store, tmp_path):
+    (tmp_path / "slurm-logs").mkdir()
+    env = dict(os.environ, HPCSOUP_PYTHON=sys.executable, SLURM_CONF=slurm_cluster)
+    out = subprocess.run(["sbatch", "--wait", "--parsable", f"--chdir={tmp_path}",
+                          str(REPO / "slurm" / "merge.sh"), str(specialist_store), "--json"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    job = out.stdout.strip().split(";")[0]
+    log = tmp_path / "slurm-logs" / f"hpcsoup-merge-{job}.out"
+    text = log.read_text() if log.exists() else ""
+    assert out.returncode == 0, f"{out.stderr[-2000:]}\n{text[-3000:]}"
+    assert json.loads(text.strip().splitlines()[-1])["parents"] == ["gcn-s0", "gat-s1"]
+
+
+def test_merge_sh_rejects_a_missing_config(tmp_path):
+    out = subprocess.run(["bash", str(REPO / "slurm" / "merge.sh"), str(tmp_path / "nope.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "config file" in out.stderr
