@@ -98,14 +98,51 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def running() -> int:
+    """Runnable processes on the machine now (``procs_running`` of /proc/stat), this one included."""
+    with open("/proc/stat") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("procs_running"))
+
+
+def wait_quiet(limit: float, others: float = 0.3) -> float:
+    """Wait (at most ``limit`` s) for 2 s in which other processes leave the cores free; returns
+    the mean number of other runnable processes in the last window."""
+    deadline = time.time() + limit
+    while True:
+        samples = []
+        for _ in range(8):
+            samples.append(running() - 1)
+            time.sleep(0.25)
+        mean = sum(samples) / len(samples)
+        if mean <= others or time.time() >= deadline:
+            return mean
+        time.sleep(1)
+
+
 def mpirun(ranks: int, *worker_args: str, timeout: int = 900) -> dict:
+    """Run a worker under ``mpiexec -n ranks``; also sample how many *other* processes were
+    runnable meanwhile (the machine's cores are shared with other engineers' jobs)."""
+    import threading
+
     command = [MPIEXEC, "-n", str(ranks), PY, __file__, "--worker", *worker_args]
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.25):
+            samples.append(running() - 1 - ranks)  # minus this sampler and our own ranks
+
+    thread = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
+    thread.start()
     done = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=timeout)
+    stop.set()
+    thread.join()
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = time.perf_counter() - start
+    result["others_running"] = max(0.0, sum(samples) / max(1, len(samples)))
     return result
 
 
@@ -234,6 +271,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--allreduce-repeats", type=int, default=300)
+    parser.add_argument("--quiet", type=float, default=0.0,
+                        help="wait up to this many seconds before each run for the other "
+                             "processes to leave the cores free (0: do not wait)")
+    parser.add_argument("--quiet-others", type=float, default=0.5,
+                        help="a round counts as quiet when fewer other processes than this were "
+                             "runnable on average during both runs")
     parser.add_argument("--worker", choices=("allreduce", "pls"))
     parser.add_argument("--config")
     args = parser.parse_args()
@@ -256,10 +299,13 @@ def main() -> None:
     for rep in range(args.repeats):
         plan = [(p, "stratified") for p in order] + [(2, "random")]
         for ranks, draw in plan:
-            log(f"round {rep + 1}/{args.repeats}: P={ranks} draw={draw}")
+            quiet = wait_quiet(args.quiet) if args.quiet else None
+            log(f"round {rep + 1}/{args.repeats}: P={ranks} draw={draw}"
+                + (f" (others runnable before: {quiet:.1f})" if quiet is not None else ""))
             result = mpirun(ranks, "pls", "--config", str(big / f"{draw}.toml"))
             runs.setdefault(f"{ranks}-{draw}", []).append(result)
-            log(f"  step {result['step_seconds'] * 1e3:.1f} ms, load {result['load'][0]:.1f}")
+            log(f"  step {result['step_seconds'] * 1e3:.1f} ms, other runnable processes "
+                f"{result['others_running']:.1f}, load {result['load'][0]:.1f}")
         order = order[1:] + order[:1]
     small_run = mpirun(2, "pls", "--config", str(small / "stratified.toml"))
     load_after = os.getloadavg()
@@ -293,6 +339,20 @@ def main() -> None:
     base = next(t for t in table if t["ranks"] == 1)
     import torch
     for row in table:
+        # paired within each round (the runs of a round are minutes apart, rounds are not: the
+        # shared machine's load changes between rounds), then the median over rounds
+        ones = runs["1-stratified"]
+        pairs = [a["step_seconds"] / b["step_seconds"]
+                 for a, b in zip(ones, runs[f"{row['ranks']}-{row['draw']}"])]
+        row["speedup_per_round"] = pairs
+        row["load_per_round"] = [r["load"][0] for r in runs[f"{row['ranks']}-{row['draw']}"]]
+        row["others_per_round"] = [(a["others_running"], b["others_running"]) for a, b in
+                                   zip(ones, runs[f"{row['ranks']}-{row['draw']}"])]
+        quiet = [x for x, (a, b) in zip(pairs, row["others_per_round"])
+                 if max(a, b) <= args.quiet_others]
+        row["quiet_rounds"] = len(quiet)
+        row["quiet_speedup_vs_1"] = statistics.median(quiet) if quiet else None
+        row["paired_speedup_vs_1"] = statistics.median(pairs)
         row["speedup_vs_1"] = base["step_seconds"] / row["step_seconds"]
         row["cpu_speedup_vs_1"] = base["compute_cpu_seconds"] / row["compute_cpu_seconds"]
         row["max_coefficient_diff_vs_1"] = float(
@@ -304,18 +364,28 @@ def main() -> None:
           f"{args.experts} experts, 1 thread per rank, medians of {args.repeats} rounds x "
           f"{args.steps - 1} steps; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"{'P':>2} {'draw':>10} {'step ms':>8} {'compute':>8} {'allred.':>8} {'part ms':>8} "
-          f"{'speedup':>7} {'cpu ms':>7} {'cpu sp.':>7} {'peak RSS MiB/rank':>22} "
+          f"{'speedup':>7} {'paired':>7} {'cpu ms':>7} {'cpu sp.':>7} {'peak RSS MiB/rank':>22} "
           f"{'graph MiB/rank':>16} {'nodes/rank':>16} {'B/step':>6} {'max|dc|':>8}")
     for row in sorted(table, key=lambda r: (r["draw"] != "stratified", r["ranks"])):
         diff = row["max_coefficient_diff_vs_1"]
         print(f"{row['ranks']:>2} {row['draw']:>10} {row['step_seconds'] * 1e3:8.1f} "
               f"{row['compute_seconds'] * 1e3:8.1f} {row['allreduce_seconds'] * 1e3:8.2f} "
               f"{row['partition_seconds'] * 1e3:8.1f} {row['speedup_vs_1']:6.2f}x "
+              f"{row['paired_speedup_vs_1']:6.2f}x "
               f"{row['compute_cpu_seconds'] * 1e3:7.1f} {row['cpu_speedup_vs_1']:6.2f}x "
               f"{'/'.join(mib(b) for b in row['peak_rss_per_rank']):>22} "
               f"{'/'.join(mib(b) for b in row['resident_bytes_per_rank']):>16} "
               f"{'/'.join(str(n) for n in row['resident_nodes_per_rank']):>16} "
               f"{row['bytes_per_step']:>6} {'-' if diff is None else f'{diff:.1e}':>8}")
+    for row in table:
+        if row["ranks"] > 1:
+            print(f"P={row['ranks']} {row['draw']}: speedup per round (other runnable processes "
+                  f"during the P=1 / P={row['ranks']} runs) "
+                  + ", ".join(f"{x:.2f}x ({a:.1f}/{b:.1f})" for x, (a, b) in
+                              zip(row["speedup_per_round"], row["others_per_round"]))
+                  + (f"; median of the {row['quiet_rounds']} rounds with <= {args.quiet_others} "
+                     f"others: {row['quiet_speedup_vs_1']:.2f}x" if row["quiet_rounds"] else
+                     f"; no round with <= {args.quiet_others} others"))
     print(f"bytes per step on {args.small_nodes} nodes (P=2): {small_run['bytes_per_step']} "
           f"(= 4 x ({small_run['logits_elements']} logits + 1 loss)); on {args.nodes} nodes: "
           f"{base['bytes_per_step']}")

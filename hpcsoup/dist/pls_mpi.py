@@ -314,10 +314,15 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
     threads = threads_per_rank(comm, cfg.threads)
     torch.set_num_threads(threads)
     device = agree(comm, lambda: rank_device(cfg.device, comm), "choosing its device")
-    settings = dict(method_settings(cfg, "pls") if settings is None else settings)
-    if settings.get("check", "partitions") != "partitions":
-        raise SoupError(f"pls check={settings['check']!r} needs the whole graph; distributed PLS "
-                        f"supports check='partitions' only")
+
+    def _settings():
+        chosen = dict(method_settings(cfg, "pls") if settings is None else settings)
+        if chosen.get("check", "partitions") != "partitions":
+            raise SoupError(f"pls check={chosen['check']!r} needs the whole graph, which no rank "
+                            f"holds; distributed PLS supports --set soup.pls.check=\"partitions\"")
+        get_method("pls", **chosen)  # unknown settings fail here, on every rank alike
+        return chosen
+    settings = agree(comm, _settings, "checking the PLS settings")
     path = shards_of_config(cfg)
 
     def _experts():  # first: a store without experts fails before any partitioning
@@ -353,6 +358,16 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         method = get_method("pls", **settings)
         if comm.rank == 0:
             log.info("pls on %d ranks x %d threads (%s): %s", comm.size, threads, device, settings)
+            per_step, parts = int(settings["per_step"]), source.num_parts
+            if comm.size > parts:
+                log.warning("%d ranks for %d partitions: ranks %d..%d hold none and only take part "
+                            "in the allreduce; use at most soup.pls.partitions ranks", comm.size,
+                            parts, parts, comm.size - 1)
+            elif settings.get("draw") != "stratified" or per_step % comm.size:
+                log.warning("ranks are balanced only with soup.pls.draw=\"stratified\" and ranks "
+                            "dividing soup.pls.per_step (%d ranks, per_step %d, draw %s): the "
+                            "busiest rank sets the step time", comm.size, per_step,
+                            settings.get("draw"))
         log.info("rank %d/%d holds partitions %s: %d core + halo = %d node rows of %d",
                  comm.rank, comm.size, sorted(shard.parts), shard.core_nodes,
                  shard.resident_nodes, int(shard.attrs["num_nodes"]))
@@ -424,8 +439,8 @@ def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
     if comm.rank > 0:  # one progress log per job: the ranks' PLS steps are the same
         logging.getLogger("hpcsoup.soup").setLevel(logging.WARNING)
     methods = list(methods or cfg.soup.methods)
-    for name in methods:
-        method_class(name)
+    with abort_on_error(comm):
+        agree(comm, lambda: [method_class(name) for name in methods], "checking the methods")
     summary = {"store": str(cfg.store), "dataset": graph_name(cfg), "ranks": comm.size,
                "rank": comm.rank, "soups": []}
     with abort_on_error(comm):

@@ -241,3 +241,14 @@ def test_stratified_draw_balances_round_robin_ranks():
         or draw_partitions(0, 2, 10, 3, "stratified") != draw_partitions(1, 2, 10, 3, "stratified")
     with pytest.raises(SoupError, match="draw='blocks' is unknown"):
         draw_partitions(0, 0, 8, 2, "blocks")
+
+
+def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
+    from hpcsoup.config import build_config
+    from hpcsoup.dist.pls_mpi import run_pls_ranks
+    from hpcsoup.errors import SoupError
+
+    cfg = build_config({"threads": 1, "soup": {"pls": {"check": "full"}}})
+    with pytest.raises(SoupError, match="needs the whole graph") as info:
+        run_pls_ranks(cfg, comm)
+    assert isinstance(info.value, CollectiveError)
