@@ -64,7 +64,9 @@ class Routing:
                 local[block.support] = torch.arange(block.support.numel())
                 pos = local.index_select(0, rows_k)
                 keep = (pos >= 0).nonzero().view(-1)
-                self.pairs[key] = (keep, pos.index_select(0, keep))
+                dst = pos.index_select(0, keep)
+                # every row of k is read by j (k = j under hard routing): no gather needed
+                self.pairs[key] = (None if keep.numel() == rows_k.numel() else keep, dst)
         return self.pairs[key]
 
 
