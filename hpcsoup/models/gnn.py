@@ -60,11 +60,33 @@ class ModelSpec:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+class MeanSAGEConv(SAGEConv):
+    """``SAGEConv`` (mean) that projects before it aggregates when that is cheaper.
+
+    The mean is linear, so :math:`(D^{-1} A H) W_n = D^{-1} A (H W_n)`: aggregating
+    ``out_channels`` columns instead of ``in_channels`` (1433 -> 64 on Cora) does the
+    same arithmetic up to float rounding with far less edge traffic. Parameters and
+    their names are PyG's, so state_dicts are interchangeable with ``SAGEConv``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, aggr="mean")
+
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        if self.in_channels <= self.out_channels:
+            return super().forward(x, edge_index)
+        projected = x @ self.lin_l.weight.t()
+        out = self.propagate(edge_index, x=(projected, projected), size=None)
+        if self.lin_l.bias is not None:
+            out = out + self.lin_l.bias
+        return out + self.lin_r(x)
+
+
 def _conv(arch: str, cin: int, cout: int, heads: int, last: bool) -> nn.Module:
     if arch == "gcn":
         return GCNConv(cin, cout)
     if arch == "sage":
-        return SAGEConv(cin, cout, aggr="mean")
+        return MeanSAGEConv(cin, cout)
     if arch == "gat":
         if last:
             return GATConv(cin, cout, heads=1, concat=False)
