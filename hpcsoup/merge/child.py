@@ -113,8 +113,8 @@ class MergedGNN(nn.Module):
     def depth(self) -> int:
         return len(self.parents[0]["layers"])
 
-    def layer(self, j: int, l: int) -> UMPMLayer:
-        return self.parents[j]["layers"][l]
+    def layer(self, j: int, li: int) -> UMPMLayer:
+        return self.parents[j]["layers"][li]
 
     def structure(self) -> dict:
         """JSON-able description (stored as the merge's attrs); tensors in :meth:`tensors`."""
@@ -130,14 +130,14 @@ class MergedGNN(nn.Module):
         if self.gate is not None:
             out.update({f"gate.{k}": v for k, v in self.gate.tensors().items()})
         for j, p in enumerate(self.parents):
-            for l, layer in enumerate(p["layers"]):
+            for li, layer in enumerate(p["layers"]):
                 for name, value in layer.tensors().items():
-                    if l > 0 and name == "weight":
+                    if li > 0 and name == "weight":
                         continue  # replaced by the per-source matrices below
-                    out[f"p{j}.l{l}.{name}"] = value
-                if l > 0:
-                    for k, m in enumerate(self.mix[l][j]):
-                        out[f"p{j}.l{l}.from{k}"] = m
+                    out[f"p{j}.l{li}.{name}"] = value
+                if li > 0:
+                    for k, m in enumerate(self.mix[li][j]):
+                        out[f"p{j}.l{li}.from{k}"] = m
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def state_dict(self, *args, **kwargs):  # noqa: D102 - plain tensors, stored one array each
@@ -149,16 +149,16 @@ class MergedGNN(nn.Module):
         parents, mix = [], [None] * len(structure["parents"][0]["layers"])
         for j, p in enumerate(structure["parents"]):
             layers = []
-            for l, meta in enumerate(p["layers"]):
+            for li, meta in enumerate(p["layers"]):
                 parts = {name.split(".", 2)[2]: t for name, t in tensors.items()
-                         if name.startswith(f"p{j}.l{l}.")}
-                if l > 0:
+                         if name.startswith(f"p{j}.l{li}.")}
+                if li > 0:
                     parts["weight"] = parts[f"from{j}"][:-1]
                 layers.append(UMPMLayer.from_parts(meta, parts))
             parents.append({"name": p["name"], "arch": p["arch"], "layers": layers})
         k = len(parents)
-        for l in range(1, len(mix)):
-            mix[l] = [[tensors[f"p{j}.l{l}.from{s}"] for s in range(k)] for j in range(k)]
+        for li in range(1, len(mix)):
+            mix[li] = [[tensors[f"p{j}.l{li}.from{s}"] for s in range(k)] for j in range(k)]
         gate = None
         if structure.get("gate") is not None:
             g = structure["gate"]
@@ -218,16 +218,16 @@ class MergedGNN(nn.Module):
         k_all = range(self.num_parents)
         trace = []
         acts = None  # per parent: (activations on its rows, gate weights or None when hard)
-        for l in range(self.depth):
-            layers = [self.layer(j, l) for j in k_all]
-            if l == 0:
+        for li in range(self.depth):
+            layers = [self.layer(j, li) for j in k_all]
+            if li == 0:
                 proj = self._project_input(x, layers, routing)
             else:
-                proj = [self._project_stream(acts, l, j, routing) for j in k_all]
-            z = self._propagate(layers, proj, routing, attention, l)
+                proj = [self._project_stream(acts, li, j, routing) for j in k_all]
+            z = self._propagate(layers, proj, routing, attention, li)
             if capture:
                 trace.append(z)
-            if l == self.depth - 1:
+            if li == self.depth - 1:
                 out = self._readout([layers[j].activate(z[j]) for j in k_all], routing, x.size(0))
                 return (out, trace) if capture else out
             acts = []
@@ -257,14 +257,14 @@ class MergedGNN(nn.Module):
             out.append(project(rows, layer.weight))
         return out
 
-    def _project_stream(self, acts, l: int, j: int, routing: Routing) -> torch.Tensor:
+    def _project_stream(self, acts, li: int, j: int, routing: Routing) -> torch.Tensor:
         """Parent j's layer-l projection of the stream on its support (sum over source parents).
 
         A source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row of
         ``M_kj`` is the transport's offset.
         """
         block = routing.blocks[j]
-        mats = self.mix[l][j]
+        mats = self.mix[li][j]
         out = None
         for k, (a, w) in enumerate(acts):
             src, dst = routing.pair(k, j)
@@ -289,13 +289,13 @@ class MergedGNN(nn.Module):
             out = torch.zeros(block.n_support, mats[0].size(1))
         return out
 
-    def _propagate(self, layers, proj, routing: Routing, attention, l: int) -> list[torch.Tensor]:
+    def _propagate(self, layers, proj, routing: Routing, attention, li: int) -> list[torch.Tensor]:
         """Pre-activations on each parent's rows; static parents on the same rows share one pass."""
         z: list = [None] * len(layers)
         groups: dict = {}
         for j, layer in enumerate(layers):
             if layer.prop == "gat":
-                key = (j, l)
+                key = (j, li)
                 cached = attention.get(key) if attention is not None else None
                 z[j], att = layer_forward(layer, routing.blocks[j], proj[j], cached)
                 if attention is not None:

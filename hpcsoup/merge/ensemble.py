@@ -48,9 +48,9 @@ class Ensemble:
         block = ops.full()
         x = as_features(x)
         hs = None
-        for l in range(self.parents[0].depth):
-            layers = [p.layers[l] for p in self.parents]
-            if l == 0:  # one shared pass over the input features
+        for li in range(self.parents[0].depth):
+            layers = [p.layers[li] for p in self.parents]
+            if li == 0:  # one shared pass over the input features
                 weights = [layer.weight for layer in layers]
                 full = project(x, self._input_weight)
                 us, start = [], 0
@@ -63,7 +63,7 @@ class Ensemble:
             static = []
             for j, (layer, u) in enumerate(zip(layers, us)):
                 if layer.prop == "gat":
-                    key = ("ensemble", j, l)
+                    key = ("ensemble", j, li)
                     cached = attention.get(key) if attention is not None else None
                     zs[j], att = layer_forward(layer, block, u, cached)
                     if attention is not None:

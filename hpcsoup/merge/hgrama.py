@@ -150,8 +150,8 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
 
     # transports of every parent's hidden activations into the reference basis, per layer
     transports = []
-    for l in range(depth - 1):
-        h_ref = traces[ref][l][1]
+    for li in range(depth - 1):
+        h_ref = traces[ref][li][1]
         row = []
         for j in range(k):
             if j == ref:
@@ -160,19 +160,19 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                     mu = torch.zeros_like(mu)
                 row.append(align.Transport(torch.eye(h_ref.size(1)), mu, mu))
             else:
-                row.append(align.fit_transport(traces[j][l][1], h_ref, settings.alignment, anchors))
+                row.append(align.fit_transport(traces[j][li][1], h_ref, settings.alignment, anchors))
         transports.append(row)
 
     # fold the transports into per-source projection matrices M_kj
     mix: list = [None] * depth
-    for l in range(1, depth):
-        mix[l] = []
+    for li in range(1, depth):
+        mix[li] = []
         for j in range(k):
-            w = parents[j].layers[l].weight
-            tj = transports[l - 1][j]
+            w = parents[j].layers[li].weight
+            tj = transports[li - 1][j]
             per_source = []
             for s in range(k):
-                ts = transports[l - 1][s]
+                ts = transports[li - 1][s]
                 if s == j and tj.matrix.size(0) <= tj.matrix.size(1):
                     # T_j T_j^T = I: a parent reads its own rows with its own weights, exactly
                     cross, offset = None, torch.zeros(w.size(1))
@@ -181,7 +181,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                 cross = ts.matrix @ tj.matrix.t()                          # T_s T_j^T
                 offset = (tj.mu_a - ts.mu_a @ cross) @ w                   # (mu_j - mu_s T_s T_j^T) W_j
                 per_source.append(torch.cat([cross @ w, offset.unsqueeze(0)], 0).contiguous())
-            mix[l].append(per_source)
+            mix[li].append(per_source)
 
     gate = None
     if settings.routing == "ridge":
@@ -203,15 +203,15 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
 
     if settings.calibration:
         cache_routing = child.route(feats, ops)
-        for l in range(1, depth if settings.calibrate_output else depth - 1):
+        for li in range(1, depth if settings.calibrate_output else depth - 1):
             _, trace = _capture(child, x, ops, cache_routing)
             for j in range(k):
                 rows = cache_routing.rows[j]
-                target = traces[j][l][0].index_select(0, rows)
-                scale, shift = calibrate.affine_match(trace[l][j], target, cache_routing.weights[j])
-                layer, mats = calibrate.fold(child.layer(j, l), child.mix[l][j], scale, shift)
-                child.parents[j]["layers"][l] = layer
-                child.mix[l][j] = mats
+                target = traces[j][li][0].index_select(0, rows)
+                scale, shift = calibrate.affine_match(trace[li][j], target, cache_routing.weights[j])
+                layer, mats = calibrate.fold(child.layer(j, li), child.mix[li][j], scale, shift)
+                child.parents[j]["layers"][li] = layer
+                child.mix[li][j] = mats
     child.info = {"reference": ref, "parents": [p.name for p in parents],
                   "settings": settings.to_dict(), "merge_seconds": time.perf_counter() - start,
                   "gate": None if gate is None else gate.meta()}

@@ -19,7 +19,9 @@ Targets ``Y`` never use labels:
 
 ``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
 (label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
-(squared error alone preferred unsmoothed gates that misroute more). At inference the descriptors are never built: by linearity
+(squared error alone preferred unsmoothed gates that misroute more).
+
+At inference the descriptors are never built: by linearity
 :math:`\\sum_h \\hat A^h X B_h = B_0' X + \\hat A(X B_1' + \\hat A(\\dots))`, i.e. one narrow projection
 of ``X`` and ``h + s`` propagations of width ``K`` (Horner's rule).
 

@@ -16,7 +16,7 @@ gcn      :math:`\\hat D^{-1/2}(A+I)\\hat D^{-1/2}`                 --           
 sage     :math:`D^{-1}A` (mean)                                :math:`W_r`        ReLU / id
 gat      per head :math:`\\mathrm{softmax}_j\\,\\mathrm{LReLU}(a_s^\\top W h_j + a_d^\\top W h_i)`
          over :math:`N(i)\\cup\\{i\\}`                             --                 ReLU / id
-gin      :math:`A` (sum)                                       :math:`(1+\\epsilon)W_1`  ReLU, :math:`W_2`, (ReLU)
+gin      :math:`A` (sum)                                       :math:`(1+\\epsilon)W_1`  ReLU, W2, (ReLU)
 =======  ====================================================  =================  ===============
 
 (ReLU on hidden layers, identity on the last, as in :mod:`hpcsoup.models.gnn`.)

@@ -49,8 +49,8 @@ def test_gat_attention_is_stable_for_large_logits(cora):
             conv.att_src.mul_(400.0)
             conv.att_dst.mul_(400.0)
         expected = model(cora.data.x, cora.data.edge_index)
-    got = from_pyg(spec, model.state_dict())(cora.data.x, GraphOps(cora.data.edge_index,
-                                                                      cora.num_nodes))
+    ops = GraphOps(cora.data.edge_index, cora.num_nodes)
+    got = from_pyg(spec, model.state_dict())(cora.data.x, ops)
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
 
