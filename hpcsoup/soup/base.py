@@ -103,7 +103,8 @@ class Ingredients:
         if tuple(weights.shape) != (self.num_tensors, self.n):
             raise SoupError(f"mixing weights of shape {tuple(weights.shape)}: expected "
                             f"({self.num_tensors}, {self.n}) = (tensors, experts)")
-        weights = weights.to(dtype=next(iter(self.params.values())).dtype)
+        first = next(iter(self.params.values()))
+        weights = weights.to(device=first.device, dtype=first.dtype)
         return {name: torch.tensordot(weights[p], stack, dims=1)
                 for p, (name, stack) in enumerate(self.params.items())}
 

@@ -1,0 +1,497 @@
+"""Benchmark the souping methods against each other (issue: uniform, greedy, GIS, LS, PLS).
+
+Datasets: (a) Cora with 8 GraphSAGE and 8 GCN experts, (b) Tolokers with 8 GraphSAGE experts,
+(c) synthetic-products (200k nodes, 10M directed edges) with 8 GraphSAGE experts, and a scaling
+study of every method over synthetic-products sizes.
+
+For every method: souping seconds, peak memory above the loaded data, val and test score, the
+best single expert's score, and a cost model in full-graph forward-equivalents beside the
+measured time (time / the measured time of one full-graph inference forward).
+
+Measurement:
+- one torch thread everywhere (``--threads``, default 1); the 2 cores are shared.
+- memory: every (dataset, method) runs in a fresh subprocess that loads the graph, the experts
+  and the shared evaluator, then souping runs inside :class:`hpcsoup.soup.run.PeakMemory`
+  (a thread samples RSS from /proc/self/statm every 5 ms): peak RSS during souping minus the
+  RSS right before it. ``ru_maxrss`` minus that RSS is reported as a cross-check. Workers run
+  with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise glibc's
+  dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB instead of
+  +57 MiB at 200k nodes).
+- time on the small graphs (Cora, Tolokers): in one process, methods interleaved over
+  ``--rounds`` rounds, medians (the subprocess time is reported too); on synthetic-products
+  each method runs once, in its subprocess (GIS alone costs minutes there).
+- experts are trained once (shared init, full batch, Adam, seeds 0..7 for dropout) and cached
+  in benchmarks/out/experts/.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_soup.py                 # everything (~20 min)
+    .venv/bin/python benchmarks/bench_soup.py --only cora     # one part: cora|tolokers|products|scaling
+    .venv/bin/python benchmarks/bench_soup.py --quick         # a smoke run with tiny sizes
+
+Writes benchmarks/out/bench_soup.json, prints the tables, and draws benchmarks/soup_scaling.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+METHODS = ["uniform", "greedy", "gis", "learned", "pls"]
+
+#: experts per benchmark graph: arch, count, layers, hidden, epochs, lr, eval_every
+EXPERTS = {
+    "cora-sage": dict(dataset="Cora", arch="sage", n=8, layers=2, hidden=64, epochs=40, lr=0.01,
+                      eval_every=2),
+    "cora-gcn": dict(dataset="Cora", arch="gcn", n=8, layers=2, hidden=64, epochs=40, lr=0.01,
+                     eval_every=2),
+    "tolokers-sage": dict(dataset="Tolokers", arch="sage", n=8, layers=2, hidden=64, epochs=100,
+                          lr=0.01, eval_every=2),
+    "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=8, layers=2,
+                          hidden=64, epochs=12, lr=0.02, eval_every=3),
+}
+EXPERTS_FULL = dict(EXPERTS)
+QUICK_EXPERTS = {
+    "cora-sage": dict(EXPERTS["cora-sage"], n=3, epochs=20),
+    "products-sage": dict(EXPERTS["products-sage"], nodes=5_000, n=3, epochs=6),
+}
+
+#: souping settings of the benchmark (the package defaults unless stated)
+SETTINGS = {
+    "uniform": {}, "greedy": {}, "gis": {"granularity": 20}, "learned": {},
+    "pls": {"partitions": 32, "per_step": 4},
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench_soup] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data and experts
+
+def data_root() -> Path:
+    return OUT / "data"
+
+
+def load_graph(dataset: str, nodes: int | None = None):
+    """The dataset; synthetic-products graphs are cached as .pt (generation takes seconds)."""
+    from hpcsoup.data import Graph, load_dataset
+
+    if dataset != "synthetic-products":
+        return load_dataset(dataset, data_root())
+    path = OUT / "graphs" / f"synthetic-products-{nodes}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        return Graph(saved["name"], saved["data"], saved["num_classes"], saved["metric"])
+    graph = load_dataset(dataset, data_root(), nodes=nodes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"name": graph.name, "data": graph.data, "num_classes": graph.num_classes,
+                "metric": graph.metric}, path)
+    return graph
+
+
+def train_experts(key: str, spec_args: dict) -> dict:
+    """Train (or load cached) experts from one shared init; CSR adjacency, Adam, full batch.
+
+    The same model code as souping (PyG layers on the evaluator's adjacency), so training
+    a 200k-node graph costs seconds per epoch instead of tens.
+    """
+    from hpcsoup.models import ModelSpec, build_model
+    from hpcsoup.soup.evaluate import build_adjacency
+    from torch_geometric.nn import GCNConv
+
+    path = OUT / "experts" / f"{key}.pt"
+    if spec_args != EXPERTS_FULL.get(key):  # --quick experts never replace the real ones
+        path = path.with_name(f"{key}-quick.pt")
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        if cached["config"] == spec_args:
+            return cached
+    graph = load_graph(spec_args["dataset"], spec_args.get("nodes"))
+    spec = ModelSpec(spec_args["arch"], graph.num_features, graph.num_classes,
+                     spec_args["layers"], spec_args["hidden"])
+    init = build_model(spec, seed=0).state_dict()
+    data = graph.data
+    adj = build_adjacency(spec.arch, data.edge_index, data.num_nodes)
+    train = graph.mask("train")
+    states, metrics, seconds = [], [], []
+    for i in range(spec_args["n"]):
+        model = build_model(spec)
+        model.load_state_dict(init)
+        for module in model.modules():
+            if isinstance(module, GCNConv):
+                module.normalize = False  # the adjacency holds the normalisation
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec_args["lr"], weight_decay=5e-4)
+        torch.manual_seed(1000 + i)
+        best, best_state = float("-inf"), None
+        start = time.perf_counter()
+        for epoch in range(spec_args["epochs"]):
+            model.train()
+            optimizer.zero_grad()
+            out = model(data.x, adj)
+            loss = torch.nn.functional.cross_entropy(out[train], data.y[train])
+            loss.backward()
+            optimizer.step()
+            if (epoch + 1) % spec_args["eval_every"] == 0 or epoch + 1 == spec_args["epochs"]:
+                model.eval()
+                with torch.no_grad():
+                    logits = model(data.x, adj)
+                val = graph.score(logits, "val")
+                if val > best:
+                    best = val
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    test = graph.score(logits, "test")
+        seconds.append(time.perf_counter() - start)
+        states.append(best_state)
+        metrics.append({"val": best, "test": test})
+        log(f"{key}: expert {i} val {best:.4f} test {test:.4f} ({seconds[-1]:.1f} s)")
+    saved = {"config": spec_args, "spec": spec.to_dict(), "states": states, "metrics": metrics,
+             "train_seconds": seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path)
+    return saved
+
+
+def ingredients_of(saved: dict):
+    from hpcsoup.models import ModelSpec
+    from hpcsoup.soup import Ingredients
+
+    return Ingredients.from_state_dicts(ModelSpec.from_dict(saved["spec"]), saved["states"],
+                                        [f"e{i}" for i in range(len(saved["states"]))],
+                                        [m["val"] for m in saved["metrics"]])
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def method_settings(method: str, graph_name: str) -> dict:
+    settings = dict(SETTINGS[method])
+    if method == "pls":
+        settings["partition_cache"] = str(OUT / "parts")
+    return settings
+
+
+def forward_seconds(evaluator, state: dict, repeats: int = 3) -> float:
+    """Median time of one full-graph inference forward (the cost model's unit)."""
+    evaluator.logits(state)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        evaluator.logits(state)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_method(method: str, ingredients, evaluator, graph_name: str) -> dict:
+    """Soup once, measuring seconds and peak RSS above the RSS at the start."""
+    import gc
+
+    from hpcsoup.soup import get_method
+    from hpcsoup.soup.run import PeakMemory
+
+    soup = get_method(method, **method_settings(method, graph_name))
+    gc.collect()
+    evaluations = evaluator.evaluations
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        result = soup.soup(ingredients, evaluator, seed=0)
+        seconds = time.perf_counter() - start
+    evaluator.evaluations = evaluations  # the final scoring below is not the method's
+    metrics = evaluator.metrics(result.state_dict)
+    extras = {k: v for k, v in result.extras.items() if k not in ("logits", "chosen")}
+    return {"method": method, "seconds": seconds, "peak_above_bytes": memory.above_start,
+            "rss_start_bytes": memory.start,
+            "maxrss_above_bytes": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                                      - memory.start),
+            "val": metrics["val"], "test": metrics["test"], "metric": metrics["metric"],
+            "extras": extras, "coefficients": result.coefficients}
+
+
+def setup(key: str, nodes: int | None):
+    """Graph, experts and the shared evaluator: what every method starts from."""
+    from hpcsoup.data.partition import partition
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.soup.evaluate import locality_order
+
+    spec_args = EXPERTS[key]
+    saved = train_experts(key, spec_args)
+    graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
+    ingredients = ingredients_of(saved)
+    # the shared evaluator stores the graph partition-contiguous (as `hpcsoup soup` does):
+    # full-graph methods get the memory locality PLS has by construction
+    parts = partition(graph.data.edge_index, graph.num_nodes, SETTINGS["pls"]["partitions"],
+                      seed=0, cache_dir=OUT / "parts")
+    evaluator = Evaluator(ingredients.spec, graph, order=locality_order(parts))
+    if nodes and nodes != spec_args.get("nodes"):
+        # experts trained at another size of the same generator: re-score them on this graph
+        ingredients.val_scores = [evaluator.evaluate(ingredients.expert(i))
+                                  for i in range(ingredients.n)]
+        evaluator.evaluations = 0
+    return graph, ingredients, evaluator, saved
+
+
+def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> dict:
+    """One method in this (fresh) process: what the parent records for memory."""
+    from hpcsoup.data.partition import partition
+
+    graph, ingredients, evaluator, _ = setup(key, nodes)
+    out = {}
+    # one forward before and after souping: the method's time in forward-equivalents of its
+    # own moment, so ratios between methods run minutes apart survive the shared machine's load
+    before = forward_seconds(evaluator, ingredients.mean(), repeats=1)
+    if measure_forward:
+        out["forward_seconds"] = before
+    if method == "pls":  # METIS runs once per graph and is cached on disk (not souping time)
+        start = time.perf_counter()
+        partition(graph.data.edge_index, graph.num_nodes, SETTINGS["pls"]["partitions"],
+                  seed=0, cache_dir=OUT / "parts")
+        out["partition_seconds"] = time.perf_counter() - start
+    evaluator.evaluations = 0
+    out.update(run_method(method, ingredients, evaluator, graph.name))
+    after = forward_seconds(evaluator, ingredients.mean(), repeats=1)
+    out["forward_around"] = (before + after) / 2
+    return out
+
+
+def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
+                  measure_forward: bool = False) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", key, method,
+               "--threads", str(threads)]
+    if nodes:
+        command += ["--nodes", str(nodes)]
+    if measure_forward:
+        command.append("--measure-forward")
+    if EXPERTS != EXPERTS_FULL:
+        command.append("--quick")
+    # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap:
+    # RSS would ratchet with allocation history instead of showing a method's working set.
+    # A fixed threshold returns big buffers to the OS on free (the same for every method).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {key} {method} failed with exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def cost_model(method: str, n: int, row: dict) -> tuple[str, float]:
+    """Nominal full-graph forward-equivalents of a method and their formula."""
+    e = row["extras"]
+    if method == "uniform":
+        return "0", 0.0
+    if method == "greedy":
+        return "N-1", float(n - 1)
+    if method == "gis":
+        g = SETTINGS["gis"]["granularity"]
+        return f"N+(N-1)G ({e.get('evaluations', '?')} run)", float(n + (n - 1) * g)
+    if method == "learned":
+        steps = e.get("forwards", e.get("steps", 0))
+        final = 0 if e.get("stopped_early") else 1
+        return "3E", 3.0 * steps + final
+    if method == "pls":
+        k, r = e.get("partitions", 32), e.get("per_step", 4)
+        return "3E*R/K + C", 3.0 * e.get("steps", 0) * r / k + e.get("checks", 0)
+    return "?", float("nan")
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+
+def bench_small(key: str, rounds: int, threads: int) -> dict:
+    """A small graph: timing in this process (interleaved rounds, medians), memory in workers."""
+    graph, ingredients, evaluator, saved = setup(key, None)
+    fwd = forward_seconds(evaluator, ingredients.mean(), repeats=7)
+    evaluator.evaluations = 0
+    runs: dict[str, list] = {m: [] for m in METHODS}
+    for r in range(rounds):
+        order = METHODS if r % 2 == 0 else METHODS[::-1]  # interleaved, alternating order
+        for method in order:
+            runs[method].append(run_method(method, ingredients, evaluator, graph.name))
+    rows = []
+    for method in METHODS:
+        first = runs[method][0]
+        mem = in_subprocess(key, method, None, threads)
+        row = dict(first, seconds=statistics.median(r["seconds"] for r in runs[method]),
+                   seconds_all=[r["seconds"] for r in runs[method]],
+                   seconds_subprocess=mem["seconds"], peak_above_bytes=mem["peak_above_bytes"],
+                   maxrss_above_bytes=mem["maxrss_above_bytes"])
+        rows.append(row)
+        log(f"{key} {method}: {row['seconds']:.3f} s, val {row['val']:.4f}, test {row['test']:.4f}")
+    return finish(key, graph, saved, rows, fwd)
+
+
+def bench_large(key: str, nodes: int, threads: int) -> dict:
+    """A large graph: each method once, in its own fresh process (time and memory)."""
+    rows, fwd = [], None
+    for method in METHODS:
+        row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None)
+        fwd = row.pop("forward_seconds", fwd)
+        rows.append(row)
+        log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s, +{row['peak_above_bytes'] / 2**20:.0f}"
+            f" MiB, val {row['val']:.4f}, test {row['test']:.4f}")
+    graph = load_graph(EXPERTS[key]["dataset"], nodes)
+    saved = train_experts(key, EXPERTS[key])
+    if nodes != EXPERTS[key].get("nodes"):  # experts' scores on this size
+        _, ingredients, evaluator, _ = setup(key, nodes)
+        saved = dict(saved, metrics=[dict(zip(("val", "test"), (
+            evaluator.score(evaluator.logits(ingredients.expert(i)), "val"),
+            evaluator.score(evaluator.logits(ingredients.expert(i)), "test"))))
+            for i in range(ingredients.n)])
+    return finish(key, graph, saved, rows, fwd)
+
+
+def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float) -> dict:
+    n = len(saved["states"])
+    best = max(range(n), key=lambda i: saved["metrics"][i]["val"])
+    for row in rows:
+        formula, nominal = cost_model(row["method"], n, row)
+        row["cost_formula"], row["cost_forwards"] = formula, nominal
+        row["measured_forwards"] = row["seconds"] / row.get("forward_around", fwd)
+    return {"key": key, "graph": graph.info(), "experts": n, "forward_seconds": fwd,
+            "best_expert": {"index": best, **saved["metrics"][best]},
+            "expert_test_max": max(m["test"] for m in saved["metrics"]), "rows": rows}
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(result: dict) -> str:
+    rows = {r["method"]: r for r in result["rows"]}
+    gis, ls = rows.get("gis"), rows.get("learned")
+    head = (f"{result['key']} ({result['graph']['dataset']}: {result['graph']['nodes']} nodes, "
+            f"{result['graph']['edges']} edges; {result['experts']} experts; one forward "
+            f"{result['forward_seconds']:.3f} s)\n")
+    lines = ["| method | seconds | GIS / method (seconds) | forward-eq. model | forward-eq. "
+             "measured | GIS / method (forward-eq.) | peak MiB above data | / LS memory | val | "
+             "test | work |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def ratio(a, b):
+        return f"{a / b:.1f}" if b > 1e-2 else "-"  # uniform: no forward at all
+
+    for method in METHODS:
+        r = rows[method]
+        e = r["extras"]
+        mem = r["peak_above_bytes"] / 2**20
+        vs_ls = r["peak_above_bytes"] / ls["peak_above_bytes"] if ls["peak_above_bytes"] else float("nan")
+        work = (f"{e.get('steps', '-')} steps, {e.get('checks', '-')} checks"
+                if method in ("learned", "pls") else f"{e.get('evaluations', 0)} evals")
+        lines.append(f"| {method} | {r['seconds']:.3f} | {ratio(gis['seconds'], r['seconds'])} | "
+                     f"{r['cost_formula']} = {r['cost_forwards']:.1f} | {r['measured_forwards']:.1f} | "
+                     f"{ratio(gis['measured_forwards'], r['measured_forwards'])} | {mem:.1f} | "
+                     f"{vs_ls:.2f} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | {work} |")
+    best = result["best_expert"]
+    lines.append(f"| best expert (by val) | | | | | | | | {100 * best['val']:.2f} | "
+                 f"{100 * best['test']:.2f} | |")
+    return head + "\n".join(lines)
+
+
+def plot(scaling: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_f, ax_m) = plt.subplots(1, 3, figsize=(15, 4.4))
+    sizes = [r["graph"]["nodes"] for r in scaling]
+    for method in METHODS:
+        rows = [next(x for x in r["rows"] if x["method"] == method) for r in scaling]
+        ax_m.plot(sizes, [x["peak_above_bytes"] / 2**20 for x in rows], "o-", label=method)
+        if method == "uniform":  # no forward at all: < 1 ms at every size
+            continue
+        ax_t.plot(sizes, [x["seconds"] for x in rows], "o-", label=method)
+        ax_f.plot(sizes, [x["measured_forwards"] for x in rows], "o-", label=method)
+    xlabel = "nodes (synthetic-products, mean degree 50)"
+    ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="souping seconds (1 thread)",
+             title="time (uniform: < 1 ms)")
+    ax_f.set(xscale="log", yscale="log", xlabel=xlabel,
+             ylabel="seconds / one full-graph forward", title="time in forward-equivalents")
+    ax_m.set(xscale="log", xlabel=xlabel, ylabel="peak RSS above loaded data (MiB)",
+             title="memory")
+    for ax in (ax_t, ax_f, ax_m):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Souping 8 GraphSAGE experts: time and memory vs graph size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def scaling_table(scaling: list[dict]) -> str:
+    lines = ["| nodes | edges | " + " | ".join(f"{m} s / MiB" for m in METHODS) + " |",
+             "|---|---|" + "---|" * len(METHODS)]
+    for r in scaling:
+        cells = []
+        for method in METHODS:
+            x = next(x for x in r["rows"] if x["method"] == method)
+            cells.append(f"{x['seconds']:.1f} / {x['peak_above_bytes'] / 2**20:.0f}")
+        lines.append(f"| {r['graph']['nodes']} | {r['graph']['edges']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="cora,tolokers,products",
+                        help="comma list of cora, tolokers, products (the scaling study)")
+    parser.add_argument("--sizes", default="50000,100000,200000",
+                        help="synthetic-products sizes (the largest is benchmark (c))")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds on small graphs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--train", nargs="+", metavar="KEY", help="only train (cache) these experts")
+    parser.add_argument("--worker", nargs=2, metavar=("KEY", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-forward", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        EXPERTS.clear()
+        EXPERTS.update(QUICK_EXPERTS)
+        SETTINGS["pls"] = {"partitions": 8, "per_step": 1}
+    if args.train:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        for key in args.train:
+            train_experts(key, EXPERTS[key])
+        return 0
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward)))
+        return 0
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    OUT.mkdir(parents=True, exist_ok=True)
+    parts = args.only.split(",")
+    results: dict = {"threads": args.threads, "rounds": args.rounds, "settings": SETTINGS,
+                     "command": " ".join(["benchmarks/bench_soup.py"] + (argv or sys.argv[1:]))}
+    start = time.perf_counter()
+    if "cora" in parts:
+        results["cora"] = [bench_small(k, args.rounds, args.threads)
+                           for k in ("cora-sage", "cora-gcn") if k in EXPERTS]
+    if "tolokers" in parts and "tolokers-sage" in EXPERTS:
+        results["tolokers"] = [bench_small("tolokers-sage", args.rounds, args.threads)]
+    if "products" in parts:
+        sizes = [int(s) for s in args.sizes.split(",")] if not args.quick else [2_000, 5_000]
+        results["scaling"] = [bench_large("products-sage", n, args.threads) for n in sizes]
+    results["seconds"] = time.perf_counter() - start
+    name = "bench_soup_quick.json" if args.quick else "bench_soup.json"
+    (OUT / name).write_text(json.dumps(results, indent=1))
+    for group in ("cora", "tolokers", "scaling"):
+        for result in results.get(group, []):
+            print(table(result), end="\n\n")
+    if results.get("scaling"):
+        print(scaling_table(results["scaling"]))
+        plot(results["scaling"], OUT / "soup_scaling.png" if args.quick else HERE / "soup_scaling.png")
+    print(f"\n{results['seconds']:.0f} s in all; JSON in {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
