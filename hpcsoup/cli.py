@@ -63,7 +63,8 @@ def cmd_run(args) -> dict:
 
 def cmd_submit(args) -> dict:
     from hpcsoup.pipeline import submit
-    return submit(_config(args), config_path=args.config, overrides=args.overrides,
+    overrides = list(args.overrides) + ([f"store={json.dumps(args.store)}"] if args.store else [])
+    return submit(_config(args), config_path=args.config, overrides=overrides,
                   dry_run=args.dry_run)
 
 

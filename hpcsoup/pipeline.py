@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hpcsoup.config import Section
-from hpcsoup.errors import HpcsoupError
+from hpcsoup.errors import ConfigError, HpcsoupError
 
 
 def _log(message: str) -> None:
@@ -103,7 +103,7 @@ def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
     from hpcsoup.train.sweep import array_size
 
     if not config_path:
-        raise HpcsoupError("hpcsoup submit needs the config as a file that the compute nodes can "
+        raise ConfigError("hpcsoup submit needs the config as a file that the compute nodes can "
                            "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
     args = [str(config_path)] + [a for kv in overrides for a in ("--set", kv)]
     options = slurm_options(cfg)
