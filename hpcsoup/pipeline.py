@@ -104,7 +104,7 @@ def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
 
     if not config_path:
         raise ConfigError("hpcsoup submit needs the config as a file that the compute nodes can "
-                           "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
+                          "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
     args = [str(config_path)] + [a for kv in overrides for a in ("--set", kv)]
     options = slurm_options(cfg)
     # The jobs run this interpreter (the scripts read HPCSOUP_PYTHON; sbatch exports the environment).
