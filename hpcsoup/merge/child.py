@@ -258,15 +258,29 @@ class MergedGNN(nn.Module):
         return out
 
     def _project_stream(self, acts, li: int, j: int, routing: Routing) -> torch.Tensor:
-        """Parent j's layer-l projection of the stream on its support (sum over source parents).
+        """Parent j's layer-li projection of the stream on its support (sum over source parents).
 
         A source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row of
-        ``M_kj`` is the transport's offset.
+        ``M_kj`` is the transport's offset. Under hard routing parent j's own rows fill the
+        support's prefix directly and only the boundary rows (read from other parents) are
+        scattered.
         """
         block = routing.blocks[j]
         mats = self.mix[li][j]
+        cols = mats[0].size(1)
         out = None
+        if routing.hard:
+            a, _ = acts[j]
+            m = mats[j]
+            if block.support is None:
+                out = torch.addmm(m[-1], a, m[:-1])
+            else:
+                out = torch.empty(block.n_support, cols)
+                torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
+                out[block.n_rows:] = 0.0
         for k, (a, w) in enumerate(acts):
+            if routing.hard and k == j:
+                continue
             src, dst = routing.pair(k, j)
             if dst.numel() == 0:
                 continue
@@ -274,19 +288,12 @@ class MergedGNN(nn.Module):
                 a = a.index_select(0, src)
                 w = None if w is None else w.index_select(0, src)
             m = mats[k]
-            if w is None:
-                part = torch.addmm(m[-1], a, m[:-1])
-            else:
-                part = torch.addmm(w * m[-1], a, m[:-1])
-            if out is None and dst.numel() == block.n_support and src is None \
-                    and block.support is None and a.size(0) == block.n_support:
-                out = part  # the only source covers every row in order
-                continue
+            part = torch.addmm(m[-1] if w is None else w * m[-1], a, m[:-1])
             if out is None:
-                out = torch.zeros(block.n_support, m.size(1))
+                out = torch.zeros(block.n_support, cols)
             out.index_add_(0, dst, part)
         if out is None:
-            out = torch.zeros(block.n_support, mats[0].size(1))
+            out = torch.zeros(block.n_support, cols)
         return out
 
     def _propagate(self, layers, proj, routing: Routing, attention, li: int) -> list[torch.Tensor]:

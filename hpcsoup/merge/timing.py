@@ -2,7 +2,8 @@
 
 The 2 cores of a shared machine make absolute times noisy (ENVIRONMENT.md), so the child and the
 ensemble run **interleaved** in one process, each regime once per round, and the reported numbers
-are medians over rounds and ratios of medians. Three regimes:
+are medians over rounds; speedups are medians of the per-round ratios (a child run and the
+ensemble run next to it share whatever load the machine has then). Three regimes:
 
 - ``uncached``: every forward builds the graph operators (CSR, degrees), the child's routing and
   all attention from scratch, on both sides;
@@ -57,16 +58,25 @@ def _time(child, ensemble, x, edge_index, repeats, undirected, warmup) -> dict:
         ("ensemble", "cached_attention"): lambda: ensemble(x, cache=ens_att),
     }
     times = {key: [] for key in runs}
+    keys = list(runs)
     for round_ in range(warmup + max(1, repeats)):
-        for key, run in runs.items():
+        # alternate who goes first within each regime's pair, so neither side always runs warm
+        order = keys if round_ % 2 == 0 else [k for i in range(0, len(keys), 2)
+                                               for k in (keys[i + 1], keys[i])]
+        for key in order:
+            run = runs[key]
             start = time.perf_counter()
             run()
             if round_ >= warmup:
                 times[key].append(time.perf_counter() - start)
     med = {key: statistics.median(v) for key, v in times.items()}
+    # the speedup is the median of per-round ratios: a child run and its ensemble run are
+    # adjacent in time, so a burst of load from other processes hits both
+    ratio = {r: statistics.median(e / c for e, c in zip(times[("ensemble", r)],
+                                                        times[("child", r)])) for r in REGIMES}
     return {
         "child": {r: med[("child", r)] for r in REGIMES},
         "ensemble": {r: med[("ensemble", r)] for r in REGIMES},
-        "speedup": {r: med[("ensemble", r)] / med[("child", r)] for r in REGIMES},
+        "speedup": ratio,
         "repeats": max(1, repeats), "threads": torch.get_num_threads(),
     }

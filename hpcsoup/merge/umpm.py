@@ -131,23 +131,25 @@ class GraphOps:
         shift = torch.repeat_interleave(self.crow[rows] - crow[:-1], counts, output_size=total)
         entries = torch.arange(total) + shift
         col = self.col.index_select(0, entries)
+        # support = the rows first, then the other nodes they read: a row's own entry in any
+        # support-indexed tensor is then a prefix view, never a gather
         mark = torch.zeros(n, dtype=torch.bool)
         mark[col] = True
-        mark[rows] = True
-        support = mark.nonzero().view(-1)
+        mark[rows] = False
+        support = torch.cat([rows, mark.nonzero().view(-1)])
         local = torch.full((n,), -1, dtype=torch.long)
         local[support] = torch.arange(support.numel())
         row_local = torch.repeat_interleave(torch.arange(rows.numel()), counts, output_size=total)
         return Block(self, rows, support, crow, local.index_select(0, col), row_local,
-                     self_pos=local.index_select(0, rows))
+                     rows_first=True)
 
 
 @dataclasses.dataclass
 class Block:
     """Rows of the graph operators and the support (columns) they read.
 
-    ``rows``/``support`` are ``None`` for the whole graph. ``self_pos`` holds the position of each
-    row inside the support (rows are part of their own support).
+    ``rows``/``support`` are ``None`` for the whole graph. A restricted block's support starts with
+    its rows (``rows_first``), so a row's own entry of a support-indexed tensor is ``u[:n_rows]``.
     """
 
     ops: GraphOps
@@ -156,7 +158,7 @@ class Block:
     crow: torch.Tensor
     col: torch.Tensor
     row: torch.Tensor
-    self_pos: torch.Tensor | None = None
+    rows_first: bool = False
     _vec: dict = dataclasses.field(default_factory=dict)
     _ones: torch.Tensor | None = None
 
@@ -189,7 +191,7 @@ class Block:
 
     def on_rows(self, u: torch.Tensor) -> torch.Tensor:
         """Rows of a support-indexed tensor that belong to this block's rows."""
-        return u if self.self_pos is None else u.index_select(0, self.self_pos)
+        return u[:self.n_rows] if self.rows_first else u
 
     def spmm(self, u: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """``A[rows, support] @ u`` (binary adjacency, or ``values`` per stored entry)."""
