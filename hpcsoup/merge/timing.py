@@ -61,8 +61,8 @@ def _time(child, ensemble, x, edge_index, repeats, undirected, warmup) -> dict:
     keys = list(runs)
     for round_ in range(warmup + max(1, repeats)):
         # alternate who goes first within each regime's pair, so neither side always runs warm
-        order = keys if round_ % 2 == 0 else [k for i in range(0, len(keys), 2)
-                                               for k in (keys[i + 1], keys[i])]
+        swapped = [k for i in range(0, len(keys), 2) for k in (keys[i + 1], keys[i])]
+        order = keys if round_ % 2 == 0 else swapped
         for key in order:
             run = runs[key]
             start = time.perf_counter()
