@@ -9,7 +9,10 @@ Measurement: wall time of the whole call (Dask LocalCluster start, worker import
 load, training, store writes), the variants interleaved over ``--rounds`` rounds, medians; the
 experts' own ``train_seconds`` (sum over experts) as the compute inside; and a check that every
 variant produced bit-identical weights (same seeds). The 2 cores are shared with other work:
-ratios from one process are what to compare.
+ratios from one process are what to compare, and the 1-minute load average before and after
+each variant is recorded (a speedup needs idle cores: with the load above the core count, more
+workers only share the same CPU time). As a control, each round first measures the speedup the
+machine gives right then to two single-thread processes running a fixed torch workload.
 
 Usage::
 
@@ -51,6 +54,34 @@ def _config(store: Path, args, workers: int):
     })
 
 
+def _burn(seconds_alone: float, iterations: int | None = None) -> float:
+    """A fixed single-thread torch workload; returns its wall time."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    start = time.perf_counter()
+    for _ in range(iterations or 1):
+        a = torch.tanh(a @ a * 1e-3)
+    return time.perf_counter() - start
+
+
+def machine_capacity(iterations: int = 3000) -> float:
+    """Speedup this machine gives right now to 2 single-thread processes over 1 (ideal: 2.0).
+
+    The control for the workers' speedup: the same fixed workload alone, then in two
+    concurrent processes; ``2 * t_alone / t_pair``.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        alone = pool.apply(_burn, (0.0, iterations))
+    with ctx.Pool(2) as pool:
+        start = time.perf_counter()
+        pool.starmap(_burn, [(0.0, iterations)] * 2)
+        pair = time.perf_counter() - start
+    return 2 * alone / pair
+
+
 def _weights(store: Path) -> dict:
     s = Store.open(store)
     return {g.id: s.load_group("experts", g.id)[0] for g in s.groups("experts")}
@@ -76,8 +107,11 @@ def main() -> None:
     reference = None
     for r in range(args.rounds):
         order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
+        capacity = machine_capacity()
+        print(f"round {r}: the machine gives 2 processes {capacity:.2f}x of 1 now", file=sys.stderr)
         for name, workers in order:
             store = work / f"r{r}-{workers}.zarr"
+            load_before = os.getloadavg()[0]
             start = time.perf_counter()
             out = run_train(_config(store, args, workers), all_tasks=True)
             wall = time.perf_counter() - start
@@ -86,6 +120,8 @@ def main() -> None:
             compute = sum(g.attrs["train_seconds"] for g in experts)
             rows[name].append({"wall_s": wall, "train_seconds_sum": compute,
                                "workers": out["workers"], "experts": len(experts),
+                               "loadavg_1min": [load_before, os.getloadavg()[0]],
+                               "machine_capacity_2_procs": capacity,
                                "val": [g.attrs["metrics"]["val"] for g in experts],
                                "test": [g.attrs["metrics"]["test"] for g in experts]})
             weights = _weights(store)
@@ -95,7 +131,8 @@ def main() -> None:
                        for p in reference[k])
             rows[name][-1]["identical_to_first"] = same
             print(f"round {r} {name}: {wall:.1f} s wall, {compute:.1f} s of training, "
-                  f"identical weights: {same}", file=sys.stderr)
+                  f"identical weights: {same}, load average {load_before:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr)
             shutil.rmtree(store)
     base = statistics.median(x["wall_s"] for x in rows["1 worker"])
     table = []
@@ -108,12 +145,17 @@ def main() -> None:
                       "identical": all(x["identical_to_first"] for x in runs)})
     print(f"\n{args.experts} SAGE experts on Cora, {args.epochs} epochs, 1 torch thread per worker, "
           f"{cores} cores, median of {args.rounds} round(s)")
-    print("| variant | wall s | speedup | sum of experts' train s | mean val | mean test | identical |")
-    print("|---|---|---|---|---|---|---|")
-    for t in table:
+    print("| variant | wall s | speedup | sum of experts' train s | mean val | mean test | identical "
+          "| load avg before/after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t, runs in zip(table, rows.values()):
+        loads = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in (x["loadavg_1min"] for x in runs))
         print(f"| {t['variant']} | {t['wall_s']:.1f} | {t['speedup']:.2f}x | "
               f"{t['train_seconds_sum']:.1f} | {t['val_mean']:.4f} | {t['test_mean']:.4f} | "
-              f"{t['identical']} |")
+              f"{t['identical']} | {loads} |")
+    caps = [x["machine_capacity_2_procs"] for x in rows["1 worker"]]
+    print(f"\ncontrol: 2 single-thread processes ran {', '.join(f'{c:.2f}x' for c in caps)} as fast as 1 "
+          f"(per round; ideal 2.00x on 2 idle cores)")
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_train.json").write_text(json.dumps(
         {"experts": args.experts, "epochs": args.epochs, "rounds": args.rounds, "cores": cores,
