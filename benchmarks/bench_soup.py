@@ -17,9 +17,14 @@ Measurement:
   with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise glibc's
   dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB instead of
   +57 MiB at 200k nodes).
-- time on the small graphs (Cora, Tolokers): in one process, methods interleaved over
-  ``--rounds`` rounds, medians (the subprocess time is reported too); on synthetic-products
-  each method runs once, in its subprocess (GIS alone costs minutes there).
+- time: wall-clock and CPU seconds of the souping thread (``time.thread_time``; with one
+  torch thread every op runs in it). The 2 cores are shared with other jobs (load average
+  3-11 during the runs), which inflates wall-clock time by whatever else runs at that moment;
+  CPU time counts only this process's work, so speed ratios are quoted from CPU time (wall
+  ratios beside them). On the small graphs (Cora, Tolokers) the methods run in one process,
+  interleaved over ``--rounds`` rounds, medians; on synthetic-products each method runs once,
+  in its subprocess (GIS alone costs minutes there), and the forward-equivalents divide its
+  CPU time by the CPU time of one full-graph forward measured in the same process.
 - experts are trained once (shared init, full batch, Adam, seeds 0..7 for dropout) and cached
   in benchmarks/out/experts/.
 
@@ -28,6 +33,7 @@ Usage::
     .venv/bin/python benchmarks/bench_soup.py                 # everything (~20 min)
     .venv/bin/python benchmarks/bench_soup.py --only cora     # one part: cora|tolokers|products|scaling
     .venv/bin/python benchmarks/bench_soup.py --quick         # a smoke run with tiny sizes
+    .venv/bin/python benchmarks/bench_soup.py --tune          # the LS settings grid (defaults)
 
 Writes benchmarks/out/bench_soup.json, prints the tables, and draws benchmarks/soup_scaling.png.
 """
@@ -183,15 +189,16 @@ def method_settings(method: str, graph_name: str) -> dict:
     return settings
 
 
-def forward_seconds(evaluator, state: dict, repeats: int = 3) -> float:
-    """Median time of one full-graph inference forward (the cost model's unit)."""
+def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one full-graph inference forward (the cost model's unit)."""
     evaluator.logits(state)  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         evaluator.logits(state)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def run_method(method: str, ingredients, evaluator, graph_name: str) -> dict:
@@ -205,13 +212,14 @@ def run_method(method: str, ingredients, evaluator, graph_name: str) -> dict:
     gc.collect()
     evaluations = evaluator.evaluations
     with PeakMemory() as memory:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         result = soup.soup(ingredients, evaluator, seed=0)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
     evaluator.evaluations = evaluations  # the final scoring below is not the method's
     metrics = evaluator.metrics(result.state_dict)
     extras = {k: v for k, v in result.extras.items() if k not in ("logits", "chosen")}
-    return {"method": method, "seconds": seconds, "peak_above_bytes": memory.above_start,
+    return {"method": method, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_above_bytes": memory.above_start,
             "rss_start_bytes": memory.start,
             "maxrss_above_bytes": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                                       - memory.start),
@@ -261,7 +269,7 @@ def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> d
     evaluator.evaluations = 0
     out.update(run_method(method, ingredients, evaluator, graph.name))
     after = forward_seconds(evaluator, ingredients.mean(), repeats=1)
-    out["forward_around"] = (before + after) / 2
+    out["forward_cpu_around"] = (before[1] + after[1]) / 2
     return out
 
 
@@ -324,6 +332,7 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
         first = runs[method][0]
         mem = in_subprocess(key, method, None, threads)
         row = dict(first, seconds=statistics.median(r["seconds"] for r in runs[method]),
+                   cpu_seconds=statistics.median(r["cpu_seconds"] for r in runs[method]),
                    seconds_all=[r["seconds"] for r in runs[method]],
                    seconds_subprocess=mem["seconds"], peak_above_bytes=mem["peak_above_bytes"],
                    maxrss_above_bytes=mem["maxrss_above_bytes"])
@@ -339,7 +348,8 @@ def bench_large(key: str, nodes: int, threads: int) -> dict:
         row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None)
         fwd = row.pop("forward_seconds", fwd)
         rows.append(row)
-        log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s, +{row['peak_above_bytes'] / 2**20:.0f}"
+        log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s ({row['cpu_seconds']:.1f} s CPU), "
+            f"+{row['peak_above_bytes'] / 2**20:.0f}"
             f" MiB, val {row['val']:.4f}, test {row['test']:.4f}")
     graph = load_graph(EXPERTS[key]["dataset"], nodes)
     saved = train_experts(key, EXPERTS[key])
@@ -358,7 +368,7 @@ def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float) -> dict:
     for row in rows:
         formula, nominal = cost_model(row["method"], n, row)
         row["cost_formula"], row["cost_forwards"] = formula, nominal
-        row["measured_forwards"] = row["seconds"] / row.get("forward_around", fwd)
+        row["measured_forwards"] = row["cpu_seconds"] / row.get("forward_cpu_around", fwd[1])
     return {"key": key, "graph": graph.info(), "experts": n, "forward_seconds": fwd,
             "best_expert": {"index": best, **saved["metrics"][best]},
             "expert_test_max": max(m["test"] for m in saved["metrics"]), "rows": rows}
@@ -371,11 +381,11 @@ def table(result: dict) -> str:
     gis, ls = rows.get("gis"), rows.get("learned")
     head = (f"{result['key']} ({result['graph']['dataset']}: {result['graph']['nodes']} nodes, "
             f"{result['graph']['edges']} edges; {result['experts']} experts; one forward "
-            f"{result['forward_seconds']:.3f} s)\n")
-    lines = ["| method | seconds | GIS / method (seconds) | forward-eq. model | forward-eq. "
-             "measured | GIS / method (forward-eq.) | peak MiB above data | / LS memory | val | "
-             "test | work |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+            f"{result['forward_seconds'][0]:.3f} s wall, {result['forward_seconds'][1]:.3f} s CPU)\n")
+    lines = ["| method | wall s | CPU s | GIS / method (wall) | GIS / method (CPU) | "
+             "forward-eq. model | forward-eq. measured (CPU) | peak MiB above data | / LS memory | "
+             "val | test | work |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
 
     def ratio(a, b):
         return f"{a / b:.1f}" if b > 1e-2 else "-"  # uniform: no forward at all
@@ -387,12 +397,14 @@ def table(result: dict) -> str:
         vs_ls = r["peak_above_bytes"] / ls["peak_above_bytes"] if ls["peak_above_bytes"] else float("nan")
         work = (f"{e.get('steps', '-')} steps, {e.get('checks', '-')} checks"
                 if method in ("learned", "pls") else f"{e.get('evaluations', 0)} evals")
-        lines.append(f"| {method} | {r['seconds']:.3f} | {ratio(gis['seconds'], r['seconds'])} | "
+        lines.append(f"| {method} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+                     f"{ratio(gis['seconds'], r['seconds'])} | "
+                     f"{ratio(gis['cpu_seconds'], r['cpu_seconds'])} | "
                      f"{r['cost_formula']} = {r['cost_forwards']:.1f} | {r['measured_forwards']:.1f} | "
-                     f"{ratio(gis['measured_forwards'], r['measured_forwards'])} | {mem:.1f} | "
+                     f"{mem:.1f} | "
                      f"{vs_ls:.2f} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | {work} |")
     best = result["best_expert"]
-    lines.append(f"| best expert (by val) | | | | | | | | {100 * best['val']:.2f} | "
+    lines.append(f"| best expert (by val) | | | | | | | | | {100 * best['val']:.2f} | "
                  f"{100 * best['test']:.2f} | |")
     return head + "\n".join(lines)
 
@@ -410,10 +422,10 @@ def plot(scaling: list[dict], path: Path) -> None:
         ax_m.plot(sizes, [x["peak_above_bytes"] / 2**20 for x in rows], "o-", label=method)
         if method == "uniform":  # no forward at all: < 1 ms at every size
             continue
-        ax_t.plot(sizes, [x["seconds"] for x in rows], "o-", label=method)
+        ax_t.plot(sizes, [x["cpu_seconds"] for x in rows], "o-", label=method)
         ax_f.plot(sizes, [x["measured_forwards"] for x in rows], "o-", label=method)
     xlabel = "nodes (synthetic-products, mean degree 50)"
-    ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="souping seconds (1 thread)",
+    ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="souping CPU seconds (1 thread)",
              title="time (uniform: < 1 ms)")
     ax_f.set(xscale="log", yscale="log", xlabel=xlabel,
              ylabel="seconds / one full-graph forward", title="time in forward-equivalents")
@@ -428,14 +440,50 @@ def plot(scaling: list[dict], path: Path) -> None:
 
 
 def scaling_table(scaling: list[dict]) -> str:
-    lines = ["| nodes | edges | " + " | ".join(f"{m} s / MiB" for m in METHODS) + " |",
+    lines = ["| nodes | edges | " + " | ".join(f"{m} CPU s / MiB" for m in METHODS) + " |",
              "|---|---|" + "---|" * len(METHODS)]
     for r in scaling:
         cells = []
         for method in METHODS:
             x = next(x for x in r["rows"] if x["method"] == method)
-            cells.append(f"{x['seconds']:.1f} / {x['peak_above_bytes'] / 2**20:.0f}")
+            cells.append(f"{x['cpu_seconds']:.1f} / {x['peak_above_bytes'] / 2**20:.0f}")
         lines.append(f"| {r['graph']['nodes']} | {r['graph']['edges']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: the learned-souping settings compared by --tune (optimizer, lr, patience; min_delta 0)
+TUNE_GRID = [("adam", lr, p) for lr in (0.03, 0.1, 0.3, 1.0) for p in (3, 5, 10)] + \
+            [("sgd", lr, p) for lr in (5.0, 20.0, 80.0) for p in (3, 5, 10)]
+
+
+def tune(keys: list[str]) -> str:
+    """LS optimizer/lr/patience grid on small graphs (one process, one run each): the basis of
+    the package defaults. Scored against GIS from the same process."""
+    from hpcsoup.soup import get_method
+
+    lines = []
+    for key in keys:
+        graph, ingredients, evaluator, _ = setup(key, None)
+        start = time.perf_counter()
+        gis = get_method("gis").soup(ingredients, evaluator)
+        gis_seconds = time.perf_counter() - start
+        gis_metrics = evaluator.metrics(gis.state_dict)
+        lines += [f"\n{key}: GIS {gis_seconds:.2f} s, val {100 * gis_metrics['val']:.2f}, test "
+                  f"{100 * gis_metrics['test']:.2f}",
+                  "| optimizer | lr | patience | seconds | GIS / LS | steps | best step | val | test |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for optimizer, lr, patience in TUNE_GRID:
+            method = get_method("learned", optimizer=optimizer, lr=lr, patience=patience,
+                                min_delta=0.0, momentum=0.9)
+            start = time.perf_counter()
+            result = method.soup(ingredients, evaluator)
+            seconds = time.perf_counter() - start
+            m = evaluator.metrics(result.state_dict)
+            lines.append(f"| {optimizer} | {lr:g} | {patience} | {seconds:.2f} | "
+                         f"{gis_seconds / seconds:.1f} | {result.extras['steps']} | "
+                         f"{result.extras['best_step']} | {100 * m['val']:.2f} | "
+                         f"{100 * m['test']:.2f} |")
+            log(lines[-1])
     return "\n".join(lines)
 
 
@@ -449,6 +497,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--train", nargs="+", metavar="KEY", help="only train (cache) these experts")
+    parser.add_argument("--tune", nargs="*", metavar="KEY",
+                        help="only the LS settings grid (default keys: cora-sage cora-gcn)")
     parser.add_argument("--worker", nargs=2, metavar=("KEY", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure-forward", action="store_true", help=argparse.SUPPRESS)
@@ -462,6 +512,9 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
         for key in args.train:
             train_experts(key, EXPERTS[key])
+        return 0
+    if args.tune is not None:
+        print(tune(args.tune or ["cora-sage", "cora-gcn"]))
         return 0
     if args.worker:
         print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward)))
