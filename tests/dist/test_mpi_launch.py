@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_store, last_json, launch, python, write_config
+from dist_support import copy_store, last_json, launch, python, write_config
 
 #: not `mpi`: these tests start mpiexec themselves (never run them inside ranks)
 pytestmark = pytest.mark.slow

@@ -94,7 +94,7 @@ def _prepared(comm, shared_dir, graph, partitions, halo):
 
 @pytest.mark.parametrize("arch,halo", [("sage", 0), ("gcn", 2)])
 def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, arch, halo):
-    from conftest import tiny_graph
+    from dist_support import tiny_graph
     from hpcsoup.dist.shards import load_shard
     from hpcsoup.soup.pls import LocalPartitionSource
 
@@ -117,7 +117,7 @@ def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, a
 def test_a_missing_partition_names_itself(shared_dir):
     import shutil
 
-    from conftest import tiny_graph
+    from dist_support import tiny_graph
     from hpcsoup.dist.shards import load_shard, prepare
 
     comm = self_comm()
@@ -147,7 +147,7 @@ def _distributed_pls(comm, path, ingredients, settings, seed=5):
 
 @pytest.mark.parametrize("arch,metric", [("sage", "accuracy"), ("gcn", "rocauc")])
 def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric):
-    from conftest import tiny_experts, tiny_graph
+    from dist_support import tiny_experts, tiny_graph
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.pls import PartitionLearnedSoup
 
@@ -171,7 +171,7 @@ def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metri
 
 
 def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_dir):
-    from conftest import tiny_experts, tiny_graph
+    from dist_support import tiny_experts, tiny_graph
     from hpcsoup.dist.pls_mpi import ShardEvaluator, ShardSource, Subgraphs, shard_scores
     from hpcsoup.dist.shards import load_shard
     from hpcsoup.soup import Evaluator

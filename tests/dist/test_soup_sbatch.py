@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO, copy_store, last_json, launch, python, write_config
+from dist_support import REPO, copy_store, last_json, launch, python, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from hpcsoup.merge.route import RidgeGate
 from hpcsoup.merge.umpm import from_pyg
 from hpcsoup.models import build_model
 
-from conftest import train_specialist, trained_on
+from merge_support import train_specialist, trained_on
 
 
 def _permuted(spec, state: dict, perm: torch.Tensor) -> dict:

@@ -25,7 +25,7 @@ def test_draws_depend_on_seed_and_step_only():
 
 @pytest.mark.parametrize("arch", ["sage", "gcn"])
 def test_halo_of_layers_makes_partition_predictions_exact(tiny_graph, arch):
-    from conftest import train_experts
+    from soup_support import train_experts
 
     experts = train_experts(tiny_graph, arch=arch, n=2, epochs=5)
     evaluator = Evaluator(experts.spec, tiny_graph)
@@ -136,7 +136,7 @@ def test_splitting_partitions_over_workers_gives_the_same_soup(tiny_graph, tiny_
 
 
 def test_rocauc_check_gathers_per_node_scores(tiny_graph):
-    from conftest import make_graph, train_experts
+    from soup_support import make_graph, train_experts
 
     graph = make_graph(metric="rocauc", seed=1)
     experts = train_experts(graph, n=2, epochs=5)
