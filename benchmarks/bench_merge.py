@@ -67,8 +67,8 @@ GRID = {
                      eval_every=2, lr=0.01, wd=5e-4, depth3_splits=("metis", "random")),
     "Minesweeper": dict(splits=("metis", "random"), depths=(2, 3), pairs=PAIRS, epochs=40,
                         eval_every=5, lr=0.01, wd=0.0, depth3_splits=("metis",)),
-    "Tolokers": dict(splits=("metis", "random"), depths=(2,), pairs=PAIRS, epochs=20,
-                     eval_every=5, lr=0.01, wd=0.0, random_pairs=(("gcn", "gat"),)),
+    "Tolokers": dict(splits=("metis", "random"), depths=(2, 3), pairs=PAIRS, epochs=20,
+                     eval_every=5, lr=0.01, wd=0.0, depth3_splits=("metis",)),
 }
 HIDDEN, HEADS = 64, 4  # widths multiples of 8 (ENVIRONMENT.md: 129 vs 128 columns ran 1.4x slower)
 
@@ -203,7 +203,8 @@ def part_tradeoff(graph, dataset, repeats):
 
 FINDINGS = [("default", HGramaSettings()),
             ("route_target=confidence", HGramaSettings(route_target="confidence", anchors=2000)),
-            ("reference=0 (not GAT)", HGramaSettings(reference=0)),
+            ("reference=0 (GCN, not GAT)", HGramaSettings(reference=0)),
+            ("reference=1 (SAGE, not GAT)", HGramaSettings(reference=1)),
             ("calibrate_output", HGramaSettings(calibrate_output=True)),
             ("gate_standardize", HGramaSettings(gate_standardize=True)),
             ("readout=logits", HGramaSettings(readout="logits"))]
@@ -212,10 +213,12 @@ FINDINGS = [("default", HGramaSettings()),
 def part_findings(graph, dataset, repeats):
     rows = []
     for split, depth, archs in cases(dataset):
-        if depth != 2 or archs != ("gcn", "gat"):
+        if depth != 2 or archs not in (("gcn", "gat"), TRIPLE):
             continue
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
         for name, settings in FINDINGS:
+            if name.startswith("reference=1") and archs != TRIPLE:
+                continue  # two parents: Procrustes is symmetric, the reference cannot matter
             m = run_merge_case(graph, nets, trained_on, masks, settings, repeats, timing=False)
             rows.append({"dataset": dataset, "split": split, "depth": depth, "parents": list(archs),
                          "setting": name, "child": summary(m)})
@@ -312,20 +315,20 @@ def report() -> str:
     finds = [r for f in sorted(OUT.glob("merge_findings_*.json")) for r in json.loads(f.read_text())]
     if finds:
         lines.append("")
-        lines.append("Prototype findings checked (GCN+GAT, depth 2; retention mean / worst):")
+        lines.append("Prototype findings checked (depth 2; retention mean / worst):")
         lines.append("")
         names = [n for n, _ in FINDINGS]
-        lines.append("| dataset | split | " + " | ".join(names) + " |")
-        lines.append("|---|---|" + "---|" * len(names))
-        keys = sorted({(r["dataset"], r["split"]) for r in finds})
-        for ds, split in keys:
+        lines.append("| dataset | split | parents | " + " | ".join(names) + " |")
+        lines.append("|---|---|---|" + "---|" * len(names))
+        keys = sorted({(r["dataset"], r["split"], "+".join(r["parents"])) for r in finds})
+        for ds, split, ps in keys:
             cells = []
             for n in names:
-                r = next((r for r in finds if (r["dataset"], r["split"], r["setting"]) == (ds, split, n)),
-                         None)
+                r = next((r for r in finds if (r["dataset"], r["split"], "+".join(r["parents"]),
+                                               r["setting"]) == (ds, split, ps, n)), None)
                 cells.append("-" if r is None else
                              f"{r['child']['retention_mean']:.3f} / {r['child']['retention_min']:.3f}")
-            lines.append(f"| {ds} | {split} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ds} | {split} | {ps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
