@@ -417,13 +417,17 @@ def plot(scaling: list[dict], path: Path) -> None:
 
     fig, (ax_t, ax_f, ax_m) = plt.subplots(1, 3, figsize=(15, 4.4))
     sizes = [r["graph"]["nodes"] for r in scaling]
+    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red")))
+    styles = {"greedy": dict(linestyle="--", marker="s")}  # greedy's memory lies on GIS's
     for method in METHODS:
         rows = [next(x for x in r["rows"] if x["method"] == method) for r in scaling]
-        ax_m.plot(sizes, [x["peak_above_bytes"] / 2**20 for x in rows], "o-", label=method)
+        style = dict(dict(linestyle="-", marker="o"), color=colors[method], label=method,
+                     **styles.get(method, {}))
+        ax_m.plot(sizes, [x["peak_above_bytes"] / 2**20 for x in rows], **style)
         if method == "uniform":  # no forward at all: < 1 ms at every size
             continue
-        ax_t.plot(sizes, [x["cpu_seconds"] for x in rows], "o-", label=method)
-        ax_f.plot(sizes, [x["measured_forwards"] for x in rows], "o-", label=method)
+        ax_t.plot(sizes, [x["cpu_seconds"] for x in rows], **style)
+        ax_f.plot(sizes, [x["measured_forwards"] for x in rows], **style)
     xlabel = "nodes (synthetic-products, mean degree 50)"
     ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="souping CPU seconds (1 thread)",
              title="time (uniform: < 1 ms)")
