@@ -15,7 +15,9 @@ What it does (one torch thread per rank throughout; ``mpiexec`` of the pip MPICH
    rotates each round), with the stratified draw, plus the uniform random draw at P = 2 for
    comparison; each rank records when each step's allreduce starts and ends, so a step splits
    into this rank's compute (its drawn partitions: forward + backward) and the allreduce
-   (including waiting for the slowest rank);
+   (including waiting for the slowest rank), in wall time and in this rank's CPU time (the 2
+   cores are shared with other jobs: CPU time shows how the work splits whatever the load);
+   each partition's term is timed in CPU time (input of ``benchmarks/scaling_model.py``);
 4. runs P = 2 once on a ``--small-nodes`` graph: the bytes per step do not change with the graph.
 
 Prints a table and writes ``benchmarks/out/mpi_pls.json``. Times are medians over steps (the
@@ -178,12 +180,12 @@ def worker_pls(args) -> None:
             events.append((start, time.perf_counter(), tensor.numel(), cpu, time.process_time()))
             return out
 
-    forwards: list[float] = []
+    forwards: list[tuple[float, float]] = []
     original_forward = pls_mpi.ShardEvaluator.forward
 
     def timed_forward(self, params, x, adj):
         if torch.is_grad_enabled():  # a step's partition term (the checks run without grad)
-            forwards.append(time.perf_counter())
+            forwards.append((time.perf_counter(), time.process_time()))
         return original_forward(self, params, x, adj)
 
     pls_mpi.Counted = Timed
@@ -206,11 +208,12 @@ def worker_pls(args) -> None:
                          # CPU time of this rank's compute: what the step costs it, whatever
                          # else runs on the shared cores (the wall time above includes waiting)
                          "compute_cpu": steps[k][3] - steps[k - 1][4]})
-            # this step's partition terms, in the order PLS computes them
-            starts = [t for t in forwards if steps[k - 1][1] < t < steps[k][0]]
+            # this step's partition terms, in the order PLS computes them; CPU time, so that
+            # the spread between partitions is theirs, not the shared machine's
+            starts = [cpu for wall, cpu in forwards if steps[k - 1][1] < wall < steps[k][0]]
             if len(starts) == len(mine) and mine:
-                overheads.append(starts[0] - steps[k - 1][1])
-                for p, a, b in zip(mine, starts, starts[1:] + [steps[k][0]]):
+                overheads.append(starts[0] - steps[k - 1][4])
+                for p, a, b in zip(mine, starts, starts[1:] + [steps[k][3]]):
                     part_times.setdefault(p, []).append(b - a)
         mine = {
             "rank": comm.rank,
@@ -222,6 +225,7 @@ def worker_pls(args) -> None:
                                                        for r in rows if r["owned"]),
             "owned_per_step": statistics.mean(r["owned"] for r in rows),
             "max_owned": max(r["owned"] for r in rows),
+            "cpu_per_step": [r["compute_cpu"] for r in rows],
             "partition_times": {str(p): statistics.median(t) for p, t in part_times.items()},
             "step_overhead": statistics.median(overheads) if overheads else None,
         }
@@ -231,6 +235,9 @@ def worker_pls(args) -> None:
                 "ranks": comm.size, "draw": pls.draw, "nodes": cfg.data.nodes,
                 "steps": len(rows), "per_rank": everyone,
                 "step_seconds": max(r["step"] for r in everyone),
+                # the busiest rank of each step (the draw changes who that is), median over steps
+                "busiest_cpu": statistics.median(
+                    max(c) for c in zip(*(r["cpu_per_step"] for r in everyone))),
                 "peak_rss": run.peak_rss, "start_rss": run.start_rss,
                 "shards": run.shard_stats, "bytes_per_step": run.step_bytes,
                 "logits_elements": logits - 1, "seconds": run.seconds,
@@ -322,7 +329,7 @@ def main() -> None:
         table.append({
             "ranks": ranks, "draw": draw, "runs": len(results), "step_seconds": step,
             "compute_seconds": med("c", [max(x["compute"] for x in pr) for pr in per_rank]),
-            "compute_cpu_seconds": med("c", [max(x["compute_cpu"] for x in pr) for pr in per_rank]),
+            "compute_cpu_seconds": med("c", [r["busiest_cpu"] for r in results]),
             "allreduce_seconds": med("a", [min(x["allreduce"] for x in pr) for pr in per_rank]),
             "partition_seconds": med("p", [x["compute_per_partition"] for pr in per_rank for x in pr]),
             "max_owned": max(x["max_owned"] for pr in per_rank for x in pr),
