@@ -123,7 +123,7 @@ def main() -> None:
     # P = 2 only: at P = 4 the ranks were oversubscribed on 2 cores, and MPICH's ranks poll
     # while they wait, so a descheduled peer, not the network, set those times
     measured_net = fit_allreduce({p: r for p, r in bench["allreduce"].items() if int(p) <= 2})
-    nets = {"allreduce measured here (shared memory, loaded)": measured_net, "assumed network": NETWORK}
+    nets = {"allreduce measured here (shared memory)": measured_net, "assumed network": NETWORK}
 
     print(f"inputs (P=1, 1 thread): {len(samples)} partitions, t_k mean {mean_t * 1e3:.2f} ms, "
           f"min {min(samples) * 1e3:.2f}, max {max(samples) * 1e3:.2f}; t_0 = {t0 * 1e3:.2f} ms; "
@@ -164,7 +164,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    styles = {"allreduce measured here (shared memory, loaded)": "--", "assumed network": "-"}
+    styles = {"allreduce measured here (shared memory)": "--", "assumed network": "-"}
     colours = {"A": "tab:blue", "B": "tab:green", "C": "tab:red"}
     labels = {"A": f"A: fixed step K={K}, R={R}", "B": "B: weak, R=P (1 partition/rank)",
               "C": "C: strong, R=1024"}
