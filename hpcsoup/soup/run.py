@@ -19,7 +19,6 @@ import torch
 from hpcsoup.errors import SoupError
 from hpcsoup.soup.base import MERGE_HINT, Ingredients, SoupResult
 from hpcsoup.soup.evaluate import Evaluator
-from hpcsoup.soup.learned import OPTIM_DEFAULTS
 from hpcsoup.soup.registry import get_method, method_class
 
 log = logging.getLogger("hpcsoup.soup")

@@ -252,3 +252,18 @@ def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
     with pytest.raises(SoupError, match="needs the whole graph") as info:
         run_pls_ranks(cfg, comm)
     assert isinstance(info.value, CollectiveError)
+
+
+def test_launcher_detection(monkeypatch):
+    from hpcsoup.dist.mpi import LAUNCHER_VARIABLES, MPI_SWITCH, launched_under_mpi
+
+    for name in (*LAUNCHER_VARIABLES, MPI_SWITCH):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_under_mpi()  # a plain process never initialises MPI
+    monkeypatch.setenv("PMI_RANK", "0")  # as Hydra and srun --mpi=pmi2 set it
+    assert launched_under_mpi()
+    monkeypatch.setenv(MPI_SWITCH, "0")
+    assert not launched_under_mpi()
+    monkeypatch.delenv("PMI_RANK")
+    monkeypatch.setenv(MPI_SWITCH, "1")
+    assert launched_under_mpi()

@@ -13,8 +13,8 @@ def _close(a: dict, b: dict, atol=1e-6):
 def test_frozen_uniform_logits_equal_the_uniform_soup(tiny_graph, tiny_experts, frozen):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     uniform = get_method("uniform").soup(tiny_experts, evaluator)
-    learned = get_method("learned", optimizer="sgd", momentum=0.0, **frozen).soup(tiny_experts,
-                                                                                   evaluator)
+    method = get_method("learned", optimizer="sgd", momentum=0.0, **frozen)
+    learned = method.soup(tiny_experts, evaluator)
     assert _close(learned.state_dict, uniform.state_dict)
     assert torch.allclose(torch.tensor(learned.coefficients), torch.tensor(uniform.coefficients))
 
