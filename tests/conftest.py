@@ -104,6 +104,25 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cora(data_root):
+    """Cora (public split) from the shipped copy; tests must not modify it."""
+    from hpcsoup.data import load_dataset
+
+    return load_dataset("Cora", root=data_root)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one torch thread, whatever the previous test set."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster() -> str:
     """The ``SLURM_CONF`` of a running cluster (``slurm/local-cluster.sh up``); skips without one."""
     conf = os.environ.get("SLURM_CONF")

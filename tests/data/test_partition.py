@@ -4,7 +4,6 @@ import torch
 from torch_geometric.utils import to_undirected
 
 import hpcsoup.data.partition as partition_module
-from hpcsoup.data.datasets import load_dataset
 from hpcsoup.data.partition import (edge_cut, exact_hops, fingerprint, induced_subgraph_with_halo,
                                     part_nodes, partition, partition_cache_dir)
 from hpcsoup.data.synthetic import synthetic_products
@@ -13,19 +12,6 @@ from hpcsoup.models.gnn import ModelSpec, build_model
 
 # a path 0-1-2-3-4-5 plus a chord 1-4, undirected
 PATH = to_undirected(torch.tensor([[0, 1, 2, 3, 4, 1], [1, 2, 3, 4, 5, 4]]))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cora(tmp_path_factory):
-    return load_dataset("Cora", root=tmp_path_factory.getbasetemp() / "data")
 
 
 @pytest.fixture(scope="module")

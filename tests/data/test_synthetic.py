@@ -11,14 +11,6 @@ from hpcsoup.models.gnn import ModelSpec, build_model
 KEYS = ("x", "y", "edge_index", "train_mask", "val_mask", "test_mask")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def graph():
     return synthetic_products(20_000, seed=0)

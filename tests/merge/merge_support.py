@@ -4,17 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcsoup.data import load_dataset
 from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.train import fit
 from hpcsoup.train.regions import specialist_regions
 
 ARCHS = ("gcn", "sage", "gat", "gin")
-
-
-@pytest.fixture(scope="session")
-def cora(data_root):
-    return load_dataset("Cora", root=data_root)
 
 
 @pytest.fixture(scope="session")

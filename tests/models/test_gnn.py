@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from hpcsoup.data.datasets import load_dataset
 from hpcsoup.errors import ModelError
 from hpcsoup.models.gnn import GNN, ModelSpec, build_model
 
@@ -10,19 +9,6 @@ ARCHS = ("gcn", "sage", "gat", "gin")
 #: test accuracy each architecture must reach on Cora's public split (Kipf & Welling: GCN 81.5;
 #: Veličković et al.: GAT 83.0; GIN is known to be weaker on Cora)
 CORA_TEST = {"gcn": 0.77, "sage": 0.77, "gat": 0.77, "gin": 0.65}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cora(tmp_path_factory):
-    return load_dataset("Cora", root=tmp_path_factory.getbasetemp() / "data")
 
 
 def tiny_graph():
