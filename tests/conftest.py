@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,9 @@ def _abort_world(code: int) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    # Abort kills every process at once; give the launcher a moment to forward what was just
+    # written, or the failure report can vanish with it (seen 1 run in 6 with mpich's hydra)
+    time.sleep(0.5)
     MPI.COMM_WORLD.Abort(code)
 
 
