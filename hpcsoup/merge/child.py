@@ -164,7 +164,7 @@ class MergedGNN(nn.Module):
             g = structure["gate"]
             gate = RidgeGate(tensors["gate.coef"], tensors["gate.intercept"],
                              int(g["smooth_steps"]), float(g.get("lam", 0.0)),
-                             float(g.get("cv_error", float("nan"))))
+                             float(g.get("cv_error", float("nan"))), str(g.get("target", "owner")))
         return cls(parents, mix, gate, structure["threshold"], structure["readout"])
 
     # ----------------------------------------------------------------------------- routing

@@ -28,7 +28,7 @@ import torch
 from hpcsoup.errors import MergeError
 from hpcsoup.merge import align, calibrate
 from hpcsoup.merge.child import READOUTS, MergedGNN
-from hpcsoup.merge.route import TARGETS, confidence_targets, fit_gate, owner_targets
+from hpcsoup.merge.route import TARGETS, fit_routing_gate
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features
 
 ROUTINGS = ("ridge", "uniform", "none")
@@ -47,7 +47,9 @@ class HGramaSettings:
         threshold: gate sparsity: parents with gate weight below it are not computed on a node
             (``0`` = every parent everywhere; ``1`` = top parent only).
         readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
-        route_target: ``owner`` (which parent was trained on the node) or ``confidence``.
+        route_target: ``owner`` (which parent was trained on the node), ``confidence``, or
+            ``auto``: owner unless that cannot be predicted from the features (see
+            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then confidence.
         reference: ``auto`` or a parent index: the parent whose hidden basis is the stream's.
         gate_hops: hops of smoothed features in the gate's descriptors.
         gate_standardize: scale descriptors per column (else per hop block).
@@ -63,7 +65,7 @@ class HGramaSettings:
     seed: int = 0
     threshold: float = 0.5
     readout: str = "probs"
-    route_target: str = "owner"
+    route_target: str = "auto"
     reference: str | int = "auto"
     gate_hops: int = 2
     gate_standardize: bool = False
@@ -131,7 +133,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
         parents: the parents in UMPM form (:func:`~hpcsoup.merge.umpm.from_pyg`).
         x, edge_index: the graph's features and edges (no labels are taken).
         trained_on: ``[N]`` index of the parent trained on each node, ``-1`` elsewhere; the
-            gate's target for ``route_target='owner'``.
+            gate's target for ``route_target='owner'`` (and ``'auto'``).
         settings: :class:`HGramaSettings` (default: the defaults).
         undirected: ``edge_index`` is symmetric (lets :class:`GraphOps` skip a sort).
         ops: prebuilt :class:`GraphOps` of the graph.
@@ -183,20 +185,12 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                 per_source.append(torch.cat([cross @ w, offset.unsqueeze(0)], 0).contiguous())
             mix[li].append(per_source)
 
-    gate = None
+    gate, routing = None, None
     if settings.routing == "ridge":
-        if settings.route_target == "owner":
-            if trained_on is None:
-                raise MergeError("routing='ridge' with route_target='owner' needs trained_on "
-                                 "(which parent was trained on each node)")
-            nodes, targets = owner_targets(trained_on, k)
-        else:
-            nodes = anchors if anchors is not None else torch.arange(x.size(0))
-            targets = confidence_targets(logits)[nodes]
-        gate = fit_gate(feats, ops, nodes, targets, hops=settings.gate_hops,
-                        standardize=settings.gate_standardize, seed=settings.seed,
-                        smooth_grid=(0, 1, 2, 4, 8) if settings.gate_smooth < 0
-                        else (int(settings.gate_smooth),))
+        gate, routing = fit_routing_gate(
+            feats, ops, settings.route_target, trained_on, logits, anchors, seed=settings.seed,
+            hops=settings.gate_hops, standardize=settings.gate_standardize,
+            smooth_grid=(0, 1, 2, 4, 8) if settings.gate_smooth < 0 else (int(settings.gate_smooth),))
 
     child_parents = [{"name": p.name, "arch": p.arch, "layers": list(p.layers)} for p in parents]
     child = MergedGNN(child_parents, mix, gate, settings.threshold, settings.readout)
@@ -214,7 +208,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                 child.mix[li][j] = mats
     child.info = {"reference": ref, "parents": [p.name for p in parents],
                   "settings": settings.to_dict(), "merge_seconds": time.perf_counter() - start,
-                  "gate": None if gate is None else gate.meta()}
+                  "gate": None if gate is None else dict(gate.meta(), **routing)}
     return child
 
 

@@ -12,10 +12,12 @@ with :math:`\\hat A`), then :math:`g_k(i) = \\max(S_{ik}, 0) / \\sum_k \\max(S_{
 
 Targets ``Y`` never use labels:
 
-- ``owner`` (default): one-hot of *which parent was trained on the node*, known on the parents'
-  training nodes only (the fit set);
+- ``owner``: one-hot of *which parent was trained on the node*, known on the parents' training
+  nodes only (the fit set);
 - ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on every
-  node.
+  node (at most :data:`CONFIDENCE_FIT_NODES` seeded nodes unless anchors are given);
+- ``auto`` (default): ``owner``, unless its cross-validated misrouting is near chance -- the
+  parents' regions cannot be told apart from the features (random halves) -- then ``confidence``.
 
 ``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
 (label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
@@ -37,7 +39,17 @@ import torch
 from hpcsoup.errors import MergeError
 from hpcsoup.merge.umpm import GraphOps, propagate_static
 
-TARGETS = ("owner", "confidence")
+TARGETS = ("auto", "owner", "confidence")
+
+#: ``auto`` drops the owner target when its held-out misrouting exceeds this fraction of chance
+#: (1 - 1/K). Measured (benchmarks/RESULTS.md, merge): random halves 0.94-1.0 of chance, METIS and
+#: class halves 0.1-0.46, Minesweeper's METIS halves (features carry no position) 0.85; there the
+#: confidence target kept more (random halves +0.036 mean retention).
+AUTO_CHANCE_FRACTION = 0.75
+
+#: nodes the confidence target is fitted on when no anchors are given: the ridge design holds
+#: ``(hops + 1) x features`` doubles per node (2.4M nodes x 300 = 5.8 GB on ogbn-products)
+CONFIDENCE_FIT_NODES = 20_000
 
 
 def smooth(ops: GraphOps, scores: torch.Tensor, steps: int) -> torch.Tensor:
@@ -69,6 +81,7 @@ class RidgeGate:
     smooth_steps: int = 0
     lam: float = 0.0
     cv_error: float = float("nan")
+    target: str = "owner"
 
     @property
     def hops(self) -> int:
@@ -96,7 +109,8 @@ class RidgeGate:
         return {"coef": self.coef, "intercept": self.intercept}
 
     def meta(self) -> dict:
-        return {"smooth_steps": self.smooth_steps, "lam": self.lam, "cv_error": self.cv_error}
+        return {"smooth_steps": self.smooth_steps, "lam": self.lam, "cv_error": self.cv_error,
+                "target": self.target}
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -141,6 +155,40 @@ def confidence_targets(parent_logits: list[torch.Tensor]) -> torch.Tensor:
     """Each parent's max-softmax confidence, normalised over the parents, ``[N, K]``."""
     conf = torch.stack([z.softmax(-1).max(-1).values for z in parent_logits], 1)
     return conf / conf.sum(1, keepdim=True)
+
+
+def fit_routing_gate(x: torch.Tensor, ops: GraphOps, target: str, trained_on: torch.Tensor | None,
+                     parent_logits: list[torch.Tensor], anchors: torch.Tensor | None = None,
+                     seed: int = 0, **fit_options) -> tuple[RidgeGate, dict]:
+    """The gate for ``target`` (one of :data:`TARGETS`) and what was decided, as a dict.
+
+    ``auto`` fits the owner gate when ``trained_on`` marks nodes and keeps it unless its
+    cross-validated misrouting exceeds ``AUTO_CHANCE_FRACTION * (1 - 1/K)``; otherwise, and
+    without ``trained_on``, it fits the confidence gate.
+    """
+    if target not in TARGETS:
+        raise MergeError(f"routing target {target!r} is unknown; choose from {list(TARGETS)}")
+    k = len(parent_logits)
+    decision: dict = {"target": target}
+    has_owners = trained_on is not None and bool((trained_on >= 0).any())
+    if target == "owner" or (target == "auto" and has_owners):
+        if trained_on is None:
+            raise MergeError("routing target 'owner' needs trained_on (which parent was trained on "
+                             "each node); use route_target='confidence' or 'auto'")
+        gate = fit_gate(x, ops, *owner_targets(trained_on, k), seed=seed, **fit_options)
+        chance = 1.0 - 1.0 / k
+        decision.update(owner_cv_error=gate.cv_error, chance=chance)
+        if target == "owner" or gate.cv_error <= AUTO_CHANCE_FRACTION * chance:
+            return gate, dict(decision, used="owner")
+    nodes = anchors
+    if nodes is None:
+        nodes = torch.arange(x.size(0))
+        if x.size(0) > CONFIDENCE_FIT_NODES:
+            generator = torch.Generator().manual_seed(seed)
+            nodes = torch.randperm(x.size(0), generator=generator)[:CONFIDENCE_FIT_NODES].sort().values
+    gate = fit_gate(x, ops, nodes, confidence_targets(parent_logits)[nodes], seed=seed, **fit_options)
+    gate.target = "confidence"
+    return gate, dict(decision, used="confidence")
 
 
 def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch.Tensor, *,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from hpcsoup.errors import MergeError
-from hpcsoup.merge.route import (confidence_targets, descriptors, fit_gate, normalise,
-                                 owner_targets, sparsify)
+from hpcsoup.merge.route import (AUTO_CHANCE_FRACTION, confidence_targets, descriptors, fit_gate,
+                                 fit_routing_gate, normalise, owner_targets, sparsify)
 from hpcsoup.merge.umpm import GraphOps
 
 
@@ -72,3 +72,30 @@ def test_owner_targets_errors_name_the_fix():
         owner_targets(torch.full((5,), -1), 2)
     with pytest.raises(MergeError, match=r"parents \[1\] were trained on no node"):
         owner_targets(torch.tensor([0, 0, -1]), 2)
+
+
+def test_auto_target_keeps_the_owner_gate_only_where_owners_are_predictable():
+    x, edge_index, side, trained_on = _two_communities(n=800, seed=3)
+    ops = GraphOps(edge_index, x.size(0))
+    # parent 0 is sure of itself in community 0, parent 1 in community 1
+    logits = [torch.stack([3.0 * (1 - side), torch.zeros_like(side)], 1).float(),
+              torch.stack([3.0 * side, torch.zeros_like(side)], 1).float()]
+    gate, decision = fit_routing_gate(x, ops, "auto", trained_on, logits)
+    assert decision["used"] == "owner" and gate.target == "owner"
+    assert decision["owner_cv_error"] < 0.1  # communities are told apart from the features
+
+    g = torch.Generator().manual_seed(3)  # owners drawn at random: nothing to predict
+    random_owner = torch.where(trained_on >= 0, torch.randint(0, 2, side.shape, generator=g), -1)
+    gate, decision = fit_routing_gate(x, ops, "auto", random_owner, logits)
+    assert decision["owner_cv_error"] > AUTO_CHANCE_FRACTION * decision["chance"]
+    assert decision["used"] == "confidence" and gate.target == "confidence"
+    assert (gate(x, ops).argmax(1) == side).float().mean() > 0.9  # follows the confident parent
+
+    forced, decision = fit_routing_gate(x, ops, "owner", random_owner, logits)
+    assert decision["used"] == "owner" and forced.target == "owner"
+    _, decision = fit_routing_gate(x, ops, "auto", None, logits)  # no specialists: confidence
+    assert decision["used"] == "confidence" and "owner_cv_error" not in decision
+    with pytest.raises(MergeError, match="needs trained_on"):
+        fit_routing_gate(x, ops, "owner", None, logits)
+    with pytest.raises(MergeError, match=r"routing target 'best' is unknown"):
+        fit_routing_gate(x, ops, "best", trained_on, logits)
