@@ -172,7 +172,7 @@ SCHEMA: dict = {
                            hint="gate sparsity in [0, 1]: 0 = every parent everywhere, "
                                 ">= 0.5 = top parent only (2 parents)"),
         "readout": Field("probs", (str,), choices=("probs", "logits")),
-        "route_target": Field("auto", (str,), choices=("auto", "owner", "confidence"),
+        "route_target": Field("owner", (str,), choices=("owner", "confidence", "auto"),
                               hint="the gate's target: which parent trained on a node (owner), "
                                    "the parents' confidence, or auto (owner unless unpredictable)"),
         "reference": Field("auto", (str,), hint="'auto' or a parent index such as '1'"),

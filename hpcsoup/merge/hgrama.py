@@ -65,7 +65,7 @@ class HGramaSettings:
     seed: int = 0
     threshold: float = 0.5
     readout: str = "probs"
-    route_target: str = "auto"
+    route_target: str = "owner"
     reference: str | int = "auto"
     gate_hops: int = 2
     gate_standardize: bool = False

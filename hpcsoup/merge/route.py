@@ -12,12 +12,14 @@ with :math:`\\hat A`), then :math:`g_k(i) = \\max(S_{ik}, 0) / \\sum_k \\max(S_{
 
 Targets ``Y`` never use labels:
 
-- ``owner``: one-hot of *which parent was trained on the node*, known on the parents' training
-  nodes only (the fit set);
+- ``owner`` (default): one-hot of *which parent was trained on the node*, known on the parents'
+  training nodes only (the fit set);
 - ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on every
   node (at most :data:`CONFIDENCE_FIT_NODES` seeded nodes unless anchors are given);
-- ``auto`` (default): ``owner``, unless its cross-validated misrouting is near chance -- the
-  parents' regions cannot be told apart from the features (random halves) -- then ``confidence``.
+- ``auto``: ``owner``, unless its cross-validated misrouting is near chance -- the parents'
+  regions cannot be told apart from the features (random halves) -- then ``confidence``.
+  Measured (benchmarks/RESULTS.md, merge): better worst-served retention on random halves, but
+  the confidence fit on every node of a wide graph makes the merge 1 s -> 27 s on Cora.
 
 ``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
 (label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
@@ -43,8 +45,7 @@ TARGETS = ("auto", "owner", "confidence")
 
 #: ``auto`` drops the owner target when its held-out misrouting exceeds this fraction of chance
 #: (1 - 1/K). Measured (benchmarks/RESULTS.md, merge): random halves 0.94-1.0 of chance, METIS and
-#: class halves 0.1-0.46, Minesweeper's METIS halves (features carry no position) 0.85; there the
-#: confidence target kept more (random halves +0.036 mean retention).
+#: class halves 0.1-0.46, Minesweeper's METIS halves (features carry no position) 0.85.
 AUTO_CHANCE_FRACTION = 0.75
 
 #: nodes the confidence target is fitted on when no anchors are given: the ridge design holds
