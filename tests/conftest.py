@@ -1,7 +1,7 @@
 """Shared test set-up: one thread, MPI safety, dataset root in tmp, SLURM and mpiexec fixtures.
 
-Markers (``mpi``, ``slurm``, ``slow``) are registered in setup.cfg. The test command is
-``tests/run.sh`` (README and CI call it). It runs two legs:
+Markers (``mpi``, ``slurm``, ``slow``) are registered in setup.cfg. The test command (README,
+Tests; ``.ci/run`` runs it) has two legs:
 
 1. ``python -m pytest`` -- every test in one plain process. ``mpi`` tests that run *inside* a
    rank see a world of size 1 here; ``mpi`` tests that launch their own ranks (the ``mpiexec``
@@ -157,7 +157,7 @@ def mpiexec() -> Path:
     """Path of the venv's ``mpiexec`` (pip ``mpich``), for tests that launch their own ranks.
 
     Skips when it or mpi4py is missing, and inside an MPI job (the ``mpiexec -n 2 pytest -m mpi``
-    leg of tests/run.sh): a launcher test runs once, in the plain pytest leg, not once per rank
+    leg of the test command): a launcher test runs once, in the plain pytest leg, not once per rank
     with a nested launcher.
     """
     if any(var in os.environ for var in _LAUNCHER_VARS):

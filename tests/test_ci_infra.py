@@ -110,8 +110,19 @@ def test_failed_pytest_rank_aborts_the_mpi_job(mpiexec, tmp_path):
 
 @pytest.mark.mpi
 def test_world_allreduce_in_rank():
-    """Runs inside every rank of tests/run.sh's MPI leg, and in the plain leg as a world of size 1."""
+    """Runs inside every rank of the test command's MPI leg, and in the plain leg as a world of size 1."""
     MPI = pytest.importorskip("mpi4py.MPI")
     comm = MPI.COMM_WORLD
     size = comm.Get_size()
     assert comm.allreduce(comm.Get_rank() + 1) == size * (size + 1) // 2
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs, as a command line of its own, the test command README.md gives under Tests."""
+    readme = (TESTS.parent / "README.md").read_text()
+    tests_section = readme.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    command = tests_section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert "-m pytest" in command
+    ci_lines = [line.strip() for line in (TESTS.parent / ".ci" / "run").read_text().splitlines()]
+    assert any(line.startswith(command) for line in ci_lines if not line.startswith(("#", "step"))), \
+        f".ci/run does not run README's test command {command!r}"
