@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_support import make_graph, train_experts
 
 from hpcsoup.data import load_dataset
 from hpcsoup.models import ModelSpec, build_model
@@ -97,44 +98,11 @@ def python() -> str:
     return sys.executable
 
 
-def tiny_graph(nodes: int = 300, classes: int = 4, features: int = 16, seed: int = 0,
-               metric: str = "accuracy"):
-    """A small seeded two-community-per-class graph with informative features (unit tests)."""
-    from torch_geometric.data import Data
-    from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
-
-    from hpcsoup.data import Graph
-
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (nodes,), generator=g)
-    src = torch.randint(0, nodes, (nodes * 4,), generator=g)
-    same = y[src].unsqueeze(1) == y.unsqueeze(0)
-    dst = torch.multinomial(same.float() * 4 + 1, 1, generator=g).view(-1)
-    edge_index = coalesce(remove_self_loops(to_undirected(torch.stack([src, dst]),
-                                                          num_nodes=nodes))[0], num_nodes=nodes)
-    x = torch.randn(classes, features, generator=g)[y] + 1.5 * torch.randn(nodes, features, generator=g)
-    perm = torch.randperm(nodes, generator=g)
-    masks = [torch.zeros(nodes, dtype=torch.bool) for _ in range(3)]
-    for mask, lo, hi in zip(masks, (0, nodes // 5, nodes * 3 // 5), (nodes // 5, nodes * 3 // 5, nodes)):
-        mask[perm[lo:hi]] = True
-    if metric == "rocauc":
-        y, classes = y % 2, 2
-    data = Data(x=x, y=y, edge_index=edge_index, train_mask=masks[0], val_mask=masks[1],
-                test_mask=masks[2])
-    return Graph(f"tiny-{seed}", data, classes, metric)
+def tiny_graph(nodes: int = 300, **options):
+    """tests/tiny_support.py's graph, a little larger (partitions of several dozen nodes)."""
+    return make_graph(nodes, **options)
 
 
 def tiny_experts(graph, arch: str = "sage", n: int = 3, epochs: int = 15):
     """``n`` experts of ``graph`` from one shared init (deterministic: every rank gets the same)."""
-    from hpcsoup.soup import Ingredients
-
-    spec = ModelSpec(arch, graph.num_features, graph.num_classes, layers=2, hidden=16)
-    init = build_model(spec, seed=0).state_dict()
-    states, vals = [], []
-    for seed in range(n):
-        model = build_model(spec)
-        model.load_state_dict(init)
-        result = fit(model, graph, epochs=epochs, lr=0.02, seed=seed)
-        states.append(result.state_dict)
-        vals.append(result.metrics["val"])
-    return Ingredients.from_state_dicts(spec, states, [f"e{i}" for i in range(n)], vals)
+    return train_experts(graph, arch, n=n, epochs=epochs)
