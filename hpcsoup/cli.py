@@ -14,7 +14,8 @@ from hpcsoup.config import SOUP_METHODS, load_config
 from hpcsoup.errors import HpcsoupError
 
 
-def _common(parser: argparse.ArgumentParser, config: str = "option") -> None:
+def add_common_options(parser: argparse.ArgumentParser, config: str = "option") -> None:
+    """``--config`` (or a positional config), ``--store``, ``--set`` and ``--json``."""
     if config == "option":
         parser.add_argument("--config", "-c", help="experiment file, e.g. jobs/quickstart.toml")
     elif config == "positional":
@@ -26,11 +27,30 @@ def _common(parser: argparse.ArgumentParser, config: str = "option") -> None:
                         help="print one JSON object of the results as the last line")
 
 
-def _config(args):
-    overrides = list(args.overrides)
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """``parser.parse_args``, also taking bare ``KEY=VALUE`` anywhere as ``--set KEY=VALUE``.
+
+    (The sbatch scripts pass their arguments on as users give them; argparse alone would take only
+    one unbroken run of such positionals.)
+    """
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.assignments = rest
+    return args
+
+
+def overrides_of(args) -> list[str]:
+    """The command line's config overrides: ``--set``, bare ``KEY=VALUE``, then ``--store``."""
+    overrides = [*args.overrides, *args.assignments]
     if getattr(args, "store", None):
         overrides.append(f"store={json.dumps(args.store)}")
-    return load_config(getattr(args, "config", None), overrides)
+    return overrides
+
+
+def config_from_args(args):
+    return load_config(getattr(args, "config", None), overrides_of(args))
 
 
 def cmd_train(args) -> dict:
@@ -38,39 +58,38 @@ def cmd_train(args) -> dict:
     if args.array_spec:  # for `sbatch --array=$(hpcsoup train --config X --array-spec)`
         from hpcsoup.slurm import array_spec
         from hpcsoup.train.sweep import array_size
-        cfg = _config(args)
+        cfg = config_from_args(args)
         spec = array_spec(array_size(cfg), cfg.slurm.max_parallel)
         print(spec)
         return {"array": spec, "tasks": array_size(cfg)}
-    return run_train(_config(args), task_id=args.task_id, all_tasks=args.all)
+    return run_train(config_from_args(args), task_id=args.task_id, all_tasks=args.all)
 
 
 def cmd_soup(args) -> dict:
     from hpcsoup.soup.run import run_soup
-    return run_soup(_config(args), methods=args.method or None)
+    return run_soup(config_from_args(args), methods=args.method or None)
 
 
 def cmd_merge(args) -> dict:
     from hpcsoup.merge.run import run_merge
     parents = [p for p in args.parents.split(",") if p] if args.parents else None
-    return run_merge(_config(args), parents=parents)
+    return run_merge(config_from_args(args), parents=parents)
 
 
 def cmd_run(args) -> dict:
     from hpcsoup.pipeline import run_local
-    return run_local(_config(args))
+    return run_local(config_from_args(args))
 
 
 def cmd_submit(args) -> dict:
     from hpcsoup.pipeline import submit
-    overrides = list(args.overrides) + ([f"store={json.dumps(args.store)}"] if args.store else [])
-    return submit(_config(args), config_path=args.config, overrides=overrides,
+    return submit(config_from_args(args), config_path=args.config, overrides=overrides_of(args),
                   dry_run=args.dry_run)
 
 
 def cmd_report(args) -> dict:
     from hpcsoup.report import report
-    return report(args.store or _config(args).store, out=args.out)
+    return report(args.store or config_from_args(args).store, out=args.out)
 
 
 def cmd_store(args) -> dict:
@@ -93,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train experts (one task = one expert) into the store")
-    _common(p)
+    add_common_options(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--task-id", type=int, help="expert index (default: $SLURM_ARRAY_TASK_ID)")
     group.add_argument("--all", action="store_true",
@@ -103,27 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("soup", help="soup same-architecture experts")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="souping method (repeatable; default: the config's soup.methods)")
     p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--parents", help="comma-separated expert ids (default: the config's specialists)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="every stage on this machine (the embedded default)")
-    _common(p, config="positional")
+    add_common_options(p, config="positional")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="every stage as SLURM jobs chained with afterok")
-    _common(p, config="positional")
+    add_common_options(p, config="positional")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("report", help="tables and plots of what a store holds")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--out", help="folder for report.md, report.json and plots (default: <store>.report)")
     p.set_defaults(func=cmd_report)
 
@@ -147,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         result = args.func(args)
     except HpcsoupError as exc:

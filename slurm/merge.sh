@@ -30,33 +30,17 @@ set -euo pipefail
 
 PY="${HPCSOUP_PYTHON:-python}"
 CONFIG="jobs/quickstart.toml"
-if [[ $# -gt 0 && "$1" != -* ]]; then
+if [[ $# -gt 0 && "$1" != -* && "$1" != *=* ]]; then  # the first argument, unless an option
     CONFIG="$1"
     shift
 fi
-if [[ ! -f "$CONFIG" ]]; then
-    echo "merge.sh: error: config file '$CONFIG' not found (from $(pwd)); pass it as the first" \
-         "argument: sbatch slurm/merge.sh jobs/X.toml" >&2
-    exit 2
-fi
-
-ARGS=()
-while (( $# > 0 )); do
-    case "$1" in
-        --set|--parents|--store|--config|-c)
-            ARGS+=("$1" "${2:?merge.sh: $1 needs a value}"); shift ;;
-        -*) ARGS+=("$1") ;;
-        *=*) ARGS+=(--set "$1") ;;
-        *) echo "merge.sh: error: unexpected argument '$1' (options: --set k=v, --parents a,b," \
-                "--store p, --json)" >&2; exit 2 ;;
-    esac
-    shift
-done
+# the rest goes to `hpcsoup merge` as given: it reads bare key=value as --set and names a bad
+# option or a missing config file itself (exit 2)
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "merge.sh: not inside SLURM: merging here (hpcsoup merge)" >&2
 else
-    echo "merge.sh: job ${SLURM_JOB_ID} on $(hostname -s): config $CONFIG ${ARGS[*]}" >&2
+    echo "merge.sh: job ${SLURM_JOB_ID} on $(hostname -s): config $CONFIG $*" >&2
 fi
-exec "$PY" -m hpcsoup merge --config "$CONFIG" "${ARGS[@]}"
+exec "$PY" -m hpcsoup merge --config "$CONFIG" "$@"

@@ -43,36 +43,20 @@ set -euo pipefail
 
 PY="${HPCSOUP_PYTHON:-python}"
 CONFIG="jobs/quickstart.toml"
-if [[ $# -gt 0 && "$1" != -* ]]; then
+if [[ $# -gt 0 && "$1" != -* && "$1" != *=* ]]; then  # the first argument, unless an option
     CONFIG="$1"
     shift
 fi
-if [[ ! -f "$CONFIG" ]]; then
-    echo "soup.sh: error: config file '$CONFIG' not found (from $(pwd)); pass it as the first" \
-         "argument: sbatch slurm/soup.sh jobs/X.toml" >&2
-    exit 2
-fi
-
-ARGS=()
-while (( $# > 0 )); do
-    case "$1" in
-        --set|--method|--store|--config|-c)
-            ARGS+=("$1" "${2:?soup.sh: $1 needs a value}"); shift ;;
-        -*) ARGS+=("$1") ;;
-        *=*) ARGS+=(--set "$1") ;;
-        *) echo "soup.sh: error: unexpected argument '$1' (options: --set k=v, --method m," \
-                "--store p, --json)" >&2; exit 2 ;;
-    esac
-    shift
-done
+# the rest goes to `hpcsoup soup` as given: it reads bare key=value as --set and names a bad
+# option or a missing config file itself (exit 2)
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "soup.sh: not inside SLURM: souping here in one process (hpcsoup soup)" >&2
-    exec "$PY" -m hpcsoup soup --config "$CONFIG" "${ARGS[@]}"
+    exec "$PY" -m hpcsoup soup --config "$CONFIG" "$@"
 fi
 
 NTASKS="${SLURM_NTASKS:-1}"
-echo "soup.sh: job ${SLURM_JOB_ID:-?} on $(hostname -s): $NTASKS rank(s), config $CONFIG ${ARGS[*]}" >&2
+echo "soup.sh: job ${SLURM_JOB_ID:-?} on $(hostname -s): $NTASKS rank(s), config $CONFIG $*" >&2
 echo "soup.sh: $("$PY" -c 'import sys, hpcsoup; print(sys.executable, "hpcsoup", hpcsoup.__version__)')" >&2
 
 # ranks x threads <= cores: each rank takes its share of the cores it may run on (hpcsoup.dist),
@@ -83,9 +67,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # ever loads the whole graph (a no-op when PLS is not asked for or the partitions are there).
 # shellcheck disable=SC2086  # HPCSOUP_SRUN is a list of options
 srun --ntasks=1 --mpi=none ${HPCSOUP_SRUN:-} \
-    "$PY" -m hpcsoup.dist.shards --config "$CONFIG" "${ARGS[@]}"
+    "$PY" -m hpcsoup.dist.shards --config "$CONFIG" "$@"
 
 # Step 2 (all tasks): the MPI ranks.
 # shellcheck disable=SC2086
 exec srun --mpi=pmi2 --kill-on-bad-exit=1 --ntasks="$NTASKS" ${HPCSOUP_SRUN:-} \
-    "$PY" -m hpcsoup soup --config "$CONFIG" "${ARGS[@]}"
+    "$PY" -m hpcsoup soup --config "$CONFIG" "$@"

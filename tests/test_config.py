@@ -88,3 +88,16 @@ def test_section_access_errors_name_the_key():
     with pytest.raises(AttributeError, match="config has no key 'soup.pls.nope'"):
         cfg.soup.pls.nope
     assert set(SCHEMA) >= {"store", "data", "experts", "soup", "merge", "slurm"}
+
+
+def test_bare_key_value_arguments_are_overrides_anywhere_on_the_line(capsys):
+    from hpcsoup.cli import build_parser, overrides_of, parse_args
+
+    args = parse_args(build_parser(), ["merge", "--config", "x.toml", "merge.threshold=0.3", "--json",
+                                       "merge.seed=2", "--set", "store=\"s\"", "--store", "t"])
+    assert args.json and args.config == "x.toml"
+    assert overrides_of(args) == ["store=\"s\"", "merge.threshold=0.3", "merge.seed=2", "store=\"t\""]
+    for bad in (["merge", "--config", "x.toml", "stray"], ["data", "info", "Cora", "k=v"]):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), bad)
+        assert "unrecognized arguments" in capsys.readouterr().err

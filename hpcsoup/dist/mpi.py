@@ -201,9 +201,10 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self._comm is not None:
-            # the launcher kills every process on Abort: give it a moment to forward the error
-            # just printed (mpich's hydra lost a rank's last lines 1 run in 6 without this)
-            time.sleep(0.5)
+            # Hydra stops forwarding a rank's output once the job is aborting (measured: the
+            # last lines were lost under load, and 1 run in 6 on an idle machine): give it a
+            # moment to pass on what was just printed.
+            time.sleep(ABORT_GRACE)
             _mpi().COMM_WORLD.Abort(code)
         os._exit(code)
 
@@ -299,9 +300,6 @@ def abort_on_error(comm: Comm, stream=None) -> Iterator[None]:
               file=stream, end="", flush=True)
         print(f"{prefix}aborting the MPI job (MPI_Abort) so that no rank hangs", file=stream,
               flush=True)
-        # Hydra stops forwarding a rank's output once the job is aborting (measured: under load
-        # the traceback above was lost): give it a moment to pass the lines on.
-        time.sleep(ABORT_GRACE)
         comm.abort(1)
 
 

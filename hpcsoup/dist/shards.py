@@ -373,24 +373,19 @@ def _main(argv: list[str] | None = None) -> int:
     among the methods or the partitioned graph is already in the store. Reports on stderr.
     """
     import argparse
-    import json
     import sys
 
-    from hpcsoup.config import load_config
+    from hpcsoup.cli import add_common_options, config_from_args, parse_args
     from hpcsoup.dist.pls_mpi import prepare_from_config
     from hpcsoup.errors import HpcsoupError
 
     parser = argparse.ArgumentParser(prog="python -m hpcsoup.dist.shards",
                                      description=_main.__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c")
-    parser.add_argument("--store")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_common_options(parser)  # hpcsoup soup's options, so that soup.sh passes both the same
     parser.add_argument("--method", action="append")
-    parser.add_argument("--json", action="store_true", help="(accepted and ignored)")
-    args = parser.parse_args(argv)
-    overrides = args.overrides + ([f"store={json.dumps(args.store)}"] if args.store else [])
+    args = parse_args(parser, argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         if "pls" not in (args.method or cfg.soup.methods):
             print("hpcsoup.dist.shards: no pls among the methods: nothing to partition",
                   file=sys.stderr)

@@ -134,5 +134,6 @@ def test_sbatch_merge_sh(slurm_cluster, specialist_store, tmp_path):
 
 def test_merge_sh_rejects_a_missing_config(tmp_path):
     out = subprocess.run(["bash", str(REPO / "slurm" / "merge.sh"), str(tmp_path / "nope.toml")],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, HPCSOUP_PYTHON=sys.executable))
     assert out.returncode == 2 and "config file" in out.stderr
