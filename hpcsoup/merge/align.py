@@ -47,10 +47,6 @@ class Transport:
         """Back to the parent's basis, ``(h - mu_b) T^T + mu_a`` (exact when ``T T^T = I``)."""
         return (h - self.mu_b) @ self.matrix.t() + self.mu_a
 
-    @classmethod
-    def identity(cls, d: int) -> "Transport":
-        return cls(torch.eye(d), torch.zeros(d), torch.zeros(d))
-
 
 def procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Semi-orthogonal ``T`` ``[d_a, d_b]`` minimising ``||a T - b||_F`` (inputs already centred)."""

@@ -33,7 +33,7 @@ from torch import nn
 from hpcsoup.errors import MergeError
 from hpcsoup.merge.route import RidgeGate, normalise, sparsify
 from hpcsoup.merge.umpm import (Block, GraphOps, UMPMLayer, as_features, csr_rows,
-                                layer_forward, project, propagate_static)
+                                layer_forward, propagate_static)
 
 READOUTS = ("probs", "logits")
 
@@ -241,7 +241,7 @@ class MergedGNN(nn.Module):
         """Layer-0 projections on each parent's support (one shared product when all are full)."""
         if all(b.support is None for b in routing.blocks):
             weights = [layer.weight for layer in layers]
-            full = project(x, torch.cat(weights, 1) if len(weights) > 1 else weights[0])
+            full = x @ (torch.cat(weights, 1) if len(weights) > 1 else weights[0])
             out, start = [], 0
             for w in weights:
                 out.append(full[:, start:start + w.size(1)])
@@ -254,7 +254,7 @@ class MergedGNN(nn.Module):
                 rows = csr_rows(x, b.support)
                 if routing.inputs is not None:
                     routing.inputs[j] = rows
-            out.append(project(rows, layer.weight))
+            out.append(rows @ layer.weight)
         return out
 
     def _project_stream(self, acts, li: int, j: int, routing: Routing) -> torch.Tensor:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from hpcsoup.errors import MergeError
-from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, layer_forward, project, \
+from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, layer_forward, \
     propagate_static
+from hpcsoup.soup import Ingredients  # the soups' mixing: names and shapes checked there
 
 
 class Ensemble:
@@ -52,13 +53,13 @@ class Ensemble:
             layers = [p.layers[li] for p in self.parents]
             if li == 0:  # one shared pass over the input features
                 weights = [layer.weight for layer in layers]
-                full = project(x, self._input_weight)
+                full = x @ self._input_weight
                 us, start = [], 0
                 for w in weights:
                     us.append(full[:, start:start + w.size(1)])
                     start += w.size(1)
             else:
-                us = [project(h, layer.weight) for h, layer in zip(hs, layers)]
+                us = [h @ layer.weight for h, layer in zip(hs, layers)]
             zs: list = [None] * len(layers)
             static = []
             for j, (layer, u) in enumerate(zip(layers, us)):
@@ -98,8 +99,7 @@ def interpolate(specs: list, state_dicts: list[dict], weights: list[float] | Non
         raise MergeError(f"vanilla parameter interpolation needs parents of one architecture and "
                          f"shape, got {archs} ({sorted(shapes)}); it is a baseline for homogeneous "
                          f"pairs only: use H-GRAMA for heterogeneous parents")
-    weights = weights or [1.0 / len(specs)] * len(specs)
-    out = {}
-    for name in state_dicts[0]:
-        out[name] = sum(w * sd[name].float() for w, sd in zip(weights, state_dicts))
-    return specs[0], out
+    ingredients = Ingredients.from_state_dicts(specs[0], state_dicts)
+    if weights is None:
+        return specs[0], ingredients.mean()
+    return specs[0], ingredients.mix(torch.tensor(weights, dtype=torch.float32))

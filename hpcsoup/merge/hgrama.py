@@ -143,7 +143,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
     start = time.perf_counter()
     ops = ops or GraphOps(edge_index, x.size(0), undirected=undirected)
     feats = as_features(x)
-    runs = [p.forward(x, ops, capture=True) for p in parents]
+    runs = [p.forward(feats, ops, capture=True) for p in parents]
     logits = [r[0] for r in runs]
     traces = [r[1] for r in runs]
     k, depth = len(parents), parents[0].depth
@@ -177,8 +177,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                 ts = transports[li - 1][s]
                 if s == j and tj.matrix.size(0) <= tj.matrix.size(1):
                     # T_j T_j^T = I: a parent reads its own rows with its own weights, exactly
-                    cross, offset = None, torch.zeros(w.size(1))
-                    per_source.append(torch.cat([w, offset.unsqueeze(0)], 0).contiguous())
+                    per_source.append(torch.cat([w, torch.zeros(1, w.size(1))], 0).contiguous())
                     continue
                 cross = ts.matrix @ tj.matrix.t()                          # T_s T_j^T
                 offset = (tj.mu_a - ts.mu_a @ cross) @ w                   # (mu_j - mu_s T_s T_j^T) W_j
@@ -198,7 +197,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
     if settings.calibration:
         cache_routing = child.route(feats, ops)
         for li in range(1, depth if settings.calibrate_output else depth - 1):
-            _, trace = _capture(child, x, ops, cache_routing)
+            _, trace = _capture(child, feats, ops, cache_routing)
             for j in range(k):
                 rows = cache_routing.rows[j]
                 target = traces[j][li][0].index_select(0, rows)

@@ -266,7 +266,7 @@ def _ridge_path(design: torch.Tensor, y: torch.Tensor, lambdas) -> list:
     else:
         gram = d.t() @ d
         evals, evecs = torch.linalg.eigh(gram)
-        scale = float(gram.diagonal().mean().clamp_min(1e-12)) * 1.0
+        scale = float(gram.diagonal().mean().clamp_min(1e-12))
         proj = evecs.t() @ (d.t() @ yc)
         for lam in lambdas:
             w = evecs @ (proj / (evals + lam * scale * p / n).clamp_min(1e-12).unsqueeze(1))

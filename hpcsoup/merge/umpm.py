@@ -36,6 +36,7 @@ Efficient execution, used identically by the merged child and by the ensemble ba
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -49,8 +50,21 @@ STATIC = ("gcn", "mean", "sum")
 #: architecture -> propagation of its UMPM form
 ARCH_PROP = {"gcn": "gcn", "sage": "mean", "gat": "gat", "gin": "sum"}
 
-warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+
+@contextlib.contextmanager
+def quiet_sparse():
+    """Without torch's notes that CSR is in beta and that invariant checks are off (PyG relies on
+    CSR too): filtered where CSR tensors are made, not for the whole process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+        yield
+
+
+def sparse_csr(*args, **kwargs) -> torch.Tensor:
+    """``torch.sparse_csr_tensor``, quietly (:func:`quiet_sparse`)."""
+    with quiet_sparse():
+        return torch.sparse_csr_tensor(*args, **kwargs)
 
 
 def _is_sorted(index: torch.Tensor) -> bool:
@@ -103,10 +117,6 @@ class GraphOps:
         self.deg_hat = deg + 1.0        # GCN degree with one self loop per node
         self.deg_in = deg if self.loops is None else deg + self.loops  # SAGE mean / GIN sum
         self._full: Block | None = None
-
-    @property
-    def num_edges(self) -> int:
-        return int(self.col.numel())
 
     def full(self) -> "Block":
         """The whole graph as a :class:`Block` (every row, every column)."""
@@ -199,8 +209,7 @@ class Block:
             if self._ones is None:
                 self._ones = torch.ones(self.col.numel(), dtype=u.dtype)
             values = self._ones
-        matrix = torch.sparse_csr_tensor(self.crow, self.col, values,
-                                         (self.n_rows, self.n_support), dtype=u.dtype)
+        matrix = sparse_csr(self.crow, self.col, values, (self.n_rows, self.n_support), dtype=u.dtype)
         return matrix @ u
 
 
@@ -433,13 +442,6 @@ def layer_forward(layer: UMPMLayer, block: Block, u: torch.Tensor,
     return layer.finish(block, u_self, agg), attention
 
 
-def project(h, weight: torch.Tensor) -> torch.Tensor:
-    """``H W`` for a dense or sparse-CSR ``H`` (sparse inputs: bag-of-words features)."""
-    if isinstance(h, torch.Tensor) and h.layout == torch.sparse_csr:
-        return h @ weight
-    return h @ weight
-
-
 def as_features(x: torch.Tensor, max_density: float = 0.1) -> torch.Tensor:
     """``x`` as sparse CSR when at most ``max_density`` of it is non-zero, else dense.
 
@@ -449,7 +451,10 @@ def as_features(x: torch.Tensor, max_density: float = 0.1) -> torch.Tensor:
     if x.layout == torch.sparse_csr or x.numel() == 0:
         return x
     density = float((x != 0).sum()) / x.numel()
-    return x.to_sparse_csr() if density <= max_density else x
+    if density > max_density:
+        return x
+    with quiet_sparse():
+        return x.to_sparse_csr()
 
 
 def csr_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -465,8 +470,8 @@ def csr_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     total = int(new_crow[-1])
     entries = torch.arange(total) + torch.repeat_interleave(crow[rows] - new_crow[:-1], counts,
                                                             output_size=total)
-    return torch.sparse_csr_tensor(new_crow, col.index_select(0, entries),
-                                   val.index_select(0, entries), (rows.numel(), x.size(1)))
+    return sparse_csr(new_crow, col.index_select(0, entries), val.index_select(0, entries),
+                      (rows.numel(), x.size(1)))
 
 
 class UMPMNet:
@@ -489,19 +494,13 @@ class UMPMNet:
         """Output width of every layer (the last is the number of classes)."""
         return [layer.out_dim for layer in self.layers]
 
-    def forward(self, x: torch.Tensor, ops: GraphOps, capture: bool = False,
-                attention_cache: dict | None = None):
+    def forward(self, x: torch.Tensor, ops: GraphOps, capture: bool = False):
         """Full-graph logits; with ``capture`` also every layer's ``(Z, H')``."""
         block = ops.full()
-        h = as_features(x)
+        h = as_features(x)  # bag-of-words features stay sparse CSR: ``H W`` works on both
         trace = []
-        for i, layer in enumerate(self.layers):
-            u = project(h, layer.weight)
-            key = (id(self), i)
-            cached = attention_cache.get(key) if attention_cache is not None else None
-            z, att = layer_forward(layer, block, u, cached)
-            if attention_cache is not None and layer.prop == "gat":
-                attention_cache[key] = att
+        for layer in self.layers:
+            z, _ = layer_forward(layer, block, h @ layer.weight)
             h = layer.activate(z)
             if capture:
                 trace.append((z, h))
