@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def test_run_merge_stores_a_child_that_runs_alone(specialist_store):
     _, attrs = store.load_group("merges", result["merge_id"])
     metrics = attrs["metrics"]
     assert set(metrics["retention"]) == {"gcn-s0", "gat-s1"}
-    assert metrics["retention_min"] == min(metrics["retention"].values())
-    assert metrics["speedup_vs_ensemble"] > 0 and metrics["speedup_uncached"] > 0
+    assert 0.5 < metrics["retention_min"] <= metrics["retention_mean"]
+    assert all(math.isfinite(metrics[k]) and metrics[k] > 0  # measured timings, not placeholders
+               for k in ("speedup_vs_ensemble", "speedup_uncached"))
     assert attrs["parents"] == ["gcn-s0", "gat-s1"] and attrs["settings"]["alignment"] == "procrustes"
     # METIS halves on Cora: the child keeps most of each parent's accuracy on its region
     assert metrics["retention_mean"] > 0.8
