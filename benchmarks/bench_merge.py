@@ -77,13 +77,6 @@ def say(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def pairs_for(dataset: str, split: str):
-    g = GRID[dataset]
-    if split == "random" and "random_pairs" in g:
-        return g["random_pairs"]
-    return g["pairs"]
-
-
 def parent(graph, regions, dataset, split, arch, region, k, depth):
     """A specialist (spec, state_dict), trained once and cached on disk."""
     g = GRID[dataset]
@@ -113,7 +106,7 @@ def cases(dataset: str):
         for depth in g["depths"]:
             if depth == 3 and split not in g.get("depth3_splits", g["splits"]):
                 continue
-            for pair in pairs_for(dataset, split):
+            for pair in g["pairs"]:
                 yield split, depth, pair
         yield split, 2, TRIPLE
 

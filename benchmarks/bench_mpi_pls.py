@@ -317,21 +317,21 @@ def main() -> None:
     small_run = mpirun(2, "pls", "--config", str(small / "stratified.toml"))
     load_after = os.getloadavg()
 
-    def med(key, values):
+    def med(values):
         return statistics.median(values) if values else float("nan")
 
     table = []
     for key, results in runs.items():
         ranks, draw = key.split("-")
         ranks = int(ranks)
-        step = med("step", [r["step_seconds"] for r in results])
+        step = med([r["step_seconds"] for r in results])
         per_rank = [r["per_rank"] for r in results]
         table.append({
             "ranks": ranks, "draw": draw, "runs": len(results), "step_seconds": step,
-            "compute_seconds": med("c", [max(x["compute"] for x in pr) for pr in per_rank]),
-            "compute_cpu_seconds": med("c", [r["busiest_cpu"] for r in results]),
-            "allreduce_seconds": med("a", [min(x["allreduce"] for x in pr) for pr in per_rank]),
-            "partition_seconds": med("p", [x["compute_per_partition"] for pr in per_rank for x in pr]),
+            "compute_seconds": med([max(x["compute"] for x in pr) for pr in per_rank]),
+            "compute_cpu_seconds": med([r["busiest_cpu"] for r in results]),
+            "allreduce_seconds": med([min(x["allreduce"] for x in pr) for pr in per_rank]),
+            "partition_seconds": med([x["compute_per_partition"] for pr in per_rank for x in pr]),
             "max_owned": max(x["max_owned"] for pr in per_rank for x in pr),
             "peak_rss_per_rank": [max(r["peak_rss"][i] for r in results) for i in range(ranks)],
             "start_rss_per_rank": [max(r["start_rss"][i] for r in results) for i in range(ranks)],
@@ -339,8 +339,8 @@ def main() -> None:
             "resident_bytes_per_rank": [s["resident_bytes"] for s in results[0]["shards"]],
             "bytes_per_step": results[0]["bytes_per_step"],
             "partition_times": _merge_times([x["partition_times"] for pr in per_rank for x in pr]),
-            "step_overhead": med("o", [x["step_overhead"] for pr in per_rank for x in pr
-                                       if x["step_overhead"] is not None]),
+            "step_overhead": med([x["step_overhead"] for pr in per_rank for x in pr
+                                  if x["step_overhead"] is not None]),
             "step_seconds_all": [r["step_seconds"] for r in results],
             "coefficients": results[0]["coefficients"]})
     base = next(t for t in table if t["ranks"] == 1)

@@ -182,7 +182,7 @@ def ingredients_of(saved: dict):
 
 # ----------------------------------------------------------------------------- one measurement
 
-def method_settings(method: str, graph_name: str) -> dict:
+def method_settings(method: str) -> dict:
     settings = dict(SETTINGS[method])
     if method == "pls":
         settings["partition_cache"] = str(OUT / "parts")
@@ -201,14 +201,14 @@ def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, fl
     return statistics.median(walls), statistics.median(cpus)
 
 
-def run_method(method: str, ingredients, evaluator, graph_name: str) -> dict:
+def run_method(method: str, ingredients, evaluator) -> dict:
     """Soup once, measuring seconds and peak RSS above the RSS at the start."""
     import gc
 
     from hpcsoup.soup import get_method
     from hpcsoup.soup.run import PeakMemory
 
-    soup = get_method(method, **method_settings(method, graph_name))
+    soup = get_method(method, **method_settings(method))
     gc.collect()
     evaluations = evaluator.evaluations
     with PeakMemory() as memory:
@@ -252,8 +252,6 @@ def setup(key: str, nodes: int | None):
 
 def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> dict:
     """One method in this (fresh) process: what the parent records for memory."""
-    from hpcsoup.data.partition import partition
-
     graph, ingredients, evaluator, _ = setup(key, nodes)
     out = {}
     # one forward before and after souping: the method's time in forward-equivalents of its
@@ -261,13 +259,8 @@ def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> d
     before = forward_seconds(evaluator, ingredients.mean(), repeats=1)
     if measure_forward:
         out["forward_seconds"] = before
-    if method == "pls":  # METIS runs once per graph and is cached on disk (not souping time)
-        start = time.perf_counter()
-        partition(graph.data.edge_index, graph.num_nodes, SETTINGS["pls"]["partitions"],
-                  seed=0, cache_dir=OUT / "parts")
-        out["partition_seconds"] = time.perf_counter() - start
     evaluator.evaluations = 0
-    out.update(run_method(method, ingredients, evaluator, graph.name))
+    out.update(run_method(method, ingredients, evaluator))
     after = forward_seconds(evaluator, ingredients.mean(), repeats=1)
     out["forward_cpu_around"] = (before[1] + after[1]) / 2
     return out
@@ -326,7 +319,7 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
     for r in range(rounds):
         order = METHODS if r % 2 == 0 else METHODS[::-1]  # interleaved, alternating order
         for method in order:
-            runs[method].append(run_method(method, ingredients, evaluator, graph.name))
+            runs[method].append(run_method(method, ingredients, evaluator))
     rows = []
     for method in METHODS:
         first = runs[method][0]
@@ -351,14 +344,11 @@ def bench_large(key: str, nodes: int, threads: int) -> dict:
         log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s ({row['cpu_seconds']:.1f} s CPU), "
             f"+{row['peak_above_bytes'] / 2**20:.0f}"
             f" MiB, val {row['val']:.4f}, test {row['test']:.4f}")
-    graph = load_graph(EXPERTS[key]["dataset"], nodes)
-    saved = train_experts(key, EXPERTS[key])
-    if nodes != EXPERTS[key].get("nodes"):  # experts' scores on this size
-        _, ingredients, evaluator, _ = setup(key, nodes)
-        saved = dict(saved, metrics=[dict(zip(("val", "test"), (
-            evaluator.score(evaluator.logits(ingredients.expert(i)), "val"),
-            evaluator.score(evaluator.logits(ingredients.expert(i)), "test"))))
-            for i in range(ingredients.n)])
+    if nodes == EXPERTS[key].get("nodes"):
+        return finish(key, load_graph(EXPERTS[key]["dataset"], nodes), train_experts(key, EXPERTS[key]),
+                      rows, fwd)
+    graph, ingredients, evaluator, saved = setup(key, nodes)  # experts' scores on this size
+    saved = dict(saved, metrics=[evaluator.metrics(ingredients.expert(i)) for i in range(ingredients.n)])
     return finish(key, graph, saved, rows, fwd)
 
 

@@ -58,14 +58,14 @@ RANKS = [2 ** i for i in range(0, 11)]  # 1 ... 1024
 def fit_allreduce(measured: dict) -> dict:
     """``alpha, beta`` of ``t = ceil(log2 P) (alpha + beta m)`` (both >= 0), least squares in
     *relative* error, so that the 1 MB point does not drown the few-byte ones PLS sends."""
-    rows = [(math.ceil(math.log2(int(p))) / r["seconds"], r["bytes"], 1.0)
+    rows = [(math.ceil(math.log2(int(p))) / r["seconds"], r["bytes"])
             for p, results in measured.items() for r in results]
     # minimise sum (1 - k' a - k' m b)^2 over a, b with k' = rounds / t: 2x2 normal equations
-    s11 = sum(k * k for k, m, t in rows)
-    s12 = sum(k * k * m for k, m, t in rows)
-    s22 = sum((k * m) ** 2 for k, m, t in rows)
-    b1 = sum(k * t for k, m, t in rows)
-    b2 = sum(k * m * t for k, m, t in rows)
+    s11 = sum(k * k for k, m in rows)
+    s12 = sum(k * k * m for k, m in rows)
+    s22 = sum((k * m) ** 2 for k, m in rows)
+    b1 = sum(k for k, m in rows)
+    b2 = sum(k * m for k, m in rows)
     det = s11 * s22 - s12 * s12
     alpha, beta = (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
     if beta < 0:
@@ -82,6 +82,7 @@ def allreduce_time(p: int, m: int, net: dict) -> float:
 def slowest_rank_actual(p: int, times: dict, seed: int, partitions: int, per_step: int,
                         steps: int = 500) -> float:
     """E[max over ranks of their partitions' time] over the real stratified draws (scenario A)."""
+    from hpcsoup.dist.shards import owner_of
     from hpcsoup.soup.pls import draw_partitions
 
     fallback = sum(times.values()) / len(times)  # a partition never drawn in the benchmark
@@ -89,7 +90,7 @@ def slowest_rank_actual(p: int, times: dict, seed: int, partitions: int, per_ste
     for step in range(steps):
         load = [0.0] * min(p, partitions)
         for k in draw_partitions(seed, step, partitions, per_step, "stratified"):
-            load[k % len(load)] += times.get(k, fallback)
+            load[owner_of(k, len(load))] += times.get(k, fallback)
         total += max(load)
     return total / steps
 
