@@ -29,11 +29,10 @@ import torch
 
 from hpcsoup.data import Graph, load_from_config
 from hpcsoup.errors import MergeError, StoreError
-from hpcsoup.merge.child import MergedGNN
+from hpcsoup.merge.child import ChildCache, MergedGNN
 from hpcsoup.merge.ensemble import Ensemble
 from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.timing import time_child_vs_ensemble
-from hpcsoup.merge.route import sparsify
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
 from hpcsoup.store import Store, provenance
@@ -109,30 +108,29 @@ def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
     """
     data = graph.data
     x = as_features(data.x)
+    ops = GraphOps(data.edge_index, x.size(0), undirected=True)  # one set of graph operators
+    routing = child.route(x, ops)
     ensemble = Ensemble(parents)
-    out = child(x, data.edge_index, undirected=True)
-    ens_out, member_out = ensemble(x, data.edge_index, undirected=True, members=True)
+    out = child(x, cache=ChildCache(ops, routing))
+    ens_out, member_out = ensemble(x, cache={"ops": ops}, members=True)
     test = graph.mask("test")
     metrics = {"metric": graph.metric, "val": graph.score(out, "val"),
                "test": graph.score(out, "test"), "retention": {}, "parents": {},
                "ensemble": {"test": graph.score(ens_out, "test"), "retention": {}}}
     for name, region, logits in zip(names, regions, member_out):
         own = test & region
-        parent_own = graph.score(logits, own)
+        parent_own, child_own, ens_own = (graph.score(z, own) for z in (logits, out, ens_out))
         metrics["parents"][name] = {"own": parent_own, "test": graph.score(logits, "test"),
-                                    "child_own": graph.score(out, own),
-                                    "ensemble_own": graph.score(ens_out, own),
+                                    "child_own": child_own, "ensemble_own": ens_own,
                                     "test_nodes": int(own.sum())}
-        metrics["retention"][name] = graph.score(out, own) / parent_own if parent_own else float("nan")
-        metrics["ensemble"]["retention"][name] = (graph.score(ens_out, own) / parent_own
-                                                  if parent_own else float("nan"))
+        metrics["retention"][name] = child_own / parent_own if parent_own else float("nan")
+        metrics["ensemble"]["retention"][name] = ens_own / parent_own if parent_own else float("nan")
     metrics["ensemble_test"] = metrics["ensemble"]["test"]  # flat, for `hpcsoup report`
     for target in (metrics, metrics["ensemble"]):
         values = list(target["retention"].values())
         target["retention_mean"] = sum(values) / len(values)
         target["retention_min"] = min(values)
-    sparse = sparsify(child.gate_weights(x, GraphOps(data.edge_index, x.size(0), undirected=True)),
-                      child.threshold)
+    sparse = routing.gate
     metrics["routing"] = {"parents_per_node": float((sparse > 0).sum(1).float().mean()),
                           "share": {n: float((sparse[:, k] > 0).float().mean())
                                     for k, n in enumerate(names)}}
