@@ -191,14 +191,14 @@ class ShardEvaluator:
         memory of partitions it would otherwise not keep) would only cost time."""
         from hpcsoup.soup.evaluate import build_adjacency
 
-        key = id(edge_index)
-        if key in self._adjacency and self._adjacency[key][0] is edge_index:
+        key = id(edge_index)  # unique while cached: the entry keeps the tensor alive
+        if key in self._adjacency:
             return self._adjacency[key][1]
         if deg is not None and deg.numel() == 0:
             deg = None
         adj = build_adjacency(self.spec.arch, edge_index.to(self.device), num_nodes,
                               None if deg is None else deg.to(self.device))
-        self._adjacency[key] = (edge_index, adj)  # the tensor itself keeps the id unique
+        self._adjacency[key] = (edge_index, adj)
         return adj
 
     def forward(self, params: dict, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
@@ -226,16 +226,14 @@ class Counted:
 
 
 class Subgraphs:
-    """Adjacency of each held partition, built once (what PLS's own ``subgraph`` closure does)."""
+    """``(partition, adjacency)`` of a held partition (the adjacency built once, by the evaluator)."""
 
     def __init__(self, source: ShardSource, evaluator: ShardEvaluator):
-        self.source, self.evaluator, self._adj = source, evaluator, {}
+        self.source, self.evaluator = source, evaluator
 
     def __call__(self, k: int):
         part = self.source.part(k)
-        if k not in self._adj:
-            self._adj[k] = self.evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
-        return part, self._adj[k]
+        return part, self.evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
 
 
 @torch.no_grad()
