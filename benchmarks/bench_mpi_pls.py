@@ -7,7 +7,7 @@ What it does (one torch thread per rank throughout; ``mpiexec`` of the pip MPICH
 
 1. builds once, under ``benchmarks/out/mpi_pls/``, a store of ``--experts`` GraphSAGE experts
    (shared init, a few epochs each) on ``synthetic-products`` with ``--nodes`` nodes (40k nodes
-   = 1M undirected edges), and its partitioned graph (``python -m hpcsoup.dist.shards``);
+   = 1M undirected edges), and its partitioned graph (``python -m hpcsoup.distributed.shards``);
 2. measures ``MPI_Allreduce`` latency against message size for P = 2 and 4 (``--worker
    allreduce``): the input of ``benchmarks/scaling_model.py``;
 3. runs distributed PLS (``run_pls_ranks``, the code ``hpcsoup soup`` runs) under
@@ -88,8 +88,8 @@ def build(nodes: int, args) -> Path:
                 "seed": i, "role": "expert", "metrics": result.metrics}, overwrite=True)
             log(f"expert {i}: {result.metrics} in {result.seconds:.0f} s")
         (folder / "experts.done").write_text("ok")
-    done = subprocess.run([PY, "-m", "hpcsoup.dist.shards", "--config", str(folder / "stratified.toml")],
-                          env=env(), stderr=subprocess.PIPE, text=True)
+    done = subprocess.run([PY, "-m", "hpcsoup.distributed.shards", "--config",
+                           str(folder / "stratified.toml")], env=env(), stderr=subprocess.PIPE, text=True)
     log(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "partitioned")
     if done.returncode:
         raise SystemExit(done.stderr)
@@ -152,7 +152,7 @@ def mpirun(ranks: int, *worker_args: str, timeout: int = 900) -> dict:
 
 
 def worker_allreduce(args) -> None:
-    from hpcsoup.dist.mpi import measure_allreduce, world
+    from hpcsoup.distributed.mpi import measure_allreduce, world
 
     comm = world()
     sizes = [1, 25, 256, 1024, 4096, 16384, 65536, 262144]
@@ -164,16 +164,16 @@ def worker_allreduce(args) -> None:
 def worker_pls(args) -> None:
     import torch
 
-    import hpcsoup.dist.pls_mpi as pls_mpi
+    import hpcsoup.distributed.pls as dpls
     from hpcsoup.config import load_config
-    from hpcsoup.dist.mpi import abort_on_error, world
-    from hpcsoup.dist.shards import owner_of
+    from hpcsoup.distributed.mpi import abort_on_error, world
+    from hpcsoup.distributed.shards import owner_of
     from hpcsoup.soup.pls import draw_partitions
 
     comm = world()
     events: list[tuple[float, float, int, float, float]] = []
 
-    class Timed(pls_mpi.Counted):
+    class Timed(dpls.Counted):
         def __call__(self, tensor):
             start, cpu = time.perf_counter(), time.process_time()
             out = super().__call__(tensor)
@@ -181,19 +181,19 @@ def worker_pls(args) -> None:
             return out
 
     forwards: list[tuple[float, float]] = []
-    original_forward = pls_mpi.ShardEvaluator.forward
+    original_forward = dpls.ShardEvaluator.forward
 
     def timed_forward(self, params, x, adj):
         if torch.is_grad_enabled():  # a step's partition term (the checks run without grad)
             forwards.append((time.perf_counter(), time.process_time()))
         return original_forward(self, params, x, adj)
 
-    pls_mpi.Counted = Timed
-    pls_mpi.ShardEvaluator.forward = timed_forward
+    dpls.Counted = Timed
+    dpls.ShardEvaluator.forward = timed_forward
     with abort_on_error(comm):
         torch.set_num_threads(1)
         cfg = load_config(args.config)
-        run = pls_mpi.run_pls_ranks(cfg, comm)
+        run = dpls.run_pls_ranks(cfg, comm)
         logits = run.ingredients.num_tensors * run.ingredients.n + 1
         steps = [e for e in events if e[2] == logits]  # the step allreduces (not the checks)
         pls = cfg.soup.pls
@@ -245,7 +245,7 @@ def worker_pls(args) -> None:
 
 
 def _val_counts(path) -> list:
-    from hpcsoup.dist.shards import open_parts
+    from hpcsoup.distributed.shards import open_parts
     return open_parts(path)["val_counts"]
 
 

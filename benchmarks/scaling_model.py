@@ -82,7 +82,7 @@ def allreduce_time(p: int, m: int, net: dict) -> float:
 def slowest_rank_actual(p: int, times: dict, seed: int, partitions: int, per_step: int,
                         steps: int = 500) -> float:
     """E[max over ranks of their partitions' time] over the real stratified draws (scenario A)."""
-    from hpcsoup.dist.shards import owner_of
+    from hpcsoup.distributed.shards import owner_of
     from hpcsoup.soup.pls import draw_partitions
 
     fallback = sum(times.values()) / len(times)  # a partition never drawn in the benchmark

@@ -66,8 +66,14 @@ def cmd_train(args) -> dict:
 
 
 def cmd_soup(args) -> dict:
+    from hpcsoup.distributed.mpi import world
+
+    cfg, comm = config_from_args(args), world()
+    if comm.size > 1:  # under mpiexec / srun: PLS over graph shards, the rest on rank 0
+        from hpcsoup.distributed.pls import run_soup_distributed
+        return run_soup_distributed(cfg, args.method or None, comm)
     from hpcsoup.soup.run import run_soup
-    return run_soup(config_from_args(args), methods=args.method or None)
+    return run_soup(cfg, methods=args.method or None)
 
 
 def cmd_merge(args) -> dict:

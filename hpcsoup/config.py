@@ -16,58 +16,23 @@ Example::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 from hpcsoup.errors import ConfigError
+from hpcsoup.settings import Setting, nonnegative, positive
 
-ARCHS = ("gcn", "sage", "gat", "gin")
-SOUP_METHODS = ("uniform", "greedy", "gis", "learned", "pls")
+from hpcsoup.models import ARCHS
+from hpcsoup.soup.registry import METHODS
 
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One config key: its default, accepted types and an optional check."""
-
-    default: Any
-    types: tuple = ()
-    choices: Sequence | None = None
-    check: Callable[[Any], bool] | None = None
-    hint: str = ""
-
-    def validate(self, key: str, value: Any) -> Any:
-        types = self.types or (type(self.default),)
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and bool not in types:
-            raise ConfigError(f"config key '{key}' = {value!r}: expected {_names(types)}")
-        if not isinstance(value, types):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected {_names(types)}"
-                              + (f" ({self.hint})" if self.hint else ""))
-        items = value if isinstance(value, list) else [value]
-        if self.choices is not None:
-            bad = [v for v in items if v not in self.choices]
-            if bad:
-                raise ConfigError(f"config key '{key}' = {value!r}: {bad[0]!r} is not allowed; "
-                                  f"choose from {list(self.choices)}")
-        if self.check is not None and not self.check(value):
-            raise ConfigError(f"config key '{key}' = {value!r}: {self.hint or 'invalid value'}")
-        return value
+SOUP_METHODS = tuple(METHODS)
 
 
-def _names(types: tuple) -> str:
-    return " or ".join(t.__name__ for t in types)
+Field = Setting  # a config key is a declared setting
 
-
-def _pos(hint="must be > 0"):
-    return dict(check=lambda v: v > 0, hint=hint)
-
-
-def _nonneg(hint="must be >= 0"):
-    return dict(check=lambda v: v >= 0, hint=hint)
+_pos, _nonneg = positive, nonnegative
 
 
 #: Every key a config may hold. Sections are nested dicts; leaves are Fields.
@@ -127,39 +92,8 @@ SCHEMA: dict = {
         "seed": Field(0, (int,)),
         "reorder": Field(True, (bool,), hint="store the graph METIS-partition-contiguous for "
                                              "faster full-graph forwards (results unchanged)"),
-        "gis": {
-            "granularity": Field(20, (int,), check=lambda v: v >= 2, hint="must be >= 2"),
-        },
-        "learned": {
-            "steps": Field(100, (int,), **_pos()),
-            "lr": Field(0.3, (float,), **_pos("Adam 0.3 measured best; SGD needs 20-80")),
-            "optimizer": Field("adam", (str,), choices=("sgd", "adam")),
-            "schedule": Field("none", (str,), choices=("none", "cosine", "cosine_warm_restarts")),
-            "init": Field("uniform", (str,), choices=("uniform", "validation")),
-            "patience": Field(5, (int,), **_pos("checks without improvement before stopping")),
-            "min_delta": Field(1e-3, (float,), **_nonneg("smallest val gain that is an improvement")),
-            "eval_every": Field(1, (int,), **_pos()),
-            "momentum": Field(0.9, (float,), **_nonneg("SGD momentum")),
-            "restart": Field(10, (int,), **_pos("steps per cosine_warm_restarts period")),
-        },
-        "pls": {
-            "partitions": Field(32, (int,), **_pos()),
-            "per_step": Field(4, (int,), **_pos()),
-            "halo": Field(0, (int,), **_nonneg()),
-            "ranks": Field(1, (int,), **_pos()),
-            "steps": Field(100, (int,), **_pos()),
-            "lr": Field(0.3, (float,), **_pos()),
-            "patience": Field(3, (int,), **_pos("checks without improvement before stopping")),
-            "min_delta": Field(1e-3, (float,), **_nonneg("smallest val gain that is an improvement")),
-            "eval_every": Field(5, (int,), **_pos()),
-            "check": Field("partitions", (str,), choices=("partitions", "full"),
-                           hint="stopping check: per partition (memory of one) or full graph"),
-            "cache": Field(False, (bool,), hint="keep the K subgraphs in memory (faster, "
-                                                "about the graph's size more memory)"),
-            "draw": Field("stratified", (str,), choices=("random", "stratified"),
-                          hint="partitions per step: one from each class k mod per_step "
-                               "(balanced MPI ranks) or uniformly at random"),
-        },
+        # each method's settings, as the method declares them (hpcsoup/soup/<method>.py)
+        **{name: dict(cls.parameters) for name, cls in METHODS.items() if cls.parameters},
     },
     "merge": {
         "parents": Field([], (list,), hint="expert ids; [] = the config's specialists"),
@@ -192,6 +126,21 @@ SCHEMA: dict = {
         "max_parallel": Field(0, (int,), **_nonneg("array throttle %N; 0 = none")),
     },
 }
+
+
+# how many MPI ranks run PLS: the runner's choice, not the method's
+SCHEMA["soup"]["pls"]["ranks"] = Field(1, (int,), **_pos("MPI ranks of partition learned souping"))
+
+
+def _check_relations(values: dict) -> None:
+    """Rules between keys, which no single key's check can see."""
+    pls = values["soup"]["pls"]
+    for key in ("per_step", "ranks"):
+        if pls[key] > pls["partitions"]:
+            raise ConfigError(f"config key 'soup.pls.{key}' = {pls[key]} exceeds "
+                              f"soup.pls.partitions = {pls['partitions']}: each step draws "
+                              f"per_step of the partitions and each rank holds at least one; "
+                              f"lower soup.pls.{key} or raise soup.pls.partitions")
 
 
 class Section:
@@ -266,6 +215,7 @@ def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> S
         for part in reversed(path):
             nested = {part: nested}
         _merge(SCHEMA, nested, merged)
+    _check_relations(merged)
     return Section(merged)
 
 

@@ -17,9 +17,9 @@
 # ranks is the number of tasks; soup.pls.ranks in the config is for `hpcsoup run`, not for SLURM.
 #
 # What runs: a one-task step that partitions the graph into the store if needed
-# (python -m hpcsoup.dist.shards: the only process that ever loads the whole graph for PLS), then
+# (python -m hpcsoup.distributed.shards: the only process that ever loads the whole graph for PLS), then
 # one step `srun --mpi=pmi2 -n $SLURM_NTASKS hpcsoup soup ...`. Inside it,
-#   - pls runs on all ranks, each holding only its partitions of the graph (hpcsoup.dist);
+#   - pls runs on all ranks, each holding only its partitions of the graph (hpcsoup.distributed);
 #   - the other methods of the config (uniform, greedy, gis, learned) are single-process: rank 0
 #     runs them after PLS while the other ranks have already exited (MPI_Finalize waits without
 #     spinning, measured), so they never compete with PLS for the cores.
@@ -59,7 +59,7 @@ NTASKS="${SLURM_NTASKS:-1}"
 echo "soup.sh: job ${SLURM_JOB_ID:-?} on $(hostname -s): $NTASKS rank(s), config $CONFIG $*" >&2
 echo "soup.sh: $("$PY" -c 'import sys, hpcsoup; print(sys.executable, "hpcsoup", hpcsoup.__version__)')" >&2
 
-# ranks x threads <= cores: each rank takes its share of the cores it may run on (hpcsoup.dist),
+# ranks x threads <= cores: each rank takes its share of the cores it may run on (hpcsoup.distributed),
 # unless the config sets `threads`. OMP/MKL follow torch's setting, not the node size.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
@@ -67,7 +67,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # ever loads the whole graph (a no-op when PLS is not asked for or the partitions are there).
 # shellcheck disable=SC2086  # HPCSOUP_SRUN is a list of options
 srun --ntasks=1 --mpi=none ${HPCSOUP_SRUN:-} \
-    "$PY" -m hpcsoup.dist.shards --config "$CONFIG" "$@"
+    "$PY" -m hpcsoup.distributed.shards --config "$CONFIG" "$@"
 
 # Step 2 (all tasks): the MPI ranks.
 # shellcheck disable=SC2086

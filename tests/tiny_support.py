@@ -1,4 +1,4 @@
-"""A tiny seeded graph and experts trained from one shared init: shared by tests/soup and tests/dist.
+"""A tiny seeded graph and experts trained from one shared init: shared by tests/soup and tests/distributed.
 
 Importable from every test folder: pytest puts tests/ on sys.path for tests/conftest.py.
 """

@@ -1,4 +1,4 @@
 """Stage 2: the GNN architectures experts are made of."""
-from hpcsoup.models.gnn import GNN, ModelSpec, build_model
+from hpcsoup.models.gnn import ARCHS, GNN, ModelSpec, build_model
 
-__all__ = ["GNN", "ModelSpec", "build_model"]
+__all__ = ["ARCHS", "GNN", "ModelSpec", "build_model"]

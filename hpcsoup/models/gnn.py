@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
-from hpcsoup.config import ARCHS
 from hpcsoup.errors import ModelError
+
+#: the architectures an expert can have
+ARCHS = ("gcn", "sage", "gat", "gin")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ partition learned souping (PLS) learn one row per tensor.
   their stacked tensors ``{name: Tensor[n, *shape]}`` and validation scores;
 - :class:`SoupResult`: the soup's state_dict, its coefficients ``[P][n]`` as
   nested lists, the method name and extras (steps, evaluations, ...);
-- :class:`SoupMethod`: a method declares ``name`` and ``defaults`` (its
+- :class:`SoupMethod`: a method declares ``name`` and ``parameters`` (its
   settings) and implements ``soup(ingredients, evaluator, seed=...)``.
 """
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
-from hpcsoup.errors import SoupError
+from hpcsoup.errors import ConfigError, SoupError
 from hpcsoup.models import ModelSpec
+from hpcsoup.settings import Setting
 
 log = logging.getLogger("hpcsoup.soup")
 
@@ -194,21 +195,33 @@ class SoupResult:
 
 
 class SoupMethod(abc.ABC):
-    """A souping method: ``name``, ``defaults`` (its settings) and :meth:`soup`.
+    """A souping method: ``name``, ``parameters`` (its declared settings) and :meth:`soup`.
 
-    ``SoupMethod(**settings)`` overrides defaults; an unknown setting raises
-    :class:`SoupError` listing the valid ones.
+    ``parameters`` maps each setting to a :class:`~hpcsoup.settings.Setting` (default,
+    type, choices, help): declared once here, they are also the ``[soup.<name>]``
+    section of an experiment file. ``SoupMethod(**settings)`` validates the given
+    settings over the defaults; an unknown or bad one raises :class:`SoupError`.
     """
 
     name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
+    parameters: ClassVar[dict[str, Setting]] = {}
 
     def __init__(self, **settings: Any):
-        unknown = sorted(set(settings) - set(self.defaults))
+        unknown = sorted(set(settings) - set(self.parameters))
         if unknown:
             raise SoupError(f"souping method '{self.name}' has no setting {unknown[0]!r}; "
-                            f"valid settings: {sorted(self.defaults) or 'none'}")
-        self.settings = {**self.defaults, **settings}
+                            f"valid settings: {sorted(self.parameters) or 'none'}")
+        checked = {}
+        for key, value in settings.items():
+            try:
+                checked[key] = self.parameters[key].validate(f"soup.{self.name}.{key}", value)
+            except ConfigError as exc:
+                raise SoupError(str(exc).replace("config key", "setting", 1)) from None
+        self.settings = {**self.defaults(), **checked}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {key: setting.default for key, setting in cls.parameters.items()}
 
     @abc.abstractmethod
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0) -> SoupResult:

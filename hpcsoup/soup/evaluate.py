@@ -90,24 +90,34 @@ def locality_order(parts: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Full-graph inference of any state_dict of ``spec`` on ``graph`` (the shared machinery).
+    """Inference of any state_dict of ``spec`` on a graph or its partitions (the shared machinery).
 
     Args:
         spec: model spec of the experts and their soups.
-        graph: the dataset (its masks and metric define the scores).
+        graph: the dataset (its masks and metric define the scores), or ``None`` on an
+            MPI rank that holds partitions only (then give ``metric``; :meth:`forward`
+            needs explicit ``x``/``adj``).
         device: where the forwards run (default: ``"cpu"``).
         order: optional node permutation to store the graph in (e.g.
             :func:`locality_order` of a METIS partition); results do not depend on it.
+        metric: the dataset's metric when there is no ``graph``.
 
     ``evaluations`` counts full-graph inference forwards made through
     :meth:`logits` (the unit of GIS's cost model).
     """
 
-    def __init__(self, spec: ModelSpec, graph: Graph, device: str | torch.device = "cpu",
-                 order: torch.Tensor | None = None):
+    def __init__(self, spec: ModelSpec, graph: Graph | None, device: str | torch.device = "cpu",
+                 order: torch.Tensor | None = None, metric: str | None = None):
         self.spec, self.graph, self.device = spec, graph, torch.device(device)
-        data = graph.data
         self.template = make_template(spec, self.device)
+        self.evaluations = 0
+        self._part_adjacency: dict[int, torch.Tensor] = {}
+        self._metric = metric if graph is None else graph.metric
+        if graph is None:
+            self.adj = self.x = self.inverse = self.y = None
+            self.masks = {}
+            return
+        data = graph.data
         self.y = data.y.to(self.device)
         self.masks = {s: graph.mask(s).to(self.device) for s in ("train", "val", "test")}
         edge_index = data.edge_index
@@ -124,16 +134,22 @@ class Evaluator:
             self.x = data.x[order].to(self.device)
             self.inverse = inverse.to(self.device)  # position of each node in the stored order
         self.adj = build_adjacency(spec.arch, edge_index.to(self.device), data.num_nodes)
-        self.evaluations = 0
 
     @property
     def metric(self) -> str:
-        return self.graph.metric
+        return self._metric
 
-    def adjacency(self, edge_index: torch.Tensor, num_nodes: int,
-                  deg: torch.Tensor | None = None) -> torch.Tensor:
-        """The adjacency format :meth:`forward` expects, for a subgraph (PLS)."""
-        return build_adjacency(self.spec.arch, edge_index.to(self.device), num_nodes, deg)
+    def part_adjacency(self, part, keep: bool = False) -> torch.Tensor:
+        """The adjacency :meth:`forward` expects for a partition's subgraph (PLS), with the
+        full graph's degrees; ``keep`` holds it for the next call (when the partition itself
+        is held in memory anyway, rebuilding it every step would only cost time)."""
+        if part.pid in self._part_adjacency:
+            return self._part_adjacency[part.pid]
+        deg = part.deg.to(self.device) if part.deg.numel() else None
+        adj = build_adjacency(self.spec.arch, part.edge_index.to(self.device), part.num_nodes, deg)
+        if keep:
+            self._part_adjacency[part.pid] = adj
+        return adj
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | None = None,
                 adj: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +159,8 @@ class Evaluator:
         """
         if x is not None or adj is not None:
             return functional_call(self.template, params, (x, adj))
+        if self.graph is None:
+            raise SoupError("this evaluator holds partitions only (an MPI rank): give x and adj")
         out = functional_call(self.template, params, (self.x, self.adj))
         return out if self.inverse is None else out.index_select(0, self.inverse)
 

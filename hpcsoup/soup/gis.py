@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from hpcsoup.settings import Setting
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult, val_scores
 
 log = logging.getLogger("hpcsoup.soup")
@@ -31,14 +32,11 @@ class GISSoup(SoupMethod):
     """Greedy interpolation soup; ``granularity`` = number of alphas in [0, 1] (default 20)."""
 
     name = "gis"
-    defaults = {"granularity": 20}
+    parameters = {"granularity": Setting(20, (int,), check=lambda v: v >= 2, hint="must be >= 2",
+                                         help="points on each segment, its ends included")}
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0) -> SoupResult:
-        from hpcsoup.errors import SoupError
-
         grid = int(self.settings["granularity"])
-        if grid < 2:
-            raise SoupError(f"gis granularity={grid}: needs >= 2 points (the segment's ends)")
         start = evaluator.evaluations
         scores = val_scores(ingredients, evaluator)
         order = sorted(range(ingredients.n), key=lambda i: -scores[i])

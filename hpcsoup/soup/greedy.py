@@ -28,7 +28,6 @@ class GreedySoup(SoupMethod):
     """Greedy soup (no settings)."""
 
     name = "greedy"
-    defaults: dict = {}
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0) -> SoupResult:
         start = evaluator.evaluations

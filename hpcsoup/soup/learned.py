@@ -8,28 +8,33 @@ arXiv 2503.11612 (2025), Learned Souping; after Wortsman et al., "Model soups"
 .. math::
     W_p(R) = \\sum_{i=1}^{n} \\mathrm{softmax}(R_p)_i \\, W_{i,p}, \\qquad
     R \\leftarrow R - \\eta \\nabla_R \\,
-        \\frac{1}{|V_{val}|} \\sum_{v \\in V_{val}} \\mathrm{CE}\\big(f(X, A; W(R))_v, y_v\\big)
+        \\frac{1}{|V_{val}|} \\sum_{v \\in V_{val}} \\ell\\big(f(X, A; W(R))_v, y_v\\big)
 
 on the full graph, the validation nodes being the souping objective (as in the
 paper). Only :math:`R` is learned: the experts' tensors enter through
 ``torch.func.functional_call`` and never get gradients.
 
-Stopping: every ``eval_every`` steps the validation score of the current
-logits is checked and the best logits are kept (ties keep the latest); learning
-stops after ``patience`` checks without a strict improvement. LS's check is
-free: the step's own forward already gives the full-graph logits of the
-current :math:`R` (inference mode has no dropout), so it is scored before the
-update. When ``steps`` run out, the final logits get one extra evaluation.
+The objective :math:`\\ell` (``objective``): cross-entropy (``ce``), or for binary
+datasets scored by ROC-AUC a pairwise logistic surrogate of the AUC (``auc``,
+Herschtal & Raskutti, ICML 2004):
+:math:`\\frac{1}{|P||N|} \\sum_{i \\in P, j \\in N} \\log(1 + e^{-(s_i - s_j)})` with
+:math:`s = z_1 - z_0` the logit margin, :math:`P` / :math:`N` the positive / negative
+validation nodes. ``auto`` picks ``auc`` for ROC-AUC datasets, ``ce`` otherwise
+(measured: benchmarks/RESULTS.md, ``## soup``).
 
-Settings (defaults chosen by measurement, see benchmarks/RESULTS.md):
-``steps``, ``lr``, ``optimizer`` (``adam`` | ``sgd``; the official code uses
-SGD with lr 5-80 and cosine annealing with warm restarts), ``momentum`` (SGD),
-``schedule`` (``none`` | ``cosine`` | ``cosine_warm_restarts``), ``restart``
-(the warm-restart period in steps), ``init`` (``uniform``: :math:`R = 0`;
-``validation``: :math:`R_{p,i} = 100 (v_i - \\max_j v_j)`), ``patience``,
-``min_delta`` (the smallest validation gain that counts as an improvement),
-``eval_every``. The official code's learnable logit scale is not used: it is
-discarded at the end, so the soup returned would differ from the one scored.
+Stopping and selection (:class:`Stopper`): every ``eval_every`` steps the current
+logits are checked. The **kept** logits are those with the best validation
+*metric* (ties: the lower validation loss); learning **stops** when the
+validation *loss* has not fallen by a relative ``min_delta`` for ``patience``
+checks, and never before ``min_steps`` steps. Stopping on the metric instead
+stopped LS on its uniform start while the loss still fell (accuracy moves in
+steps of one node and dips before it rises). LS's check is free: the step's own
+forward gives the full-graph logits of the current :math:`R` (no dropout in
+inference mode), so they are scored before the update. A soup that ends on its
+start says so (``extras["moved"]``).
+
+The official code's learnable logit scale is not used: it is discarded at the
+end, so the soup returned would differ from the one scored.
 """
 from __future__ import annotations
 
@@ -40,23 +45,69 @@ import torch
 import torch.nn.functional as F
 
 from hpcsoup.errors import SoupError
+from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
 
 log = logging.getLogger("hpcsoup.soup")
 
-#: settings LS and PLS share, with their defaults
-OPTIM_DEFAULTS = {
-    "steps": 100,
-    "lr": 0.3,
-    "optimizer": "adam",
-    "momentum": 0.9,
-    "schedule": "none",
-    "restart": 10,
-    "init": "uniform",
-    "patience": 5,
-    "min_delta": 1e-3,
-    "eval_every": 1,
+OBJECTIVES = ("auto", "ce", "auc")
+
+#: the settings LS declares (PLS declares them too, with its own defaults)
+OPTIM_SETTINGS = {
+    "steps": Setting(100, (int,), **positive(), help="the most optimizer steps"),
+    "lr": Setting(0.3, (float,), **positive(),
+                  help="learning rate (Adam 0.3 measured best; SGD needs 5-80)"),
+    "optimizer": Setting("adam", (str,), choices=("adam", "sgd"), help="optimizer of the logits"),
+    "momentum": Setting(0.9, (float,), **nonnegative(), help="SGD momentum"),
+    "schedule": Setting("none", (str,), choices=("none", "cosine", "cosine_warm_restarts"),
+                        help="learning-rate schedule"),
+    "restart": Setting(10, (int,), **positive(), help="steps per cosine_warm_restarts period"),
+    "init": Setting("uniform", (str,), choices=("uniform", "validation"),
+                    help="start: equal weights, or weights from the experts' validation scores"),
+    "objective": Setting("auto", (str,), choices=OBJECTIVES,
+                         help="loss on the validation nodes: ce, auc (ROC-AUC surrogate) or "
+                              "auto (auc for ROC-AUC datasets)"),
+    "patience": Setting(10, (int,), **positive(),
+                        help="checks without a fall of the validation loss before stopping"),
+    "min_delta": Setting(1e-3, (float,), **nonnegative(),
+                         help="relative fall of the validation loss that counts as progress"),
+    "min_steps": Setting(10, (int,), **nonnegative(), help="steps before stopping is allowed"),
+    "eval_every": Setting(1, (int,), **positive(), help="steps between validation checks"),
 }
+
+
+def resolve_objective(objective: str, metric: str) -> str:
+    """``ce`` or ``auc`` for a dataset scored by ``metric`` (``auto``: auc for ROC-AUC)."""
+    if objective not in OBJECTIVES:
+        raise SoupError(f"souping objective={objective!r} is unknown; choose from {list(OBJECTIVES)}")
+    if objective == "auto":
+        return "auc" if metric == "rocauc" else "ce"
+    return objective
+
+
+def validation_loss(out: torch.Tensor, y: torch.Tensor, objective: str,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The souping loss of logits ``out`` against labels ``y`` (validation nodes only).
+
+    ``reduction="sum"`` returns the sum of the terms (CE: one per node; AUC: one per
+    positive/negative pair), for objectives that are sums of per-partition terms.
+    """
+    if objective == "ce":
+        return F.cross_entropy(out, y, reduction=reduction)
+    margin = out[:, 1] - out[:, 0]
+    pos, neg = margin[y == 1], margin[y == 0]
+    terms = F.softplus(neg.unsqueeze(0) - pos.unsqueeze(1))
+    if reduction == "sum":
+        return terms.sum()
+    return terms.mean() if terms.numel() else out.sum() * 0
+
+
+def loss_terms(y: torch.Tensor, objective: str) -> int:
+    """How many terms :func:`validation_loss` sums for labels ``y`` (its normaliser)."""
+    if objective == "ce":
+        return int(y.numel())
+    positives = int((y == 1).sum())
+    return positives * (int(y.numel()) - positives)
 
 
 def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | None,
@@ -102,38 +153,41 @@ def make_optimizer(logits: torch.Tensor, settings: dict):
 
 
 class Stopper:
-    """Keeps the best logits by validation score; says when to stop.
+    """Keeps the logits with the best validation metric; stops when the loss stops falling.
 
-    ``check(step, score, logits)`` records the score of ``logits``: a score
-    ``>=`` the best replaces the kept logits (ties keep the latest, which has the
-    lower training loss); a score above the best of the last reset by more than
-    ``min_delta`` resets the patience count (so a crawl of one validation node at
-    a time on a large graph does not keep learning alive). It returns True after
-    ``patience`` checks without such an improvement.
+    ``check(step, score, loss, logits)`` records one check of ``logits``:
+
+    - **selection**: a higher ``score`` (ties: a lower ``loss``) replaces the kept logits;
+    - **stopping**: a ``loss`` below ``(1 - min_delta)`` times the lowest loss so far resets
+      the patience count, any other check adds one; it returns True once ``patience``
+      checks in a row brought no such fall and ``step >= min_steps``.
     """
 
-    def __init__(self, patience: int, min_delta: float = 0.0):
-        self.patience = int(patience)
-        self.min_delta = float(min_delta)
-        self.reference = float("-inf")  # the score that last reset the patience count
+    def __init__(self, patience: int, min_delta: float = 0.0, min_steps: int = 0):
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.min_steps = int(min_steps)
         self.best = float("-inf")
+        self.best_loss = float("inf")      # the loss of the kept logits
+        self.lowest_loss = float("inf")    # the lowest loss seen (the stopping reference)
         self.best_step = -1
         self.best_logits: torch.Tensor | None = None
         self.stale = 0
         self.checks = 0
 
-    def check(self, step: int, score: float, logits: torch.Tensor) -> bool:
+    def check(self, step: int, score: float, loss: float, logits: torch.Tensor) -> bool:
         self.checks += 1
         if score != score:  # NaN (e.g. ROC-AUC of one class): never an improvement
             score = float("-inf")
-        if score > self.reference + self.min_delta or self.checks == 1:
-            self.stale, self.reference = 0, score
+        if self.best_logits is None or score > self.best or (score == self.best
+                                                             and loss < self.best_loss):
+            self.best, self.best_loss, self.best_step = score, loss, step
+            self.best_logits = logits.detach().clone()
+        if loss < self.lowest_loss * (1.0 - self.min_delta) or self.checks == 1:
+            self.stale = 0
         else:
             self.stale += 1
-        if score >= self.best or self.best_logits is None:
-            self.best, self.best_step = score, step
-            self.best_logits = logits.detach().clone()
-        return self.stale >= self.patience
+        self.lowest_loss = min(self.lowest_loss, loss)
+        return self.stale >= self.patience and step >= self.min_steps
 
 
 class Progress:
@@ -150,35 +204,63 @@ class Progress:
                      shown, best, time.perf_counter() - self.start)
 
 
+def learned_result(method: str, ingredients: Ingredients, stopper: Stopper,
+                   start: torch.Tensor, extras: dict) -> SoupResult:
+    """The soup of the kept logits, with what every learned method reports.
+
+    ``extras["moved"]``: whether the kept logits left their start (False: the soup
+    *is* its start, e.g. the uniform soup, and the log says so).
+    """
+    weights = stopper.best_logits.softmax(-1)
+    shift = float((weights - start.softmax(-1)).abs().max())
+    moved = shift > 1e-6
+    if not moved:
+        log.warning("%s did not move: the soup is its start (%s); nothing in %d checks beat it",
+                    method, "uniform" if bool((start == 0).all()) else "validation-weighted",
+                    stopper.checks)
+    uniform_shift = float((weights - 1.0 / ingredients.n).abs().max())
+    return SoupResult(method, ingredients.mix(weights),
+                      SoupResult.rows(weights, ingredients.num_tensors),
+                      {**extras, "checks": stopper.checks, "best_step": stopper.best_step,
+                       "check_val": stopper.best, "check_loss": stopper.best_loss,
+                       "moved": moved, "shift_from_start": shift,
+                       "shift_from_uniform": uniform_shift,
+                       "logits": stopper.best_logits.cpu().tolist()})
+
+
 class LearnedSoup(SoupMethod):
     """Learned souping (LS) on the full graph; see the module docstring."""
 
     name = "learned"
-    defaults = dict(OPTIM_DEFAULTS)
+    parameters = OPTIM_SETTINGS
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0) -> SoupResult:
         s = self.settings
         steps, every = int(s["steps"]), int(s["eval_every"])
+        objective = resolve_objective(s["objective"], evaluator.metric)
         start_evals = evaluator.evaluations
         logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device)
+        start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
-        stopper = Stopper(s["patience"], s["min_delta"])
+        stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
         progress = Progress(self.name, steps)
         val = evaluator.masks["val"]
         y_val = evaluator.y[val]
-        updates, loss_value = 0, float("nan")
-        stopped = False
-        for step in range(steps):
-            out = evaluator.forward(ingredients.mix(logits.softmax(-1)))
-            loss = F.cross_entropy(out[val], y_val)
+        updates, loss_value, stopped = 0, float("nan"), False
+        for step in range(steps + 1):
+            # the last pass only checks the final update's logits
+            with torch.set_grad_enabled(step < steps):
+                out = evaluator.forward(ingredients.mix(logits.softmax(-1)))
+                loss = validation_loss(out[val], y_val, objective)
             loss_value = float(loss.detach())
             score = None
-            if step % every == 0:
+            if step % every == 0 or step == steps:
                 score = evaluator.score(out.detach(), "val")
-                if stopper.check(step, score, logits):
-                    progress.step(step, loss_value, score, stopper.best, force=True)
-                    stopped = True
+                if stopper.check(step, score, loss_value, logits):
+                    stopped = step < steps
                     break
+            if step == steps:
+                break
             progress.step(step, loss_value, score, stopper.best)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,15 +268,7 @@ class LearnedSoup(SoupMethod):
             if scheduler is not None:
                 scheduler.step()
             updates += 1
-        if not stopped:  # the last update's logits have not been scored yet
-            stopper.check(steps, evaluator.evaluate(ingredients.mix(logits.detach().softmax(-1))),
-                          logits)
-            progress.step(steps, loss_value, stopper.best, stopper.best, force=True)
-        weights = stopper.best_logits.softmax(-1)
-        return SoupResult(self.name, ingredients.mix(weights),
-                          SoupResult.rows(weights, ingredients.num_tensors),
-                          {"steps": updates, "forwards": updates + stopped,
-                           "checks": stopper.checks, "best_step": stopper.best_step,
-                           "val": stopper.best, "stopped_early": stopped,
-                           "evaluations": evaluator.evaluations - start_evals,
-                           "logits": stopper.best_logits.cpu().tolist()})
+        progress.step(updates, loss_value, score, stopper.best, force=True)
+        return learned_result(self.name, ingredients, stopper, start, {
+            "steps": updates, "forwards": updates + 1, "stopped_early": stopped,
+            "objective": objective, "evaluations": evaluator.evaluations - start_evals})

@@ -18,7 +18,7 @@ savings rest on: edges to other partitions are dropped, so it is biased.
 (GCN keeps the full graph's degree normalisation), so PLS is then an unbiased
 stochastic LS, and with :math:`R = K` it equals LS step for step.
 
-Why this shape (it is what distributed PLS, :mod:`hpcsoup.dist`, builds on):
+Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds on):
 
 - the draw :math:`D_t` is a function of ``(seed, step)`` alone
   (:func:`draw_partitions`), independent of the number of processes;
@@ -29,20 +29,21 @@ Why this shape (it is what distributed PLS, :mod:`hpcsoup.dist`, builds on):
 - the partitions come from a :class:`PartitionSource` (``owns(k)``,
   ``part(k)``, ``val_counts``); :class:`LocalPartitionSource` slices the full
   graph; a distributed source holds a shard;
-- the stopping check is a hook ``evaluate(weights) -> val score``. The default
-  ``check="partitions"`` gathers per-node validation results partition by
-  partition (with the source's halo: exact when ``halo >= layers``) through
-  the same ``allreduce``; ``check="full"`` scores the full graph.
+- the stopping check is :func:`partition_scores`: per-node validation results
+  (and loss terms) gathered partition by partition (with the source's halo:
+  exact when ``halo >= layers``) through the same ``allreduce``;
+  ``check="full"`` scores the full graph instead. Either way the check only
+  steers stopping and selection (as in LS: the kept logits have the best
+  checked metric, stopping follows the checked loss); the scores a runner
+  *records* are computed exactly afterwards (:mod:`hpcsoup.soup.run`).
 
 Partitions are processed one after another and each term is back-propagated
 at once, so the peak memory of a step is that of one partition's subgraph:
 memory falls with :math:`1/K`, time with :math:`R/K`.
 
-Settings: those of LS (``steps``, ``lr``, ``optimizer``, ``momentum``,
-``schedule``, ``restart``, ``init``, ``patience``, ``min_delta``, ``eval_every``) plus
+Settings (:attr:`PartitionLearnedSoup.parameters`): those of LS plus
 ``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
-``partition_seed`` (METIS seed), ``partition_cache`` (folder where the
-partition vector is cached), ``cache`` (keep the K subgraphs in memory:
+``partition_seed`` (METIS seed), ``cache`` (keep the K subgraphs in memory:
 faster on small graphs, but they weigh about as much as the graph itself) and
 ``draw`` (``random`` | ``stratified``, see :func:`draw_partitions`; stratified
 balances the ranks of a distributed run).
@@ -52,14 +53,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from hpcsoup.errors import SoupError
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
-from hpcsoup.soup.learned import OPTIM_DEFAULTS, Progress, Stopper, init_logits, make_optimizer
+from hpcsoup.data.metrics import score as metric_score
+from hpcsoup.data.partition import part_nodes, partition
+from hpcsoup.settings import Setting, nonnegative, positive
+from hpcsoup.soup.learned import (OPTIM_SETTINGS, Progress, Stopper, init_logits, learned_result,
+                                  make_optimizer, resolve_objective, validation_loss)
 
 log = logging.getLogger("hpcsoup.soup")
 
@@ -75,7 +79,7 @@ def draw_partitions(seed: int, step: int, num_parts: int, per_step: int,
     ``how="stratified"``: one partition drawn uniformly from each of the R strata
     ``{k : k mod R = j}``; every partition is still drawn with probability about R/K
     (exactly when R divides K), and ranks that hold partitions round-robin
-    (``k mod P``, :mod:`hpcsoup.dist.shards`) each get exactly R/P of a step's
+    (``k mod P``, :mod:`hpcsoup.distributed.shards`) each get exactly R/P of a step's
     partitions when P divides R: distributed steps are balanced.
     """
     if not 1 <= per_step <= num_parts:
@@ -94,28 +98,55 @@ def draw_partitions(seed: int, step: int, num_parts: int, per_step: int,
 
 @dataclasses.dataclass
 class Part:
-    """One partition's subgraph (its ``core`` nodes first, then the halo).
+    """One partition's subgraph: its ``core_count`` core nodes first, then the halo.
+
+    The same object in a single process (:class:`LocalPartitionSource` cuts it from the
+    graph) and on an MPI rank (read from the store's partitioned graph).
 
     Attributes:
-        x: ``[n_sub, F]`` features of the subgraph's nodes.
-        edge_index: ``[2, E_sub]`` local edges (indices into the subgraph).
-        y: ``[n_sub]`` labels.
-        val_mask: ``[n_sub]`` bool, True on the partition's own (core) validation nodes.
-        val_pos: ``[val_mask.sum()]`` their positions in the global validation order
-            (the order of ``graph.mask('val').nonzero()``), to gather per-node results.
-        deg: ``[n_sub]`` the nodes' degrees in the full graph (GCN normalisation) or None.
+        x: ``[n, F]`` features of the subgraph's nodes.
+        edge_index: ``[2, e]`` local edges (indices into the subgraph).
+        y: ``[n]`` labels.
+        deg: ``[n]`` the nodes' degrees in the full graph (GCN normalisation).
+        val_mask, test_mask: ``[n]`` bool, True on the core's validation / test nodes.
+        val_pos, test_pos: their positions in the global validation / test order (the
+            order of ``graph.mask(split).nonzero()``), to gather per-node results.
+        nodes: ``[n]`` global node ids.
+        core_count: number of core nodes.
+        pid: partition id in ``0..K-1``.
     """
 
     x: torch.Tensor
     edge_index: torch.Tensor
     y: torch.Tensor
+    deg: torch.Tensor
     val_mask: torch.Tensor
     val_pos: torch.Tensor
-    deg: torch.Tensor | None = None
+    test_mask: torch.Tensor
+    test_pos: torch.Tensor
+    nodes: torch.Tensor
+    core_count: int
+    pid: int
+
+    #: the tensors a partitioned graph stores per partition
+    TENSORS: ClassVar[tuple] = ("x", "edge_index", "y", "deg", "val_mask", "val_pos",
+                                "test_mask", "test_pos", "nodes")
 
     @property
     def num_nodes(self) -> int:
-        return self.x.size(0)
+        return int(self.nodes.numel())
+
+    def tensors(self) -> dict:
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def mask(self, split: str) -> torch.Tensor:
+        return self.val_mask if split == "val" else self.test_mask
+
+    def positions(self, split: str) -> torch.Tensor:
+        return self.val_pos if split == "val" else self.test_pos
 
 
 class PartitionSource(abc.ABC):
@@ -124,15 +155,22 @@ class PartitionSource(abc.ABC):
     Attributes:
         num_parts: K.
         halo: the hops each partition's subgraph is extended by.
-        val_counts: ``LongTensor[K]``, validation nodes in each partition's core.
-        val_labels: ``LongTensor[num_val]``, the validation labels in global order
-            (ROC-AUC needs them with the gathered scores).
+        counts: ``{"val", "test"}`` -> ``LongTensor[K]``, each partition's core nodes of
+            that split.
+        labels: ``{"val", "test"}`` -> the split's labels in global order (ROC-AUC and
+            the AUC objective need them beside gathered results).
+        val_positives: ``LongTensor[K]``, each partition's core validation nodes of
+            label 1 (the AUC objective's pair counts).
+        keeps_parts: whether :meth:`part` returns partitions held in memory (their
+            adjacency is then worth keeping too).
     """
 
     num_parts: int
     halo: int
-    val_counts: torch.Tensor
-    val_labels: torch.Tensor
+    counts: dict
+    labels: dict
+    val_positives: torch.Tensor
+    keeps_parts: bool = False
 
     @abc.abstractmethod
     def owns(self, k: int) -> bool:
@@ -142,9 +180,16 @@ class PartitionSource(abc.ABC):
     def part(self, k: int) -> Part:
         """Partition ``k``'s subgraph (only asked for partitions this process owns)."""
 
-    @property
-    def num_val(self) -> int:
-        return int(self.val_counts.sum())
+    def owned(self) -> list[int]:
+        return [k for k in range(self.num_parts) if self.owns(k)]
+
+    def loss_terms(self, objective: str) -> torch.Tensor:
+        """``LongTensor[K]``: the validation loss terms of each partition (the step's
+        normaliser is their sum over the drawn partitions): nodes for ``ce``,
+        positive-negative pairs for ``auc``."""
+        if objective == "ce":
+            return self.counts["val"]
+        return self.val_positives * (self.counts["val"] - self.val_positives)
 
 
 class CSRNeighbours:
@@ -223,20 +268,24 @@ class LocalPartitionSource(PartitionSource):
 
     def __init__(self, graph, num_parts: int, halo: int = 0, seed: int = 0,
                  cache_dir=None, cache: bool = False):
-        from hpcsoup.data.partition import part_nodes, partition
-
         data = graph.data
         if not 1 <= num_parts <= data.num_nodes:
             raise SoupError(f"pls partitions={num_parts} must be in 1..{data.num_nodes} "
                             f"(the nodes of '{graph.name}')")
-        self.graph, self.num_parts, self.halo, self.cache = graph, int(num_parts), int(halo), cache
+        self.graph, self.num_parts, self.halo = graph, int(num_parts), int(halo)
+        self.keeps_parts = bool(cache)
         self.parts = partition(data.edge_index, data.num_nodes, self.num_parts, seed=seed,
                                cache_dir=cache_dir)
         self.nodes = part_nodes(self.parts, self.num_parts)
-        val = graph.mask("val")
-        self.val_counts = torch.tensor([int(val[n].sum()) for n in self.nodes], dtype=torch.long)
-        self.val_order = torch.cumsum(val.long(), 0) - 1  # global validation position per node
-        self.val_labels = data.y[val]
+        self.split_masks = {split: graph.mask(split) for split in ("val", "test")}
+        # each node's position in the global order of its split
+        self.order = {split: torch.cumsum(mask.long(), 0) - 1
+                      for split, mask in self.split_masks.items()}
+        self.counts = {split: torch.tensor([int(mask[n].sum()) for n in self.nodes])
+                       for split, mask in self.split_masks.items()}
+        self.labels = {split: data.y[mask] for split, mask in self.split_masks.items()}
+        positive = self.split_masks["val"] & (data.y == 1)
+        self.val_positives = torch.tensor([int(positive[n].sum()) for n in self.nodes])
         self.neighbours = CSRNeighbours(data.edge_index, data.num_nodes)
         self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
@@ -249,11 +298,15 @@ class LocalPartitionSource(PartitionSource):
             return self._parts[k]
         data = self.graph.data
         subset, edge_index, core = self.neighbours.subgraph(self.nodes[k], self.halo)
-        val_mask = torch.zeros(subset.numel(), dtype=torch.bool)
-        val_mask[:core] = self.graph.mask("val")[subset[:core]]
-        part = Part(data.x[subset], edge_index, data.y[subset], val_mask,
-                    self.val_order[subset[val_mask]], self.deg[subset])
-        if self.cache:
+        masks = {}
+        for split, mask in self.split_masks.items():
+            masks[split] = torch.zeros(subset.numel(), dtype=torch.bool)
+            masks[split][:core] = mask[subset[:core]]
+        part = Part(data.x[subset], edge_index, data.y[subset], self.deg[subset],
+                    masks["val"], self.order["val"][subset[masks["val"]]],
+                    masks["test"], self.order["test"][subset[masks["test"]]],
+                    subset, int(core), k)
+        if self.keeps_parts:
             self._parts[k] = part
         return part
 
@@ -262,151 +315,186 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+#: PLS's settings: LS's with PLS's own defaults, and the partitioning
+PLS_SETTINGS = {
+    **OPTIM_SETTINGS,
+    "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=5),
+    "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=4),
+    "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=20),
+    "partitions": Setting(32, (int,), **positive(), help="K, the METIS partitions of the graph"),
+    "per_step": Setting(4, (int,), **positive(),
+                        help="R, the partitions each step draws (at most partitions)"),
+    "halo": Setting(0, (int,), **nonnegative(),
+                    help="hops of halo around each partition (layers: exact predictions)"),
+    "check": Setting("partitions", (str,), choices=("partitions", "full"),
+                     help="stopping check: per partition (memory of one) or on the full graph"),
+    "partition_seed": Setting(0, (int,), help="METIS seed (one partition per graph, K and seed)"),
+    "cache": Setting(False, (bool,),
+                     help="keep the K subgraphs in memory (faster; about the graph's size more)"),
+    "draw": Setting("stratified", (str,), choices=DRAWS,
+                    help="partitions per step: one from each class k mod per_step (balanced "
+                         "MPI ranks) or uniformly at random"),
+}
+
+
 class PartitionLearnedSoup(SoupMethod):
     """Partition learned souping (PLS); see the module docstring."""
 
     name = "pls"
-    defaults = {**OPTIM_DEFAULTS, "eval_every": 5, "patience": 3, "partitions": 32, "per_step": 4, "halo": 0,
-                "check": "partitions", "partition_seed": 0, "cache": False,
-                "partition_cache": None, "draw": "random"}
+    parameters = PLS_SETTINGS
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0,
              source: PartitionSource | None = None,
              allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             evaluate: Callable[[torch.Tensor], float] | None = None) -> SoupResult:
+             partition_cache=None) -> SoupResult:
         """Run PLS.
 
         Args:
             ingredients: the experts (their tensors on ``evaluator.device``).
-            evaluator: the shared forward machinery (template model, device).
+            evaluator: the shared forward machinery (template model, device; the full
+                graph only for ``check="full"`` and the default source).
             seed: seed of the partition draws.
             source: the partitions (default: :class:`LocalPartitionSource` of
                 ``evaluator.graph`` with the ``partitions``/``halo`` settings).
-            allreduce: sums a tensor over processes (default: identity).
-            evaluate: ``weights [P, n] -> validation score`` for the stopping check
-                (default: the ``check`` setting).
+            allreduce: sums a tensor over processes (default: identity; one process).
+            partition_cache: folder where the default source caches its METIS partition.
         """
         s = self.settings
         steps, every, per_step = int(s["steps"]), int(s["eval_every"]), int(s["per_step"])
-        cache = bool(s["cache"])
         if source is None:
             source = LocalPartitionSource(evaluator.graph, int(s["partitions"]), int(s["halo"]),
-                                          seed=int(s["partition_seed"]), cache=cache,
-                                          cache_dir=s["partition_cache"])
+                                          seed=int(s["partition_seed"]), cache=bool(s["cache"]),
+                                          cache_dir=partition_cache)
         allreduce = allreduce or _identity
         num_parts = source.num_parts
         draw_partitions(seed, 0, num_parts, per_step, s["draw"])  # validates early
-        built: dict[int, tuple] = {}
+        objective = resolve_objective(s["objective"], evaluator.metric)
+        terms = source.loss_terms(objective)
+        keep = bool(s["cache"]) or source.keeps_parts
 
-        def subgraph(k: int):
-            if k in built:
-                return built[k]
-            part = source.part(k)
-            pair = part, evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
-            if cache:
-                built[k] = pair
-            return pair
-
-        if evaluate is None:
-            if s["check"] == "full":
-                def evaluate(weights):
-                    return evaluator.evaluate(ingredients.mix(weights), "val")
-            elif s["check"] == "partitions":
-                def evaluate(weights):
-                    return partition_score(ingredients, evaluator, source, subgraph, weights,
-                                           allreduce)
-            else:
-                raise SoupError(f"pls check={s['check']!r} is unknown; choose 'partitions' or 'full'")
+        if s["check"] == "full":
+            def check(weights):
+                params = ingredients.mix(weights)
+                with torch.no_grad():
+                    out = evaluator.logits(params)
+                val = evaluator.masks["val"]
+                loss = float(validation_loss(out[val], evaluator.y[val], objective))
+                return evaluator.score(out, "val"), loss
+        elif s["check"] == "partitions":
+            def check(weights):
+                scores = partition_scores(ingredients.mix(weights), evaluator, source, allreduce,
+                                          splits=("val",), objective=objective, keep=keep)
+                return scores["val"], scores["val_loss"]
+        else:
+            raise SoupError(f"pls check={s['check']!r} is unknown; choose 'partitions' or 'full'")
 
         start_evals = evaluator.evaluations
         logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device)
+        start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
-        stopper = Stopper(s["patience"], s["min_delta"])
+        stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
         progress = Progress(self.name, steps)
         updates, stopped, part_forwards = 0, False, 0
         loss_value = float("nan")
-        for step in range(steps):
+        for step in range(steps + 1):
             score = None
-            if step % every == 0:
-                score = evaluate(logits.detach().softmax(-1))
-                if stopper.check(step, score, logits):
-                    progress.step(step, loss_value, score, stopper.best, force=True)
-                    stopped = True
+            if step % every == 0 or step == steps:
+                score, check_loss = check(logits.detach().softmax(-1))
+                if stopper.check(step, score, check_loss, logits):
+                    stopped = step < steps
                     break
+            if step == steps:
+                break
             drawn = draw_partitions(seed, step, num_parts, per_step, s["draw"])
-            total = int(source.val_counts[drawn].sum())
+            total = int(terms[drawn].sum())
             grad = torch.zeros_like(logits)
             loss_sum = torch.zeros((), device=logits.device)
-            if total > 0:
-                for k in drawn:
-                    if not source.owns(k):
-                        continue
-                    part, adj = subgraph(k)
-                    if not bool(part.val_mask.any()):
-                        continue
-                    out = evaluator.forward(ingredients.mix(logits.softmax(-1)),
-                                            part.x.to(evaluator.device), adj)
-                    mask = part.val_mask.to(evaluator.device)
-                    term = F.cross_entropy(out[mask], part.y.to(evaluator.device)[mask],
-                                           reduction="sum") / total
-                    grad += torch.autograd.grad(term, logits)[0]
-                    loss_sum += term.detach()
-                    part_forwards += 1
+            for k in (drawn if total > 0 else []):
+                if not source.owns(k) or int(terms[k]) == 0:
+                    continue
+                part = source.part(k)
+                out = evaluator.forward(ingredients.mix(logits.softmax(-1)),
+                                        part.x.to(evaluator.device),
+                                        evaluator.part_adjacency(part, keep))
+                mask = part.val_mask.to(evaluator.device)
+                term = validation_loss(out[mask], part.y.to(evaluator.device)[mask], objective,
+                                       reduction="sum") / total
+                grad += torch.autograd.grad(term, logits)[0]
+                loss_sum += term.detach()
+                part_forwards += 1
             # one collective per step: the gradient of the logits and the loss
             reduced = allreduce(torch.cat([grad.flatten(), loss_sum.view(1)]))
             loss_value = float(reduced[-1])
             progress.step(step, loss_value, score, stopper.best)
-            if total == 0:  # no validation node drawn: nothing to learn from this step
+            if total == 0:  # no validation term drawn: nothing to learn from this step
                 continue
             logits.grad = reduced[:-1].view_as(logits).clone()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             updates += 1
-        if not stopped:
-            stopper.check(steps, evaluate(logits.detach().softmax(-1)), logits)
-            progress.step(steps, loss_value, stopper.best, stopper.best, force=True)
-        weights = stopper.best_logits.softmax(-1)
-        return SoupResult(self.name, ingredients.mix(weights),
-                          SoupResult.rows(weights, ingredients.num_tensors),
-                          {"steps": updates, "partition_forwards": part_forwards,
-                           "checks": stopper.checks, "best_step": stopper.best_step,
-                           "val": stopper.best, "stopped_early": stopped,
-                           "evaluations": evaluator.evaluations - start_evals,
-                           "partitions": num_parts, "per_step": per_step,
-                           "halo": source.halo, "check": s["check"],
-                           "logits": stopper.best_logits.cpu().tolist()})
+        progress.step(updates, loss_value, stopper.best, stopper.best, force=True)
+        return learned_result(self.name, ingredients, stopper, start, {
+            "steps": updates, "partition_forwards": part_forwards, "stopped_early": stopped,
+            "objective": objective, "evaluations": evaluator.evaluations - start_evals,
+            "partitions": num_parts, "per_step": per_step, "halo": source.halo,
+            "check": s["check"]})
 
 
 @torch.no_grad()
-def partition_score(ingredients: Ingredients, evaluator, source: PartitionSource,
-                    subgraph: Callable, weights: torch.Tensor,
-                    allreduce: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """Validation score gathered partition by partition (memory of one partition at a time).
+def partition_scores(params: dict, evaluator, source: PartitionSource,
+                     allreduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+                     splits: tuple = ("val", "test"), objective: str | None = None,
+                     keep: bool = False) -> dict:
+    """Scores of ``params`` gathered partition by partition (memory of one partition at a time).
 
-    Each owned partition writes its validation nodes' results (accuracy: 1 if
-    correct; ROC-AUC: the positive-class probability) at their global positions
-    of a ``[num_val]`` vector; one ``allreduce`` completes it on every process.
-    With ``halo >= layers`` this equals the full-graph score.
+    Each process runs the partitions it owns and writes its core nodes' results
+    (accuracy: 1 if correct; ROC-AUC: the positive-class probability) at their global
+    positions of one vector per split; with ``objective`` the validation nodes' logits
+    are gathered too, for the validation loss. One ``allreduce`` completes everything
+    on every process. With ``halo >= layers`` the scores equal the full graph's.
+
+    Returns ``{"metric", <split>: score, ...}`` plus ``"val_loss"`` with ``objective``.
     """
-    from hpcsoup.data.metrics import score as metric_score
-
-    per_node = torch.zeros(source.num_val, dtype=torch.float64, device=evaluator.device)
-    params = ingredients.mix(weights)
-    for k in range(source.num_parts):
-        if not source.owns(k) or int(source.val_counts[k]) == 0:
+    metric = evaluator.metric
+    sizes = {split: int(source.counts[split].sum()) for split in splits}
+    classes = int(evaluator.spec.out_channels)
+    width = classes if objective is not None else 0
+    offsets, total = {}, 0
+    for split in splits:
+        offsets[split] = total
+        total += sizes[split] * (1 + (width if split == "val" else 0))
+    flat = torch.zeros(total, dtype=torch.float64, device=evaluator.device)
+    for k in source.owned():
+        if not any(int(source.counts[split][k]) for split in splits):
             continue
-        part, adj = subgraph(k)
-        out = evaluator.forward(params, part.x.to(evaluator.device), adj)
-        mask = part.val_mask.to(evaluator.device)
-        out_val, y_val = out[mask], part.y.to(evaluator.device)[mask]
-        if evaluator.metric == "accuracy":
-            value = (out_val.argmax(-1) == y_val).double()
+        part = source.part(k)
+        out = evaluator.forward(params, part.x.to(evaluator.device),
+                                evaluator.part_adjacency(part, keep))
+        for split in splits:
+            mask = part.mask(split).to(evaluator.device)
+            pos = part.positions(split).to(evaluator.device)
+            out_split = out[mask]
+            if metric == "accuracy":
+                value = (out_split.argmax(-1) == part.y.to(evaluator.device)[mask]).double()
+            else:
+                value = out_split.float().softmax(-1)[:, 1].double()
+            flat[offsets[split] + pos] = value
+            if split == "val" and width:
+                block = flat[offsets[split] + sizes[split]:offsets[split] + sizes[split] * (1 + width)]
+                block.view(sizes[split], width)[pos] = out_split.double()
+    flat = allreduce(flat)
+    scores = {"metric": metric}
+    for split in splits:
+        values = flat[offsets[split]:offsets[split] + sizes[split]]
+        labels = source.labels[split].to(values.device)
+        if metric == "accuracy":
+            # float32 like metrics.accuracy: sums of 0/1 are exact, so the full-graph score is met
+            scores[split] = float(values.float().mean()) if values.numel() else float("nan")
         else:
-            value = out_val.float().softmax(-1)[:, 1].double()
-        per_node[part.val_pos.to(evaluator.device)] = value
-    per_node = allreduce(per_node)
-    if evaluator.metric == "accuracy":
-        # float32 like metrics.accuracy: sums of 0/1 are exact, so the full-graph score is met
-        return float(per_node.float().mean()) if per_node.numel() else float("nan")
-    return metric_score(evaluator.metric, per_node, source.val_labels.to(per_node.device))
+            scores[split] = metric_score(metric, values, labels)
+        if split == "val" and width:
+            logits = flat[offsets[split] + sizes[split]:offsets[split] + sizes[split] * (1 + width)]
+            scores["val_loss"] = float(validation_loss(logits.view(sizes[split], width).float(),
+                                                       labels, objective))
+    return scores

@@ -23,9 +23,6 @@ from hpcsoup.soup.registry import get_method, method_class
 
 log = logging.getLogger("hpcsoup.soup")
 
-#: LS settings PLS takes from ``soup.learned`` (the optimizer is one choice for both)
-SHARED_OPTIM = ("optimizer", "momentum", "schedule", "restart", "init")
-
 
 def ensure_progress_output() -> None:
     """Send the ``hpcsoup.soup`` progress log to stderr when nobody configured logging."""
@@ -48,33 +45,41 @@ def partition_cache(cfg) -> str:
     return str(partition_cache_dir(cfg.data.root or None))
 
 
+def graph_partition(cfg, graph):
+    """The METIS partition PLS uses (``soup.pls.partitions``, ``soup.pls.partition_seed``),
+    computed once per graph and cached: the node reordering and PLS share it."""
+    from hpcsoup.data.partition import partition
+
+    pls = cfg.soup.pls
+    return partition(graph.data.edge_index, graph.num_nodes, min(pls.partitions, graph.num_nodes),
+                     seed=pls.partition_seed, cache_dir=partition_cache(cfg))
+
+
 def graph_order(cfg, graph):
     """The node order the shared evaluator stores the graph in (``soup.reorder``)."""
-    if not cfg.soup.reorder:
-        return None
-    from hpcsoup.data.partition import partition
     from hpcsoup.soup.evaluate import locality_order
 
-    # the partition PLS uses (same K and seed), so METIS runs once and is cached
-    k = min(cfg.soup.pls.partitions, graph.num_nodes)
-    return locality_order(partition(graph.data.edge_index, graph.num_nodes, k, seed=0,
-                                    cache_dir=partition_cache(cfg)))
+    return locality_order(graph_partition(cfg, graph)) if cfg.soup.reorder else None
 
 
 def method_settings(cfg, name: str) -> dict:
-    """The settings of method ``name`` from the config's ``[soup.*]`` sections."""
+    """The settings of method ``name``: the config's ``[soup.<name>]`` section (declared by
+    the method itself, so every key is one of its settings; ``ranks`` is the runner's)."""
     cls = method_class(name)
-    if name == "gis":
-        values = {"granularity": cfg.soup.gis.granularity}
-    elif name == "learned":
-        values = cfg.soup.learned.to_dict()
-    elif name == "pls":
-        values = {k: cfg.soup.learned[k] for k in SHARED_OPTIM}
-        values.update({k: v for k, v in cfg.soup.pls.to_dict().items() if k in cls.defaults})
-        values["partition_cache"] = partition_cache(cfg)
-    else:
-        values = {}
-    return {k: v for k, v in values.items() if k in cls.defaults}
+    section = cfg.soup[name].to_dict() if cls.parameters else {}
+    return {k: v for k, v in section.items() if k in cls.parameters}
+
+
+def method_inputs(cfg, name: str, graph) -> dict:
+    """Keyword arguments a method's ``soup`` takes besides the experts and the evaluator."""
+    if name != "pls":
+        return {}
+    from hpcsoup.soup.pls import LocalPartitionSource
+
+    pls = cfg.soup.pls
+    return {"source": LocalPartitionSource(graph, pls.partitions, pls.halo,
+                                           seed=pls.partition_seed, cache=pls.cache,
+                                           cache_dir=partition_cache(cfg))}
 
 
 def expert_infos(cfg, store, graph=None) -> list:
@@ -149,12 +154,14 @@ class PeakMemory:
         return max(0, self.peak - self.start)
 
 
-def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, seed: int) -> str:
-    """Deterministic id: the same experts, settings and seed give the same soup id."""
-    settings = {k: v for k, v in settings.items() if k != "partition_cache"}  # a path, not a choice
-    key = json.dumps({"ids": ingredients.ids, "settings": settings, "seed": seed}, sort_keys=True,
-                     default=str)
-    return f"{arch}-{method}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, seed: int,
+            graph: str = "", ranks: int = 1) -> str:
+    """Deterministic id: the same experts, settings, seed, graph and rank count give the same
+    soup id (so runs of a scaling study over graphs and ranks never overwrite each other)."""
+    key = json.dumps({"ids": ingredients.ids, "settings": settings, "seed": seed, "graph": graph,
+                      "ranks": ranks}, sort_keys=True, default=str)
+    suffix = f"-r{ranks}" if ranks > 1 else ""
+    return f"{arch}-{method}{suffix}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def soup_attrs(cfg, graph, ingredients: Ingredients, result: SoupResult, metrics: dict,
@@ -181,29 +188,23 @@ def write_soup(store, group_id: str, result: SoupResult, attrs: dict) -> None:
     store.write_group("soups", group_id, state, attrs, arrays=arrays, overwrite=True)
 
 
-def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
-    """Soup the complete experts of ``cfg``'s store with each method; write ``soups/``.
+def run_soup(cfg, methods: list[str] | None = None) -> dict:
+    """Soup the complete experts of ``cfg``'s store with each method in this process; write
+    ``soups/``. (On MPI ranks, :func:`hpcsoup.distributed.pls.run_soup_distributed` runs
+    PLS over graph shards; the CLI picks it under ``mpiexec`` / ``srun``.)
 
     Args:
         cfg: a validated config (:func:`hpcsoup.config.load_config`).
         methods: method names (default: ``cfg.soup.methods``).
-        comm: the MPI communicator (default: :func:`hpcsoup.dist.mpi.world`, a size-1
-            stand-in outside ``mpiexec``/``srun``). With more than one rank, PLS runs
-            distributed over graph shards and the other methods on rank 0
-            (:func:`hpcsoup.dist.pls_mpi.run_soup_distributed`).
 
     Returns:
         ``{"store", "dataset", "arch", "ingredients", "best_expert", "soups": [...]}``,
-        each soup with ``id, method, metrics, seconds, peak_rss_bytes, extras``.
+        each soup with ``id, method, metrics, seconds, peak_rss_bytes, extras``; the
+        metrics are the full-graph scores of the soup's stored weights.
     """
     from hpcsoup.data import load_from_config
-    from hpcsoup.dist.mpi import world
     from hpcsoup.store import Store
 
-    comm = world() if comm is None else comm
-    if comm.size > 1:
-        from hpcsoup.dist.pls_mpi import run_soup_distributed
-        return run_soup_distributed(cfg, methods, comm)
     ensure_progress_output()
     methods = list(methods or cfg.soup.methods)
     for name in methods:
@@ -234,12 +235,13 @@ def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
         log.info("%s: %s", name, settings)
         with PeakMemory() as memory:
             start = time.perf_counter()
-            result = method.soup(ingredients, evaluator, seed=cfg.soup.seed)
+            result = method.soup(ingredients, evaluator, seed=cfg.soup.seed,
+                                 **method_inputs(cfg, name, graph))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         metrics = evaluator.metrics(result.state_dict)
-        gid = soup_id(ingredients.spec.arch, name, ingredients, settings, cfg.soup.seed)
+        gid = soup_id(ingredients.spec.arch, name, ingredients, settings, cfg.soup.seed, graph.name)
         attrs = soup_attrs(cfg, graph, ingredients, result, metrics, settings, seconds, memory)
         write_soup(store, gid, result, attrs)
         log.info("%s: val %.4f test %.4f in %.2f s -> soups/%s", name, metrics["val"],

@@ -18,7 +18,6 @@ class UniformSoup(SoupMethod):
     """Mean of all experts (no settings, no evaluation)."""
 
     name = "uniform"
-    defaults: dict = {}
 
     def soup(self, ingredients: Ingredients, evaluator=None, *, seed: int = 0) -> SoupResult:
         weights = torch.full((ingredients.n,), 1.0 / ingredients.n, dtype=torch.float64)

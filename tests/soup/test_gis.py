@@ -29,5 +29,5 @@ def test_gis_interpolates_and_never_drops_below_the_best_expert(tiny_graph, tiny
 
 def test_gis_default_granularity_is_the_papers():
     assert get_method("gis").settings["granularity"] == 20
-    with pytest.raises(SoupError, match="granularity=1"):
+    with pytest.raises(SoupError, match="soup.gis.granularity' = 1: must be >= 2"):
         get_method("gis", granularity=1).soup(None, None)

@@ -9,7 +9,7 @@ def _close(a: dict, b: dict, atol=1e-6):
     return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
 
 
-@pytest.mark.parametrize("frozen", [{"steps": 0}, {"lr": 1e-12, "steps": 3}])
+@pytest.mark.parametrize("frozen", [{"steps": 1, "lr": 1e-12}, {"lr": 1e-12, "steps": 3}])
 def test_frozen_uniform_logits_equal_the_uniform_soup(tiny_graph, tiny_experts, frozen):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     uniform = get_method("uniform").soup(tiny_experts, evaluator)
@@ -45,7 +45,7 @@ def test_patience_stops_early_and_keeps_the_best(tiny_graph, tiny_experts):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     result = get_method("learned", steps=500, lr=0.5, patience=3).soup(tiny_experts, evaluator)
     assert result.extras["stopped_early"] and result.extras["steps"] < 500
-    assert evaluator.evaluate(result.state_dict) == pytest.approx(result.extras["val"])
+    assert evaluator.evaluate(result.state_dict) == pytest.approx(result.extras["check_val"])
 
 
 @pytest.mark.parametrize("settings", [
@@ -61,26 +61,40 @@ def test_same_seed_same_soup_for_each_optimizer(tiny_graph, tiny_experts, settin
 
 def test_bad_settings_are_named(tiny_graph, tiny_experts):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
-    with pytest.raises(SoupError, match="optimizer='lbfgs'.*'adam' or 'sgd'"):
+    with pytest.raises(SoupError, match="soup.learned.optimizer.*'lbfgs'.*'adam', 'sgd'"):
         get_method("learned", optimizer="lbfgs").soup(tiny_experts, evaluator)
     no_scores = type(tiny_experts)(tiny_experts.spec, tiny_experts.params, tiny_experts.ids)
     with pytest.raises(SoupError, match="init='validation' needs"):
         get_method("learned", init="validation").soup(no_scores, evaluator)
 
 
-def test_stopper_keeps_latest_best_and_ignores_gains_below_min_delta():
+def test_stopper_selects_by_metric_and_stops_on_the_loss():
     from hpcsoup.soup.learned import Stopper
 
-    stopper = Stopper(patience=2, min_delta=0.01)
+    stopper = Stopper(patience=2, min_delta=0.01, min_steps=0)
     logits = torch.zeros(2, 3)
-    assert not stopper.check(0, 0.50, logits)
-    assert not stopper.check(1, 0.505, logits + 1)   # kept (best) but no reset: stale 1
-    assert stopper.best_step == 1
-    assert stopper.check(2, 0.508, logits + 2)       # +0.008 over the reference: stale 2 -> stop
+    assert not stopper.check(0, 0.50, 1.00, logits)
+    assert not stopper.check(1, 0.48, 0.90, logits + 1)   # the metric dips while the loss falls:
+    assert stopper.best_step == 0 and stopper.stale == 0  # not kept, but learning goes on
+    assert not stopper.check(2, 0.50, 0.895, logits + 2)  # a tie, lower loss: kept; fall < 1%
+    assert stopper.best_step == 2 and stopper.stale == 1
+    assert stopper.check(3, 0.49, 0.894, logits + 3)      # 2 checks without a 1% fall: stop
     assert stopper.best_step == 2 and torch.equal(stopper.best_logits, logits + 2)
-    fresh = Stopper(patience=2, min_delta=0.01)
-    fresh.check(0, 0.50, logits)
-    fresh.check(1, 0.505, logits)
-    assert not fresh.check(2, 0.52, logits)           # +0.02: a real improvement resets
-    assert not fresh.check(3, float("nan"), logits)  # NaN never improves, never replaces
-    assert fresh.best == 0.52
+    late = Stopper(patience=1, min_delta=0.0, min_steps=5)
+    late.check(0, 0.5, 1.0, logits)
+    assert not late.check(1, 0.5, 1.0, logits)            # stale, but before min_steps
+    assert late.check(5, float("nan"), 1.0, logits)       # NaN never replaces the kept logits
+    assert late.best == 0.5
+
+
+def test_a_soup_that_ends_on_its_start_says_so(tiny_graph, tiny_experts, caplog):
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    result = get_method("learned", steps=1, lr=1e-12).soup(tiny_experts, evaluator)
+    assert result.extras["moved"] is False and result.extras["shift_from_uniform"] < 1e-6
+    assert "did not move" in caplog.text
+
+
+@pytest.mark.parametrize("setting, value", [("lr", 0.0), ("steps", -1), ("optimizer", "lbfgs")])
+def test_settings_that_cannot_learn_are_errors_naming_the_key(setting, value):
+    with pytest.raises(SoupError, match=f"soup.learned.{setting}"):
+        get_method("learned", **{setting: value})

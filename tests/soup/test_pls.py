@@ -5,9 +5,7 @@ import torch
 
 from hpcsoup.errors import SoupError
 from hpcsoup.soup import Evaluator, get_method
-from hpcsoup.soup.pls import LocalPartitionSource, draw_partitions, partition_score
-
-pytest.importorskip("hpcsoup.data.partition", reason="METIS partitions (foundation) not there yet")
+from hpcsoup.soup.pls import LocalPartitionSource, draw_partitions, partition_scores
 
 SAME = dict(optimizer="adam", lr=0.3, steps=8, patience=100, eval_every=1)
 
@@ -32,20 +30,14 @@ def test_halo_of_layers_makes_partition_predictions_exact(tiny_graph, arch):
     weights = torch.full((experts.num_tensors, experts.n), 0.5)
     full = evaluator.evaluate(experts.mix(weights))
     source = LocalPartitionSource(tiny_graph, 6, halo=experts.spec.layers)
-    cache = {}
-
-    def subgraph(k):
-        part = source.part(k)
-        cache.setdefault(k, evaluator.adjacency(part.edge_index, part.num_nodes, part.deg))
-        return part, cache[k]
-
-    score = partition_score(experts, evaluator, source, subgraph, weights, lambda t: t)
-    assert score == pytest.approx(full, abs=1e-9)
+    scores = partition_scores(experts.mix(weights), evaluator, source)
+    assert scores["val"] == pytest.approx(full, abs=1e-9)
+    assert scores["test"] == pytest.approx(evaluator.evaluate(experts.mix(weights), "test"), abs=1e-9)
     # and the logits of every core node are the full graph's
     logits = evaluator.logits(experts.mix(weights))
     for k in range(6):
-        part, adj = subgraph(k)
-        out = evaluator.forward(experts.mix(weights), part.x, adj)
+        part = source.part(k)
+        out = evaluator.forward(experts.mix(weights), part.x, evaluator.part_adjacency(part))
         core = source.nodes[k]
         assert torch.allclose(out[:core.numel()], logits[core], atol=1e-5)
 
@@ -64,7 +56,8 @@ def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_exper
 
 
 def test_pls_step_for_step_with_sgd_and_early_stopping(tiny_graph, tiny_experts):
-    settings = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=40, patience=3, eval_every=2)
+    settings = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=40, patience=3, eval_every=2,
+                    min_steps=4)
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     ls = get_method("learned", **settings).soup(tiny_experts, evaluator)
     pls = get_method("pls", partitions=4, per_step=4, halo=2, check="full",
@@ -141,12 +134,14 @@ def test_rocauc_check_gathers_per_node_scores(tiny_graph):
     graph = make_graph(metric="rocauc", seed=1)
     experts = train_experts(graph, n=2, epochs=5)
     evaluator = Evaluator(experts.spec, graph)
-    result = get_method("pls", partitions=4, per_step=4, halo=2, steps=0).soup(experts, evaluator)
-    assert result.extras["val"] == pytest.approx(evaluator.evaluate(result.state_dict), abs=1e-9)
+    method = get_method("pls", partitions=4, per_step=4, halo=2, steps=1, lr=1e-12)
+    result = method.soup(experts, evaluator)
+    assert result.extras["check_val"] == pytest.approx(evaluator.evaluate(result.state_dict),
+                                                       abs=1e-9)
 
 
 def test_bad_check_is_named(tiny_graph, tiny_experts):
-    with pytest.raises(SoupError, match="check='sometimes'"):
+    with pytest.raises(SoupError, match="soup.pls.check' = 'sometimes'"):
         get_method("pls", check="sometimes", partitions=2, per_step=1).soup(
             tiny_experts, Evaluator(tiny_experts.spec, tiny_graph))
 

@@ -20,7 +20,7 @@ no partitioned graph or a complete one, and concurrent preparers cannot corrupt 
 A :class:`Shard` is what one rank holds: the partitions assigned to it.
 **Assignment** (:func:`owner_of`): partition ``p`` belongs to rank ``p mod P``
 (round-robin by partition id). With PLS's stratified draw (partition ids drawn
-one per residue class mod R; see :mod:`hpcsoup.dist.pls_mpi`) and ``P`` dividing
+one per residue class mod R; see :mod:`hpcsoup.distributed.pls`) and ``P`` dividing
 ``R``, every rank then computes exactly ``R / P`` of a step's partitions; any
 other draw is still correct, only less balanced.
 
@@ -45,58 +45,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from hpcsoup.errors import StoreError, StoreNotFoundError
+from hpcsoup.soup.pls import LocalPartitionSource, Part
 
 GRAPHS = "graphs"
-FORMAT = 1
-ARRAYS = ("x", "edge_index", "y", "val_mask", "val_pos", "deg", "test_mask", "test_pos", "nodes")
-
-
-@dataclasses.dataclass
-class Part:
-    """One stored partition: its subgraph (core nodes first, then the halo) and score masks.
-
-    The first six fields are exactly those of PLS's :class:`hpcsoup.soup.pls.Part` (built by
-    the same code, so the single-process and distributed runs see the same tensors).
-
-    Attributes:
-        x: ``[n, F]`` features of the subgraph's nodes.
-        edge_index: ``[2, e]`` local edges among them.
-        y: ``[n]`` labels.
-        val_mask: ``[n]`` bool, True on the core's validation nodes.
-        val_pos: positions of those nodes in the global validation order.
-        deg: ``[n]`` degrees in the full graph (GCN normalisation).
-        test_mask, test_pos: the same for the test nodes (the soup's final test score).
-        nodes: ``[n]`` global node ids (the first ``core_count`` are the partition's own).
-        core_count: number of core nodes.
-        pid: partition id in ``0..K-1``.
-    """
-
-    x: torch.Tensor
-    edge_index: torch.Tensor
-    y: torch.Tensor
-    val_mask: torch.Tensor
-    val_pos: torch.Tensor
-    deg: torch.Tensor
-    test_mask: torch.Tensor
-    test_pos: torch.Tensor
-    nodes: torch.Tensor
-    core_count: int
-    pid: int
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.nodes.numel())
-
-    def tensors(self) -> dict:
-        return {name: getattr(self, name) for name in ARRAYS}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def for_pls(self):
-        """This partition as PLS's :class:`~hpcsoup.soup.pls.Part` (shares the tensors)."""
-        from hpcsoup.soup.pls import Part as PlsPart
-        return PlsPart(self.x, self.edge_index, self.y, self.val_mask, self.val_pos, self.deg)
+FORMAT = 2  # 2: one Part for PLS and shards, val_positives (the AUC objective)
+#: the arrays each stored partition holds: PLS's own :class:`~hpcsoup.soup.pls.Part`
+ARRAYS = Part.TENSORS
 
 
 def graph_key(dataset: str, split: int = 0, data_seed: int = 0) -> str:
@@ -136,26 +90,12 @@ def owned_partitions(partitions: int, rank: int, size: int) -> list[int]:
 def build_parts(graph, partitions: int, halo: int, seed: int = 0) -> Iterator[Part]:
     """METIS partitions of ``graph`` with a ``halo``-hop halo, one :class:`Part` at a time.
 
-    Each partition's PLS tensors come from PLS's own
-    :class:`~hpcsoup.soup.pls.LocalPartitionSource` (pymetis, seeded), so they are
-    the same, bit for bit, as in a single-process run; the test positions and the
-    global node ids come from the same subgraph cut.
+    They come from PLS's own :class:`~hpcsoup.soup.pls.LocalPartitionSource`
+    (pymetis, seeded), so they are the same, bit for bit, as in a single-process run.
     """
-    from hpcsoup.soup.pls import LocalPartitionSource
-
     source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False)
-    test = graph.mask("test")
-    test_order = torch.cumsum(test.long(), 0) - 1
     for pid in range(partitions):
-        part = source.part(pid)
-        subset, _, core = source.neighbours.subgraph(source.nodes[pid], halo)
-        if subset.numel() != part.num_nodes:  # both come from one function: a bug if not
-            raise RuntimeError(f"partition {pid}: {subset.numel()} nodes vs {part.num_nodes} in PLS")
-        test_mask = torch.zeros(subset.numel(), dtype=torch.bool)
-        test_mask[:core] = test[subset[:core]]
-        deg = part.deg if part.deg is not None else torch.zeros(0)
-        yield Part(part.x, part.edge_index, part.y, part.val_mask, part.val_pos, deg,
-                   test_mask, test_order[subset[test_mask]], subset, int(core), pid)
+        yield source.part(pid)
 
 
 def _compressors():
@@ -183,7 +123,7 @@ def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
                                  attributes={"hpcsoup_graph_parts": FORMAT, "complete": False})
         for name, tensor in (arrays or {}).items():
             _write(root, name, tensor)
-        sizes, cores, edges, val_counts, test_counts = [], [], [], [], []
+        sizes, cores, edges, val_counts, test_counts, val_positives = [], [], [], [], [], []
         for part in parts:
             group = root.create_group(f"p{part.pid:05d}", attributes={
                 "pid": part.pid, "core_count": part.core_count, "nodes": part.num_nodes,
@@ -195,8 +135,10 @@ def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
             edges.append(int(part.edge_index.size(1)))
             val_counts.append(int(part.val_mask.sum()))
             test_counts.append(int(part.test_mask.sum()))
+            val_positives.append(int((part.y[part.val_mask] == 1).sum()))
         root.attrs.update({**attrs, "partitions": len(sizes), "sizes": sizes, "core": cores,
-                           "edges": edges, "val_counts": val_counts, "test_counts": test_counts})
+                           "edges": edges, "val_counts": val_counts, "test_counts": test_counts,
+                           "val_positives": val_positives})
         root.attrs.update({"complete": True})  # LAST
         try:
             os.rename(tmp, path)
@@ -212,7 +154,8 @@ def _complete(path: Path) -> bool:
     if not (Path(path) / "zarr.json").is_file():
         return False
     try:
-        return zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("complete") is True
+        attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs
+        return attrs.get("complete") is True and attrs.get("hpcsoup_graph_parts") == FORMAT
     except Exception:  # unreadable metadata: not a usable partitioned graph
         return False
 
@@ -308,7 +251,7 @@ class Shard:
 
 def _fix(path: Path) -> str:
     return (f"delete '{path}' and run the soup again to rebuild it (or "
-            f"`python -m hpcsoup.dist.shards --config <file>`)")
+            f"`python -m hpcsoup.distributed.shards --config <file>`)")
 
 
 def _read(group: zarr.Group, name: str, where: str, path: Path) -> torch.Tensor:
@@ -334,8 +277,8 @@ def read_part(path: str | Path, pid: int) -> Part:
                                  f"'{path}'; {_fix(path)}")
     group = zarr.open_group(str(path), path=name, mode="r", zarr_format=3)
     t = {name: _read(group, name, where, path) for name in ARRAYS}
-    return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["val_mask"].bool(),
-                t["val_pos"].long(), t["deg"], t["test_mask"].bool(), t["test_pos"].long(),
+    return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["deg"], t["val_mask"].bool(),
+                t["val_pos"].long(), t["test_mask"].bool(), t["test_pos"].long(),
                 t["nodes"].long(), int(group.attrs["core_count"]), pid)
 
 
@@ -344,12 +287,15 @@ def open_parts(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreNotFoundError(f"partitioned graph '{path}' does not exist; rank 0 writes it on "
-                                 f"the first distributed soup, or run `python -m hpcsoup.dist.shards "
+                                 f"the first distributed soup, or run `python -m hpcsoup.distributed.shards "
                                  f"--config <file>` first")
     attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
     if attrs.get("complete") is not True:
         raise StoreError(f"partitioned graph '{path}' is incomplete (its writer was killed); "
                          f"{_fix(path)}")
+    if attrs.get("hpcsoup_graph_parts") != FORMAT:
+        raise StoreError(f"partitioned graph '{path}' has format {attrs.get('hpcsoup_graph_parts')}, "
+                         f"this hpcsoup reads format {FORMAT}; {_fix(path)}")
     return attrs
 
 
@@ -367,7 +313,7 @@ def load_shard(path: str | Path, rank: int, size: int) -> Shard:
 def _main(argv: list[str] | None = None) -> int:
     """Partition a config's graph into its store ahead of a distributed soup.
 
-    ``python -m hpcsoup.dist.shards --config jobs/X.toml [--set k=v ...] [--method m ...]``:
+    ``python -m hpcsoup.distributed.shards --config jobs/X.toml [--set k=v ...] [--method m ...]``:
     a single-process step (``slurm/soup.sh`` runs it first), so that no soup rank ever
     needs the whole graph. Takes ``hpcsoup soup``'s options; does nothing when PLS is not
     among the methods or the partitioned graph is already in the store. Reports on stderr.
@@ -376,10 +322,10 @@ def _main(argv: list[str] | None = None) -> int:
     import sys
 
     from hpcsoup.cli import add_common_options, config_from_args, parse_args
-    from hpcsoup.dist.pls_mpi import prepare_from_config
+    from hpcsoup.distributed.pls import prepare_from_config
     from hpcsoup.errors import HpcsoupError
 
-    parser = argparse.ArgumentParser(prog="python -m hpcsoup.dist.shards",
+    parser = argparse.ArgumentParser(prog="python -m hpcsoup.distributed.shards",
                                      description=_main.__doc__.splitlines()[0])
     add_common_options(parser)  # hpcsoup soup's options, so that soup.sh passes both the same
     parser.add_argument("--method", action="append")
@@ -387,16 +333,16 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         if "pls" not in (args.method or cfg.soup.methods):
-            print("hpcsoup.dist.shards: no pls among the methods: nothing to partition",
+            print("hpcsoup.distributed.shards: no pls among the methods: nothing to partition",
                   file=sys.stderr)
             return 0
         start = time.perf_counter()
         path = prepare_from_config(cfg)
         attrs = open_parts(path)
     except HpcsoupError as exc:
-        print(f"hpcsoup.dist.shards: error: {exc}", file=sys.stderr)
+        print(f"hpcsoup.distributed.shards: error: {exc}", file=sys.stderr)
         return 2
-    print(f"hpcsoup.dist.shards: {path}: {attrs['partitions']} partitions of {attrs['num_nodes']} "
+    print(f"hpcsoup.distributed.shards: {path}: {attrs['partitions']} partitions of {attrs['num_nodes']} "
           f"nodes, halo {attrs['halo']}, {min(attrs['sizes'])}..{max(attrs['sizes'])} nodes each "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return 0

@@ -20,7 +20,7 @@ therefore runs unchanged in one plain process, under ``COMM_SELF`` and under
 
 Example::
 
-    from hpcsoup.dist.mpi import abort_on_error, world
+    from hpcsoup.distributed.mpi import abort_on_error, world
 
     comm = world()
     with abort_on_error(comm):

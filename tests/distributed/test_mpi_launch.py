@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_support import copy_store, last_json, launch, python, write_config
+from distributed_support import copy_store, last_json, launch, python, write_config
 
 #: not `mpi`: these tests start mpiexec themselves (never run them inside ranks)
 pytestmark = pytest.mark.slow
@@ -26,9 +26,9 @@ CORA_NODES = 2708
 #: production code has no fault-injection switch)
 INJECT = """
 import os, sys, time
-import hpcsoup.dist.pls_mpi as pls_mpi
+import hpcsoup.distributed.pls as dpls
 rank, call, mode = int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_CALL"]), os.environ["FAIL_MODE"]
-original = pls_mpi.Counted.__call__
+original = dpls.Counted.__call__
 def hooked(self, tensor):
     if self.comm.rank == rank and self.calls == call:
         print(f"INJECTED {mode} AT {time.time():.3f}", file=sys.stderr, flush=True)
@@ -36,7 +36,7 @@ def hooked(self, tensor):
             os.kill(os.getpid(), 9)
         raise RuntimeError(f"injected failure on rank {rank}")
     return original(self, tensor)
-pls_mpi.Counted.__call__ = hooked
+dpls.Counted.__call__ = hooked
 from hpcsoup.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -80,8 +80,28 @@ def test_coefficients_do_not_depend_on_the_number_of_ranks(runs):
     print(f"\nmax |coefficients(P) - coefficients(1)|: P=2 {diffs[2]:.2e}, P=4 {diffs[4]:.2e}; "
           f"wall: " + ", ".join(f"P={p} {runs[p]['seconds']:.1f}s" for p in (1, 2, 4)))
     assert diffs[2] <= 1e-5 and diffs[4] <= 1e-5, diffs
-    # the same soup id: the same experts, settings and seed, whatever P
-    assert runs[1]["soup"]["id"] == runs[2]["soup"]["id"] == runs[4]["soup"]["id"]
+    # the soup moved and stopped at the same check whatever P
+    assert all(runs[p]["soup"]["extras"]["moved"] for p in (1, 2, 4))
+    assert len({runs[p]["soup"]["extras"]["best_step"] for p in (1, 2, 4)}) == 1
+    assert len({runs[p]["soup"]["extras"]["steps"] for p in (1, 2, 4)}) == 1
+    # one id per rank count: the runs of a scaling study never overwrite each other
+    assert len({runs[p]["soup"]["id"] for p in (1, 2, 4)}) == 3
+    assert runs[2]["soup"]["id"].startswith("sage-pls-r2-")
+
+
+def test_recorded_scores_are_the_full_graph_scores_of_the_stored_weights(runs, data_root):
+    from hpcsoup.data import load_dataset
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.store import Store
+
+    graph = load_dataset("Cora", data_root)
+    for p in (1, 2, 4):
+        state, attrs = Store.open(runs[p]["store"]).load_group("soups", runs[p]["soup"]["id"])
+        from hpcsoup.models import ModelSpec
+        evaluator = Evaluator(ModelSpec.from_dict(attrs["model"]), graph)
+        truth = evaluator.metrics(state)
+        assert attrs["metrics"]["val"] == pytest.approx(truth["val"], abs=1e-6), p
+        assert attrs["metrics"]["test"] == pytest.approx(truth["test"], abs=1e-6), p
 
 
 def test_distributed_runs_report_ranks_and_communication(runs):
@@ -95,7 +115,7 @@ def test_distributed_runs_report_ranks_and_communication(runs):
 
 
 def test_each_rank_holds_about_one_pth_of_the_graph(runs):
-    from hpcsoup.dist.shards import open_parts, owned_partitions
+    from hpcsoup.distributed.shards import open_parts, owned_partitions
 
     for p in (2, 4):
         extras = runs[p]["soup"]["extras"]

@@ -1,4 +1,4 @@
-"""Distributed pieces, run INSIDE every rank: ``mpiexec -n 2 python -m pytest -m mpi tests/dist``.
+"""Distributed pieces, run INSIDE every rank: ``mpiexec -n 2 python -m pytest -m mpi tests/distributed``.
 
 Every test passes for any communicator size, 1 included, and runs the same body under
 ``COMM_SELF`` and ``COMM_WORLD`` (mpi4py's own test practice).
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcsoup.dist.mpi import CollectiveError, Comm, agree, self_comm, world
+from hpcsoup.distributed.mpi import CollectiveError, Comm, agree, self_comm, world
 from hpcsoup.errors import StoreError, StoreNotFoundError
 
 pytestmark = pytest.mark.mpi
@@ -83,7 +83,7 @@ def shared_dir(tmp_path):
 
 def _prepared(comm, shared_dir, graph, partitions, halo):
     """Rank 0 partitions ``graph`` into ``shared_dir`` while the others wait (as in a real run)."""
-    from hpcsoup.dist.shards import prepare
+    from hpcsoup.distributed.shards import prepare
 
     path = shared_dir / f"{graph.name}-{partitions}-{halo}-{comm.size}"
     if comm.rank == 0:
@@ -94,8 +94,8 @@ def _prepared(comm, shared_dir, graph, partitions, halo):
 
 @pytest.mark.parametrize("arch,halo", [("sage", 0), ("gcn", 2)])
 def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, arch, halo):
-    from dist_support import tiny_graph
-    from hpcsoup.dist.shards import load_shard
+    from distributed_support import tiny_graph
+    from hpcsoup.distributed.shards import load_shard
     from hpcsoup.soup.pls import LocalPartitionSource
 
     graph = tiny_graph()
@@ -111,14 +111,14 @@ def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, a
         assert torch.equal(stored.test_mask[: stored.core_count], graph.mask("test")[local.nodes[k]])
     # the ranks together hold every node exactly once as a core node
     assert sum(comm.allgather(shard.core_nodes)) == graph.num_nodes
-    assert shard.attrs["val_counts"] == local.val_counts.tolist()
+    assert shard.attrs["val_counts"] == local.counts["val"].tolist()
 
 
 def test_a_missing_partition_names_itself(shared_dir):
     import shutil
 
-    from dist_support import tiny_graph
-    from hpcsoup.dist.shards import load_shard, prepare
+    from distributed_support import tiny_graph
+    from hpcsoup.distributed.shards import load_shard, prepare
 
     comm = self_comm()
     path = prepare(shared_dir / f"own-{world().rank}", tiny_graph(), 4, 0)
@@ -130,59 +130,65 @@ def test_a_missing_partition_names_itself(shared_dir):
 
 
 def _distributed_pls(comm, path, ingredients, settings, seed=5):
-    from hpcsoup.dist.pls_mpi import Counted, ShardEvaluator, ShardSource, Subgraphs
-    from hpcsoup.dist.shards import load_shard
-    from hpcsoup.soup.pls import PartitionLearnedSoup, partition_score
+    from hpcsoup.distributed.pls import Counted, ShardSource
+    from hpcsoup.distributed.shards import load_shard
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.soup.pls import PartitionLearnedSoup
 
     shard = load_shard(path, comm.rank, comm.size)
     source = ShardSource(shard)
-    evaluator = ShardEvaluator(ingredients.spec, shard.attrs["metric"])
-    subgraphs = Subgraphs(source, evaluator)
+    evaluator = Evaluator(ingredients.spec, None, metric=shard.attrs["metric"])
     hook = Counted(comm)
-    result = PartitionLearnedSoup(**settings).soup(
-        ingredients, evaluator, seed=seed, source=source, allreduce=hook,
-        evaluate=lambda w: partition_score(ingredients, evaluator, source, subgraphs, w, comm.allreduce))
-    return result, hook, source, evaluator, subgraphs
+    result = PartitionLearnedSoup(**settings).soup(ingredients, evaluator, seed=seed,
+                                                   source=source, allreduce=hook)
+    return result, hook, source, evaluator
 
 
-@pytest.mark.parametrize("arch,metric", [("sage", "accuracy"), ("gcn", "rocauc")])
-def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric):
-    from dist_support import tiny_experts, tiny_graph
+@pytest.mark.parametrize("arch,metric,halo", [("sage", "accuracy", 2), ("gcn", "rocauc", 1)])
+def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric, halo):
+    from distributed_support import tiny_experts, tiny_graph
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.pls import PartitionLearnedSoup
 
     torch.manual_seed(0)
     graph = tiny_graph(metric=metric)
     ingredients = tiny_experts(graph, arch)
-    settings = {"partitions": 8, "per_step": 4, "halo": 1, "steps": 25, "lr": 0.5,
-                "eval_every": 5, "patience": 1000}
+    # SGD: Adam divides by the gradient's running norm, which magnifies float summation
+    # order on near-zero gradient entries (seen: 2e-3 on 2 ranks); SGD keeps it at rounding
+    settings = {"partitions": 8, "per_step": 4, "halo": halo, "steps": 25, "lr": 20.0,
+                "optimizer": "sgd", "eval_every": 5, "patience": 1000}
     single = PartitionLearnedSoup(**settings).soup(ingredients, Evaluator(ingredients.spec, graph),
                                                    seed=5)
-    path = _prepared(comm, shared_dir, graph, 8, 1)
-    result, hook, *_ = _distributed_pls(comm, path, ingredients, settings)
+    path = _prepared(comm, shared_dir, graph, 8, halo)
+    result, hook, source, _ = _distributed_pls(comm, path, ingredients, settings)
     a = torch.tensor(single.coefficients)
     b = torch.tensor(result.coefficients)
     assert float((a - a.mean(1, keepdim=True)).abs().max()) > 1e-3  # the soup moved
     assert float((a - b).abs().max()) <= 1e-5
     assert result.extras["best_step"] == single.extras["best_step"]
-    # one allreduce per step, of the logits' gradient and the loss: 4 bytes x (T n + 1)
-    assert hook.calls == 25
-    assert hook.bytes == 25 * 4 * (ingredients.num_tensors * ingredients.n + 1)
+    # one allreduce per step, of the logits' gradient and the loss: 4 bytes x (T n + 1),
+    # plus one per check (every 5 steps and the last) of the gathered validation results
+    checks = result.extras["checks"]
+    assert hook.calls == 25 + checks and checks == 6
+    step_bytes = 25 * 4 * (ingredients.num_tensors * ingredients.n + 1)
+    val = int(source.counts["val"].sum())
+    assert hook.bytes == step_bytes + checks * 8 * val * (1 + ingredients.spec.out_channels)
 
 
 def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_dir):
-    from dist_support import tiny_experts, tiny_graph
-    from hpcsoup.dist.pls_mpi import ShardEvaluator, ShardSource, Subgraphs, shard_scores
-    from hpcsoup.dist.shards import load_shard
+    from distributed_support import tiny_experts, tiny_graph
+    from hpcsoup.distributed.pls import ShardSource
+    from hpcsoup.distributed.shards import load_shard
     from hpcsoup.soup import Evaluator
+    from hpcsoup.soup.pls import partition_scores
 
     graph = tiny_graph(seed=1)
     ingredients = tiny_experts(graph, "gcn", n=2, epochs=10)
     params = ingredients.mean()
     path = _prepared(comm, shared_dir, graph, 5, 2)  # halo 2 = layers: exact
     source = ShardSource(load_shard(path, comm.rank, comm.size))
-    evaluator = ShardEvaluator(ingredients.spec, graph.metric)
-    scores = shard_scores(params, evaluator, source, Subgraphs(source, evaluator), comm.allreduce)
+    evaluator = Evaluator(ingredients.spec, None, metric=graph.metric)
+    scores = partition_scores(params, evaluator, source, comm.allreduce)
     full = Evaluator(ingredients.spec, graph).metrics(params)
     assert scores["val"] == pytest.approx(full["val"], abs=1e-6)
     assert scores["test"] == pytest.approx(full["test"], abs=1e-6)
@@ -191,7 +197,7 @@ def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_di
 def test_threads_per_rank_share_the_cores(comm):
     import os
 
-    from hpcsoup.dist.pls_mpi import threads_per_rank
+    from hpcsoup.distributed.pls import threads_per_rank
 
     assert threads_per_rank(comm, 3) == 3
     threads = threads_per_rank(comm, 0)
@@ -201,7 +207,7 @@ def test_threads_per_rank_share_the_cores(comm):
 
 
 def test_rank_device(comm):
-    from hpcsoup.dist.pls_mpi import rank_device
+    from hpcsoup.distributed.pls import rank_device
     from hpcsoup.errors import SoupError
 
     assert rank_device("cpu", comm) == torch.device("cpu")
@@ -214,7 +220,7 @@ def test_rank_device(comm):
 
 
 def test_abort_on_error_lets_errors_through_on_one_rank():
-    from hpcsoup.dist.mpi import abort_on_error
+    from hpcsoup.distributed.mpi import abort_on_error
 
     with pytest.raises(KeyError):
         with abort_on_error(Comm(None)):
@@ -222,7 +228,7 @@ def test_abort_on_error_lets_errors_through_on_one_rank():
 
 
 def test_stratified_draw_balances_round_robin_ranks():
-    from hpcsoup.dist.shards import owner_of
+    from hpcsoup.distributed.shards import owner_of
     from hpcsoup.errors import SoupError
     from hpcsoup.soup.pls import draw_partitions
 
@@ -245,7 +251,7 @@ def test_stratified_draw_balances_round_robin_ranks():
 
 def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
     from hpcsoup.config import build_config
-    from hpcsoup.dist.pls_mpi import run_pls_ranks
+    from hpcsoup.distributed.pls import run_pls_ranks
     from hpcsoup.errors import SoupError
 
     cfg = build_config({"threads": 1, "soup": {"pls": {"check": "full"}}})
@@ -255,7 +261,7 @@ def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
 
 
 def test_launcher_detection(monkeypatch):
-    from hpcsoup.dist.mpi import LAUNCHER_VARIABLES, MPI_SWITCH, launched_under_mpi
+    from hpcsoup.distributed.mpi import LAUNCHER_VARIABLES, MPI_SWITCH, launched_under_mpi
 
     for name in (*LAUNCHER_VARIABLES, MPI_SWITCH):
         monkeypatch.delenv(name, raising=False)

@@ -18,17 +18,19 @@ loss: ``4 (T n + 1)`` bytes, whatever the graph) gives every rank the same
 :math:`\\nabla_R L_t`; every rank applies the same optimizer update. The answer
 depends on the number of ranks only through the summation order of floats.
 
-- The graph is partitioned once into the store (:mod:`hpcsoup.dist.shards`); a rank
+- The graph is partitioned once into the store (:mod:`hpcsoup.distributed.shards`); a rank
   reads only its partitions (``p mod P == rank``).
-- The stopping check and the soup's final scores are gathered partition by
-  partition from the shards (exact when ``halo >= layers``).
+- The stopping check is gathered partition by partition from the shards (the same
+  :func:`~hpcsoup.soup.pls.partition_scores` as in one process). The scores the soup
+  records are exact (:func:`exact_scores`): gathered from the shards when
+  ``halo >= layers``, else computed by rank 0 on the full graph.
 - Rank 0 alone writes the soup (same id, attrs and arrays as the single-process run).
 - Threads: ``threads`` from the config, else the node's CPUs divided among its ranks
   (ranks x threads <= cores). Device: ``cuda`` means ``cuda:<local rank>`` (SLURM's
   ``SLURM_LOCALID`` via :class:`hpcsoup.slurm.SlurmEnv`, else the rank on the node).
 - Failures: a step that can fail alike everywhere (missing expert, missing partition)
-  raises the same error on every rank (:func:`hpcsoup.dist.mpi.agree`); anything else
-  on one rank aborts the whole job (:func:`hpcsoup.dist.mpi.abort_on_error`).
+  raises the same error on every rank (:func:`hpcsoup.distributed.mpi.agree`); anything else
+  on one rank aborts the whole job (:func:`hpcsoup.distributed.mpi.abort_on_error`).
 """
 from __future__ import annotations
 
@@ -37,16 +39,16 @@ import gc
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from hpcsoup.dist.mpi import Comm, abort_on_error, agree
-from hpcsoup.dist.shards import Shard, graph_key, is_prepared, load_shard, prepare, shard_path
+from hpcsoup.distributed.mpi import Comm, abort_on_error, agree
+from hpcsoup.distributed.shards import Shard, graph_key, is_prepared, load_shard, prepare, shard_path
 from hpcsoup.errors import SoupError
-from hpcsoup.soup.pls import PartitionSource, partition_score
+from hpcsoup.soup.evaluate import Evaluator
+from hpcsoup.soup.pls import PartitionSource, partition_scores
 
-log = logging.getLogger("hpcsoup.dist")
+log = logging.getLogger("hpcsoup.distributed")
 
 
 # ----------------------------------------------------------------------------- placement
@@ -107,12 +109,7 @@ def shards_of_config(cfg) -> Path:
     pls = cfg.soup.pls
     data_seed = cfg.data.seed if cfg.data.dataset == SYNTHETIC else 0
     return shard_path(cfg.store, graph_key(graph_name(cfg), cfg.data.split, data_seed),
-                      pls.partitions, pls.halo, _partition_seed(cfg))
-
-
-def _partition_seed(cfg) -> int:
-    from hpcsoup.soup.pls import PartitionLearnedSoup
-    return int(PartitionLearnedSoup.defaults["partition_seed"])
+                      pls.partitions, pls.halo, cfg.soup.pls.partition_seed)
 
 
 def prepare_from_config(cfg) -> Path:
@@ -130,7 +127,7 @@ def prepare_from_config(cfg) -> Path:
     pls = cfg.soup.pls
     log.info("partitioning %s into %d METIS parts with a %d-hop halo -> %s", graph.name,
              pls.partitions, pls.halo, path)
-    prepare(path, graph, pls.partitions, pls.halo, seed=_partition_seed(cfg))
+    prepare(path, graph, pls.partitions, pls.halo, seed=cfg.soup.pls.partition_seed)
     log.info("partitioned graph written in %.1f s", time.perf_counter() - start)
     return path
 
@@ -141,73 +138,31 @@ def prepare_from_config(cfg) -> Path:
 class ShardSource(PartitionSource):
     """PLS's :class:`~hpcsoup.soup.pls.PartitionSource` over one rank's :class:`Shard`.
 
-    Every rank knows the metadata of all K partitions (their validation counts, the
-    validation labels); it holds the subgraphs of its own partitions only.
+    Every rank knows the metadata of all K partitions (their validation/test counts and
+    labels); it holds the subgraphs of its own partitions only, in memory.
     """
 
+    keeps_parts = True
+
     def __init__(self, shard: Shard):
+        attrs = shard.attrs
         self.shard = shard
         self.num_parts = shard.partitions
-        self.halo = int(shard.attrs["halo"])
-        self.val_counts = torch.tensor(shard.attrs["val_counts"], dtype=torch.long)
-        self.test_counts = torch.tensor(shard.attrs["test_counts"], dtype=torch.long)
-        self.val_labels = shard.val_labels
-        self.test_labels = shard.test_labels
-        self._parts = {k: p.for_pls() for k, p in shard.parts.items()}
+        self.halo = int(attrs["halo"])
+        self.counts = {split: torch.tensor(attrs[f"{split}_counts"], dtype=torch.long)
+                       for split in ("val", "test")}
+        self.labels = {"val": shard.val_labels, "test": shard.test_labels}
+        self.val_positives = torch.tensor(attrs["val_positives"], dtype=torch.long)
 
     def owns(self, k: int) -> bool:
-        return k in self._parts
+        return self.shard.owns(k)
 
     def part(self, k: int):
         try:
-            return self._parts[k]
+            return self.shard.parts[k]
         except KeyError:
             raise SoupError(f"rank {self.shard.rank} was asked for partition {k}, which rank "
                             f"{self.shard.owner(k)} holds") from None
-
-
-class ShardEvaluator:
-    """The part of :class:`hpcsoup.soup.Evaluator` that PLS uses, without any graph.
-
-    A rank has no full graph to evaluate on: ``forward`` runs on partition subgraphs
-    only, with the same template model and adjacency format as the single-process
-    :class:`~hpcsoup.soup.Evaluator` (hence the same numbers per partition).
-    """
-
-    graph = None
-
-    def __init__(self, spec, metric: str, device: str | torch.device = "cpu"):
-        from hpcsoup.soup.evaluate import make_template
-
-        self.spec, self.metric, self.device = spec, metric, torch.device(device)
-        self.template = make_template(spec, self.device)
-        self.evaluations = 0
-        self._adjacency: dict[int, tuple] = {}
-
-    def adjacency(self, edge_index: torch.Tensor, num_nodes: int,
-                  deg: torch.Tensor | None = None) -> torch.Tensor:
-        """The adjacency of a held partition, built once: a rank keeps its partitions in memory
-        anyway, so rebuilding it every step (what PLS does with ``cache=False``, to save the
-        memory of partitions it would otherwise not keep) would only cost time."""
-        from hpcsoup.soup.evaluate import build_adjacency
-
-        key = id(edge_index)  # unique while cached: the entry keeps the tensor alive
-        if key in self._adjacency:
-            return self._adjacency[key][1]
-        if deg is not None and deg.numel() == 0:
-            deg = None
-        adj = build_adjacency(self.spec.arch, edge_index.to(self.device), num_nodes,
-                              None if deg is None else deg.to(self.device))
-        self._adjacency[key] = (edge_index, adj)
-        return adj
-
-    def forward(self, params: dict, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-        return functional_call(self.template, params, (x, adj))
-
-    def evaluate(self, params, split="val"):
-        raise SoupError("pls check='full' scores the whole graph, which no rank of a distributed "
-                        "soup holds; use check='partitions' (exact with soup.pls.halo >= layers)")
 
 
 class Counted:
@@ -223,55 +178,6 @@ class Counted:
         out = self.comm.allreduce(tensor)
         self.seconds += time.perf_counter() - start
         return out
-
-
-class Subgraphs:
-    """``(partition, adjacency)`` of a held partition (the adjacency built once, by the evaluator)."""
-
-    def __init__(self, source: ShardSource, evaluator: ShardEvaluator):
-        self.source, self.evaluator = source, evaluator
-
-    def __call__(self, k: int):
-        part = self.source.part(k)
-        return part, self.evaluator.adjacency(part.edge_index, part.num_nodes, part.deg)
-
-
-@torch.no_grad()
-def shard_scores(params: dict, evaluator: ShardEvaluator, source: ShardSource,
-                 subgraphs: Subgraphs, allreduce: Callable) -> dict:
-    """``{"metric", "val", "test"}`` of ``params`` gathered partition by partition.
-
-    Each rank writes its core validation/test nodes' results (accuracy: correct or
-    not; ROC-AUC: positive-class probability) at their global positions; one sum
-    over ranks completes both vectors. Equal to the full-graph scores when every
-    partition's halo covers the model's receptive field (``halo >= layers``).
-    """
-    from hpcsoup.data.metrics import score as metric_score
-
-    shard = source.shard
-    num_val, num_test = int(source.val_counts.sum()), int(source.test_counts.sum())
-    per_node = torch.zeros(num_val + num_test, dtype=torch.float64)
-    for k, stored in shard.parts.items():
-        if not (stored.val_mask.any() or stored.test_mask.any()):
-            continue
-        part, adj = subgraphs(k)
-        out = evaluator.forward(params, part.x.to(evaluator.device), adj).cpu()
-        for mask, pos, offset in ((stored.val_mask, stored.val_pos, 0),
-                                  (stored.test_mask, stored.test_pos, num_val)):
-            if evaluator.metric == "accuracy":
-                value = (out[mask].argmax(-1) == stored.y[mask]).double()
-            else:
-                value = out[mask].float().softmax(-1)[:, 1].double()
-            per_node[offset + pos] = value
-    per_node = allreduce(per_node)
-    val, test = per_node[:num_val], per_node[num_val:]
-    if evaluator.metric == "accuracy":
-        # float32 like metrics.accuracy (sums of 0/1 are exact): equal to the full-graph score
-        scores = [float(v.float().mean()) if v.numel() else float("nan") for v in (val, test)]
-    else:
-        scores = [metric_score(evaluator.metric, v, labels)
-                  for v, labels in ((val, source.val_labels), (test, source.test_labels))]
-    return {"metric": evaluator.metric, "val": scores[0], "test": scores[1]}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -346,22 +252,13 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         agree(comm, _fits, "checking the experts against the graph")
         ingredients = ingredients.to(device)
         source = ShardSource(shard)
-        evaluator = ShardEvaluator(ingredients.spec, shard.attrs["metric"], device)
-        subgraphs = Subgraphs(source, evaluator)
-        step_hook, eval_hook = Counted(comm), Counted(comm)
-
-        def evaluate(weights):
-            return partition_score(ingredients, evaluator, source, subgraphs, weights, eval_hook)
-
+        evaluator = Evaluator(ingredients.spec, None, device, metric=shard.attrs["metric"])
+        hook = Counted(comm)
         method = get_method("pls", **settings)
         if comm.rank == 0:
             log.info("pls on %d ranks x %d threads (%s): %s", comm.size, threads, device, settings)
-            per_step, parts = int(settings["per_step"]), source.num_parts
-            if comm.size > parts:
-                log.warning("%d ranks for %d partitions: ranks %d..%d hold none and only take part "
-                            "in the allreduce; use at most soup.pls.partitions ranks", comm.size,
-                            parts, parts, comm.size - 1)
-            elif settings.get("draw") != "stratified" or per_step % comm.size:
+            per_step = int(settings["per_step"])
+            if settings.get("draw") != "stratified" or per_step % comm.size:
                 log.warning("ranks are balanced only with soup.pls.draw=\"stratified\" and ranks "
                             "dividing soup.pls.per_step (%d ranks, per_step %d, draw %s): the "
                             "busiest rank sets the step time", comm.size, per_step,
@@ -372,18 +269,44 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         comm.barrier()  # time PLS itself, not the slowest rank's loading
         start = time.perf_counter()
         result = method.soup(ingredients, evaluator, seed=cfg.soup.seed, source=source,
-                             allreduce=step_hook, evaluate=evaluate)
+                             allreduce=hook)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = max(comm.allgather(time.perf_counter() - start))
-    metrics = shard_scores(result.state_dict, evaluator, source, subgraphs, eval_hook)
-    metrics.update({"check": "partitions", "halo": source.halo,
-                    "exact": source.halo >= ingredients.spec.layers})
-    steps = max(1, step_hook.calls)
+    metrics = exact_scores(cfg, result, evaluator, source, hook, comm)
+    step_bytes = 4 * (ingredients.num_tensors * ingredients.n + 1)  # the gradient and the loss
     return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
                    comm.allgather(memory.peak), comm.allgather(memory.start),
-                   step_hook.bytes // steps, step_hook.calls,
-                   eval_hook.bytes, threads, str(device), ingredients, path)
+                   step_bytes, result.extras["steps"], hook.bytes, threads, str(device),
+                   ingredients, path)
+
+
+def exact_scores(cfg, result, evaluator: Evaluator, source: ShardSource, allreduce, comm: Comm) -> dict:
+    """The full-graph scores of the soup's weights (collective), as every stored soup records.
+
+    With ``halo >= layers`` every partition's predictions are exact, so the scores are
+    gathered partition by partition from the shards (memory of one partition). With a
+    smaller halo the partition-wise scores would be those of a graph without the cut
+    edges, so rank 0 scores the whole graph instead (one inference forward; the other
+    ranks wait) and sends the result to every rank.
+    """
+    from hpcsoup.data import load_from_config
+
+    if source.halo >= evaluator.spec.layers:
+        metrics = partition_scores(result.state_dict, evaluator, source, allreduce)
+        return {**metrics, "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
+
+    def _full():
+        if comm.rank != 0:
+            return None
+        graph = load_from_config(cfg)
+        full = Evaluator(evaluator.spec, graph, evaluator.device)
+        metrics = full.metrics(result.state_dict)
+        del full, graph
+        gc.collect()
+        return metrics
+    metrics = comm.bcast(agree(comm, _full, "scoring the soup on the full graph (rank 0)"))
+    return {**metrics, "scored_on": "full graph (rank 0)"}
 
 
 @dataclasses.dataclass
@@ -399,7 +322,8 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
     from hpcsoup.store import Store
 
     ingredients, result = run.ingredients, run.result
-    gid = soup_id(ingredients.spec.arch, "pls", ingredients, run.settings, cfg.soup.seed)
+    gid = soup_id(ingredients.spec.arch, "pls", ingredients, run.settings, cfg.soup.seed,
+                  graph_name(cfg), comm.size)
     memory = PeakMemory()
     memory.peak = max(run.peak_rss)
     result.extras.update({
@@ -421,8 +345,8 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
 
 
 def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
-    """``hpcsoup soup`` on ``comm.size > 1`` ranks (what :func:`hpcsoup.soup.run.run_soup`
-    dispatches to under ``mpiexec`` / ``srun``).
+    """``hpcsoup soup`` on ``comm.size > 1`` ranks (what the CLI runs under ``mpiexec`` /
+    ``srun``; :func:`hpcsoup.soup.run.run_soup` is the single-process runner).
 
     PLS runs on every rank first. The other methods are single-process: rank 0 runs
     them afterwards (with the whole graph, as ``hpcsoup soup`` would) while the other
@@ -449,13 +373,12 @@ def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
                             "ingredients": run.ingredients.ids})
             summary["soups"].append(soup)
             if comm.rank == 0:
-                log.info("pls on %d ranks: val %.4f test %.4f (%s) in %.2f s -> soups/%s", comm.size,
-                         run.metrics["val"], run.metrics["test"],
-                         "exact" if run.metrics["exact"] else f"halo {run.metrics['halo']}",
-                         run.seconds, soup["id"])
+                log.info("pls on %d ranks: val %.4f test %.4f (scored on the %s) in %.2f s -> "
+                         "soups/%s", comm.size, run.metrics["val"], run.metrics["test"],
+                         run.metrics["scored_on"], run.seconds, soup["id"])
         rest = [m for m in methods if m != "pls"]
         if rest and comm.rank == 0:
-            single = run_soup(cfg, rest, comm=Comm(None))
+            single = run_soup(cfg, rest)
             summary.update({k: v for k, v in single.items() if k != "soups"})
             summary["soups"].extend(single["soups"])
     return summary

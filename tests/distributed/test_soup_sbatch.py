@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_support import REPO, copy_store, last_json, launch, python, write_config
+from distributed_support import REPO, copy_store, last_json, launch, python, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -37,7 +37,7 @@ def test_sbatch_soup_sh_equals_mpiexec(slurm_cluster, cora_store, data_root, mpi
     assert by_sbatch["ranks"] == 2
     soup = by_sbatch["soups"][0]
     assert soup["id"] == by_mpiexec["id"] and soup["extras"]["ranks"] == 2
-    assert "hpcsoup.dist.shards:" in log  # the graph was partitioned in its own one-task step
+    assert "hpcsoup.distributed.shards:" in log  # the graph was partitioned in its own one-task step
 
     a = torch.tensor(Store.open(tmp_path / "mpi.zarr").group_attrs("soups", soup["id"])["coefficients"])
     b = torch.tensor(Store.open(store).group_attrs("soups", soup["id"])["coefficients"])
