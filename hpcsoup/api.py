@@ -78,16 +78,16 @@ def _require(missing: list[str], needs: Sequence[str], what: str) -> None:
                                f"draws a seeded split)")
 
 
-def _check_models(models, least: int, what: str) -> list[nn.Module]:
+def _check_models(models, least: int, what: str, error=SoupError) -> list[nn.Module]:
     models = list(models) if models is not None else []
     if not models:
-        raise SoupError(f"{what} got an empty list of models; pass at least {least} trained "
+        raise error(f"{what} got an empty list of models; pass at least {least} trained "
                         f"torch modules")
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
-            raise SoupError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
+            raise error(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
     if len(models) < least:
-        raise SoupError(f"{what} needs at least {least} models, got {len(models)}; a single model "
+        raise error(f"{what} needs at least {least} models, got {len(models)}; a single model "
                         f"is already its own {what.split('.')[-1]}")
     return models
 
@@ -209,8 +209,8 @@ def soup(models: Sequence[nn.Module], data, method: str = "learned", *, metric: 
     return Souped(model.eval(), state, coefficients, metrics, result.method, extras)
 
 
-def _owners(trained_on, n: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``trained_on`` masks -> which parent trained on each node (``-1``: none) and the masks."""
+def _owners(trained_on, n: int, count: int) -> torch.Tensor:
+    """``trained_on`` masks -> which parent trained on each node (``-1``: none)."""
     masks = list(trained_on)
     if len(masks) != count:
         raise MergeError(f"trained_on has {len(masks)} masks for {count} models; give one boolean "
@@ -227,12 +227,12 @@ def _owners(trained_on, n: int, count: int) -> tuple[torch.Tensor, list[torch.Te
                              f"nodes; routing by owner needs disjoint training sets: omit "
                              f"trained_on to route by the models' confidence")
         owners[mask] = k
-    return owners, masks
+    return owners
 
 
 def merge(models: Sequence[nn.Module], data, trained_on: Sequence[torch.Tensor] | None = None, *,
-          metric: str = "accuracy", names: Sequence[str] | None = None, timing: bool = False,
-          **settings: Any) -> Merged:
+          regions: Sequence[torch.Tensor] | None = None, metric: str = "accuracy",
+          names: Sequence[str] | None = None, timing: bool = False, **settings: Any) -> Merged:
     """Merge trained models of different architectures into one with H-GRAMA (no training).
 
     Args:
@@ -245,6 +245,9 @@ def merge(models: Sequence[nn.Module], data, trained_on: Sequence[torch.Tensor] 
             the models' own confidence (``route_target='confidence'``, fitted on
             :data:`CONFIDENCE_ANCHORS` seeded nodes unless ``anchors`` is given), which needs
             no regions; the result's ``routing`` says which was used.
+        regions: one boolean node mask per model, the part of the graph it specialises in:
+            its retention (child / model score) is measured on the test nodes there
+            (default: on every test node).
         metric: ``accuracy`` or ``rocauc`` (default: ``accuracy``).
         names: the models' names in the metrics (default: ``gcn0``, ``gat1``, ...).
         timing: also time the child against the ensemble (default: ``False``).
@@ -256,16 +259,21 @@ def merge(models: Sequence[nn.Module], data, trained_on: Sequence[torch.Tensor] 
     from hpcsoup.models.convert import to_expert
     from torch_geometric.utils import is_undirected
 
-    models = _check_models(models, 2, "hpcsoup.merge")
+    models = _check_models(models, 2, "hpcsoup.merge", MergeError)
     known = {f.name for f in dataclasses.fields(HGramaSettings)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise MergeError(f"H-GRAMA has no setting {unknown[0]!r}; valid settings: {sorted(known)}")
     graph, _ = as_graph(data, metric)
     n = graph.num_nodes
-    owners, regions = None, [torch.ones(n, dtype=torch.bool)] * len(models)
+    owners = None
+    if regions is None:
+        regions = [torch.ones(n, dtype=torch.bool)] * len(models)
+    elif len(regions) != len(models):
+        raise MergeError(f"regions has {len(regions)} masks for {len(models)} models; give one "
+                         f"boolean node mask per model")
     if trained_on is not None:
-        owners, regions = _owners(trained_on, n, len(models))
+        owners = _owners(trained_on, n, len(models))
         routing = "ridge gate on which model was trained on each node (route_target='owner')"
     elif settings.get("routing", "ridge") != "ridge":
         routing = f"routing={settings['routing']!r}: equal weights, no gate"
