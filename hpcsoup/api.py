@@ -82,13 +82,13 @@ def _check_models(models, least: int, what: str, error=SoupError) -> list[nn.Mod
     models = list(models) if models is not None else []
     if not models:
         raise error(f"{what} got an empty list of models; pass at least {least} trained "
-                        f"torch modules")
+                    f"torch modules")
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise error(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
     if len(models) < least:
         raise error(f"{what} needs at least {least} models, got {len(models)}; a single model "
-                        f"is already its own {what.split('.')[-1]}")
+                    f"is already its own {what.split('.')[-1]}")
     return models
 
 

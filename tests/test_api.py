@@ -24,8 +24,8 @@ from tiny_support import make_graph
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["uniform", "greedy", "gis", "learned", "pls"]
-FAST = {"gis": {"granularity": 4}, "learned": {"steps": 15}, "pls": {"steps": 15, "partitions": 4,
-                                                                    "per_step": 2}}
+FAST = {"gis": {"granularity": 4}, "learned": {"steps": 15},
+        "pls": {"steps": 15, "partitions": 4, "per_step": 2}}
 
 
 class Net(torch.nn.Module):
