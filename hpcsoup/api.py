@@ -192,11 +192,11 @@ def soup(models: Sequence[nn.Module], data, method: str = "learned", *, metric: 
              f"souping method '{chosen.name}'")
     mixed, carried = _split_state(models)
     ids = [f"models[{i}]" for i in range(len(models))]
+    evaluator = ModuleEvaluator(models[0], graph, device)
     try:
-        ingredients = Ingredients.from_state_dicts(None, mixed, ids).to(device)
+        ingredients = Ingredients.from_state_dicts(evaluator.spec, mixed, ids).to(device)
     except SoupError as exc:  # names the first mismatching tensor
         raise SoupError(f"{exc} (in Python: hpcsoup.merge(models, data))") from None
-    evaluator = ModuleEvaluator(models[0], graph, device)
     result = chosen.soup(ingredients, evaluator, seed=seed)
     order = models[0].state_dict()
     state = {k: (carried[k] if k in carried else result.state_dict[k].detach().cpu())

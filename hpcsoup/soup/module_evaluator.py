@@ -24,11 +24,31 @@ make a user module's partition predictions exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from hpcsoup.data import Graph
 from hpcsoup.soup.evaluate import Evaluator
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """The shape facts of a user's module that the souping methods read (``spec`` of the
+    evaluator and the ingredients, in place of a :class:`~hpcsoup.models.ModelSpec`)."""
+
+    module: str          # "package.Class"
+    in_channels: int     # the graph's features
+    out_channels: int    # the graph's classes
+    arch: str = "module"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, graph: Graph) -> "ModuleSpec":
+        kind = type(module)
+        return cls(f"{kind.__module__}.{kind.__qualname__}", graph.num_features, graph.num_classes)
 
 
 def frozen_copy(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -51,13 +71,13 @@ class ModuleEvaluator(Evaluator):
     The public interface is :class:`~hpcsoup.soup.evaluate.Evaluator`'s
     (``graph``, ``device``, ``y``, ``masks``, ``metric``, ``evaluations``,
     ``forward``, ``adjacency``, ``logits``, ``score``, ``evaluate``,
-    ``metrics``); ``spec`` is ``None`` (the model is not one of hpcsoup's).
+    ``metrics``); ``spec`` is a :class:`ModuleSpec`.
     """
 
     def __init__(self, module: torch.nn.Module, graph: Graph, device: str | torch.device = "cpu"):
         # Evaluator.__init__ builds hpcsoup's GNN from a spec; here the template is the user's
         # module, so the same attributes are set from it instead.
-        self.spec, self.graph, self.device = None, graph, torch.device(device)
+        self.spec, self.graph, self.device = ModuleSpec.of(module, graph), graph, torch.device(device)
         data = graph.data
         self.template = frozen_copy(module, self.device)
         self.y = data.y.to(self.device)
@@ -78,7 +98,16 @@ class ModuleEvaluator(Evaluator):
         params = {k: v.detach() if k in self.buffers else v for k, v in params.items()}
         return super().forward(params, x, adj)
 
+    @property
+    def metric(self) -> str:
+        return self.graph.metric
+
     def adjacency(self, edge_index: torch.Tensor, num_nodes: int,
                   deg: torch.Tensor | None = None) -> torch.Tensor:
         """A subgraph's ``edge_index`` on the device: the format ``module(x, edge_index)`` takes."""
         return edge_index.to(self.device)
+
+    def part_adjacency(self, part, keep: bool = False) -> torch.Tensor:
+        """A PLS partition's adjacency (a :class:`~hpcsoup.soup.pls.Part`): its local
+        ``edge_index``, which costs nothing to rebuild, so ``keep`` changes nothing."""
+        return self.adjacency(part.edge_index, part.num_nodes)
