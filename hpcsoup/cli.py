@@ -113,6 +113,15 @@ def cmd_data(args) -> dict:
     return info
 
 
+def cmd_export(args) -> dict:
+    from hpcsoup.export import export_group
+    result = export_group(args.store, args.group, args.out)
+    if not args.json:
+        print(f"{result['group']} -> {result['out']} ({result['model']}; load it with "
+              f"hpcsoup.load_model({result['out']!r}))")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcsoup", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("export", help="write a soup, merge or expert as a file for "
+                                      "hpcsoup.load_model")
+    p.add_argument("store", help="store path")
+    p.add_argument("group", help="soups/<id>, merges/<id> or experts/<id>")
+    p.add_argument("--out", required=True, help="the file to write, e.g. soup.pt")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="dataset information")
     p.add_argument("action", choices=("info",))

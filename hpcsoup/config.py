@@ -47,7 +47,14 @@ SCHEMA: dict = {
         "root": Field("", (str,), hint="folder with the datasets ('' = the default cache)"),
         "split": Field(0, (int,), **_nonneg()),
         "nodes": Field(100_000, (int,), **_pos("synthetic-products node count")),
-        "seed": Field(0, (int,)),
+        "seed": Field(0, (int,), hint="seed of synthetic-products and of a random split"),
+        # graphs without masks get a seeded split (PyG's RandomNodeSplit conventions)
+        "random_split": Field("train_rest", (str,), choices=("train_rest", "random"),
+                              hint="for graphs without masks: val and test drawn, the rest "
+                                   "trains; or num_train_per_class per class"),
+        "num_train_per_class": Field(20, (int,), **_pos("training nodes per class (random)")),
+        "num_val": Field(0.2, (float,), **_pos("a fraction of the nodes below 1, else a count")),
+        "num_test": Field(0.2, (float,), **_pos("a fraction of the nodes below 1, else a count")),
     },
     "experts": {
         "arch": Field("sage", (str,), choices=ARCHS),

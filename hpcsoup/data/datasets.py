@@ -8,6 +8,8 @@ Names:
 - ``ogbn-*`` (e.g. ``ogbn-arxiv``, ``ogbn-products``): ogb's
   ``PygNodePropPredDataset`` with the official split and ogb's ``Evaluator``;
 - ``pyg/<Class>/<name>``: any ``torch_geometric.datasets`` class read from a root;
+  one without a fixed split (Amazon, Coauthor, CitationFull, WikiCS...) gets a
+  seeded random split (:func:`random_split`, settings :class:`SplitSettings`);
 - ``synthetic-products``: a seeded ogbn-products-like graph of any size.
 
 Every graph has an undirected ``edge_index``, float ``x``, long ``y`` of shape
@@ -52,6 +54,7 @@ class Graph:
     num_classes: int
     metric: str
     evaluator: Any = None  # ogb's Evaluator for ogbn-* sets
+    split: str = "fixed"  # how the masks were made: the dataset's own, or a random split
 
     @property
     def num_nodes(self) -> int:
@@ -82,8 +85,71 @@ class Graph:
             "dataset": self.name, "nodes": d.num_nodes, "edges": int(d.edge_index.size(1)),
             "features": self.num_features, "classes": self.num_classes, "metric": self.metric,
             "train": int(d.train_mask.sum()), "val": int(d.val_mask.sum()),
-            "test": int(d.test_mask.sum()),
+            "test": int(d.test_mask.sum()), "split": self.split,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSettings:
+    """The seeded random split of a graph without masks (PyG's ``RandomNodeSplit`` conventions).
+
+    Args:
+        mode: ``train_rest`` (validation and test drawn, the rest trains) or ``random``
+            (``num_train_per_class`` training nodes per class, then validation and test from
+            the rest) (default: ``train_rest``).
+        num_train_per_class: training nodes per class for ``random`` (default: ``20``).
+        num_val, num_test: a fraction of the nodes when below 1, else a node count
+            (default: ``0.2`` each: a 60/20/20 split).
+        seed: the split's seed (default: ``0``).
+
+    Config keys: ``data.random_split``, ``data.num_train_per_class``, ``data.num_val``,
+    ``data.num_test``, ``data.seed``.
+    """
+
+    mode: str = "train_rest"
+    num_train_per_class: int = 20
+    num_val: float = 0.2
+    num_test: float = 0.2
+    seed: int = 0
+
+    def describe(self) -> str:
+        train = ("the rest" if self.mode == "train_rest"
+                 else f"{self.num_train_per_class} per class")
+        return (f"random (no fixed split; seed {self.seed}): train {train}, val {self.num_val:g}, "
+                f"test {self.num_test:g} (data.random_split, data.num_train_per_class, "
+                f"data.num_val, data.num_test, data.seed)")
+
+
+def random_split(data: Data, settings: SplitSettings | None = None, **values) -> Data:
+    """``data`` with seeded ``train_mask``/``val_mask``/``test_mask`` (a shallow copy).
+
+    ``torch_geometric.transforms.RandomNodeSplit`` draws them from the global RNG; it runs
+    here under a forked RNG seeded with ``settings.seed``, so the split depends on the seed
+    alone. ``values`` override ``settings`` fields, e.g. ``random_split(data, seed=1)``.
+    """
+    from torch_geometric.transforms import RandomNodeSplit
+
+    s = dataclasses.replace(settings or SplitSettings(), **values)
+    if s.mode not in ("train_rest", "random"):
+        raise DatasetError(f"random split mode {s.mode!r} is unknown; choose 'train_rest' or "
+                           f"'random'")
+
+    def size(value: float) -> int | float:  # RandomNodeSplit: int = count, float = fraction
+        return float(value) if value < 1 else int(value)
+
+    n = data.num_nodes
+    counts = [v if v >= 1 else v * n for v in (s.num_val, s.num_test)]
+    if s.mode == "random":
+        counts.append(s.num_train_per_class * int(data.y.view(-1).max() + 1))
+    if sum(counts) >= n or min(s.num_val, s.num_test) <= 0:
+        raise DatasetError(f"random split num_val={s.num_val:g}, num_test={s.num_test:g}"
+                           f"{'' if s.mode == 'train_rest' else f', {s.num_train_per_class} per class'}"
+                           f" does not fit {n} nodes; use fractions such as 0.2")
+    transform = RandomNodeSplit(s.mode, num_train_per_class=s.num_train_per_class,
+                                num_val=size(s.num_val), num_test=size(s.num_test))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        return transform(data)
 
 
 def default_root() -> Path:
@@ -142,8 +208,11 @@ def _load_shipped(name: str, root: Path, split: int) -> Graph:
     return _finish(name, dataset[0], dataset.num_classes, metric, split)
 
 
-def _load_pyg(name: str, root: Path, split: int) -> Graph:
-    """``pyg/<Class>/<name>`` (or ``pyg/<Class>`` for classes without a name argument)."""
+def _load_pyg(name: str, root: Path, split: int, split_settings: SplitSettings) -> Graph:
+    """``pyg/<Class>/<name>`` (or ``pyg/<Class>`` for classes without a name argument).
+
+    Without masks the graph gets :func:`random_split` with ``split_settings``.
+    """
     import torch_geometric.datasets as pyg_datasets
 
     parts = name.split("/")
@@ -161,14 +230,29 @@ def _load_pyg(name: str, root: Path, split: int) -> Graph:
                 f"under that root (as {parts[1]} expects them) or run once with network access"
             ) from exc
     data = dataset[0]
-    for key in ("train_mask", "val_mask", "test_mask"):
-        if key not in data:
-            raise DatasetError(f"dataset '{name}' has no {key}; hpcsoup needs a fixed split")
-    return _finish(name, data, int(dataset.num_classes), "accuracy", split)
+    keys = ("train_mask", "val_mask", "test_mask")
+    present = [key for key in keys if key in data]
+    how = "fixed"
+    if not present:
+        if data.y is None:
+            raise DatasetError(f"dataset '{name}' has no node labels y; hpcsoup needs a node "
+                               f"classification dataset")
+        data.y = data.y.view(-1)
+        data = random_split(data, split_settings)
+        how = split_settings.describe()
+    elif len(present) < len(keys):
+        missing = next(key for key in keys if key not in present)
+        raise DatasetError(f"dataset '{name}' has {', '.join(present)} but no {missing}; "
+                           f"hpcsoup needs all three masks (or none: then it draws a random "
+                           f"split)")
+    graph = _finish(name, data, int(dataset.num_classes), "accuracy", split)
+    graph.split = how
+    return graph
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: int = 0,
-                 nodes: int = 100_000, seed: int = 0) -> Graph:
+                 nodes: int = 100_000, seed: int = 0,
+                 split_settings: SplitSettings | None = None) -> Graph:
     """Load a dataset by name.
 
     Args:
@@ -177,6 +261,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: int = 0,
         split: which split for datasets that ship several (default: ``0``).
         nodes: node count of ``synthetic-products`` (default: ``100_000``).
         seed: seed of ``synthetic-products`` (default: ``0``).
+        split_settings: the random split of a ``pyg/`` dataset without masks (default:
+            :class:`SplitSettings` ``()``: 60/20/20, seed 0).
     """
     root = Path(root) if root else default_root()
     if name in SHIPPED:
@@ -185,7 +271,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: int = 0,
         from hpcsoup.data.ogb import load_ogb
         return load_ogb(name, root)
     if name.startswith("pyg/"):
-        return _load_pyg(name, root, split)
+        return _load_pyg(name, root, split, split_settings or SplitSettings())
     if name == SYNTHETIC:
         from hpcsoup.data.synthetic import synthetic_products
         data, num_classes = synthetic_products(nodes, seed=seed)
@@ -199,4 +285,6 @@ def load_dataset(name: str, root: str | Path | None = None, split: int = 0,
 def load_from_config(cfg) -> Graph:
     """The dataset a config's ``[data]`` section names."""
     d = cfg.data
-    return load_dataset(d.dataset, d.root or None, split=d.split, nodes=d.nodes, seed=d.seed)
+    settings = SplitSettings(d.random_split, d.num_train_per_class, d.num_val, d.num_test, d.seed)
+    return load_dataset(d.dataset, d.root or None, split=d.split, nodes=d.nodes, seed=d.seed,
+                        split_settings=settings)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch_geometric.utils import is_undirected
 
-from hpcsoup.data.datasets import SHIPPED, SHIPPED_DIR, Graph, load_dataset
+from hpcsoup.data.datasets import (SHIPPED, SHIPPED_DIR, Graph, SplitSettings, load_dataset,
+                                   random_split)
 from hpcsoup.errors import DatasetError
 
 # nodes, directed edges, features, classes (shared/data/README.md); split 0 sizes; metric
@@ -81,4 +82,78 @@ def test_generic_pyg_path_reads_a_prepared_root(tmp_path):
     assert graph.name == "pyg/Planetoid/Cora" and graph.metric == "accuracy"
     assert graph.info() | {"dataset": "Cora"} == {
         "dataset": "Cora", "nodes": 2708, "edges": 10556, "features": 1433, "classes": 7,
-        "metric": "accuracy", "train": 140, "val": 500, "test": 1000}
+        "metric": "accuracy", "train": 140, "val": 500, "test": 1000, "split": "fixed"}
+
+
+@pytest.fixture(scope="module")
+def maskless_root(tmp_path_factory, root):
+    from pyg_support import write_citationfull
+
+    return write_citationfull(tmp_path_factory.mktemp("maskless"), load_dataset("Cora", root=root))
+
+
+def _masks(graph):
+    d = graph.data
+    return d.train_mask, d.val_mask, d.test_mask
+
+
+def test_maskless_pyg_dataset_gets_a_seeded_random_split(maskless_root):
+    """PyG's own CitationFull class reads the files; the split follows RandomNodeSplit."""
+    name = "pyg/CitationFull/Cora_ML"
+    graph = load_dataset(name, root=maskless_root)
+    train, val, test = _masks(graph)
+    n = graph.num_nodes
+    assert (int(val.sum()), int(test.sum()), int(train.sum())) == (120, 120, n - 240)  # 60/20/20
+    assert not (train & val).any() and not (train & test).any() and not (val & test).any()
+    assert "random (no fixed split; seed 0)" in graph.info()["split"]
+    again = load_dataset(name, root=maskless_root)
+    assert all(torch.equal(a, b) for a, b in zip(_masks(graph), _masks(again)))
+    other = load_dataset(name, root=maskless_root, split_settings=SplitSettings(seed=1))
+    assert not torch.equal(other.data.val_mask, val)
+    counts = load_dataset(name, root=maskless_root, split_settings=SplitSettings(
+        "random", num_train_per_class=5, num_val=100, num_test=0.5))
+    train, val, test = _masks(counts)
+    assert torch.bincount(counts.data.y[train], minlength=7).tolist() == [5] * 7
+    assert (int(val.sum()), int(test.sum())) == (100, 300)
+
+
+def test_random_split_keys_in_the_config_and_in_data_info(maskless_root, capsys):
+    from hpcsoup.cli import main
+    from hpcsoup.config import build_config
+    from hpcsoup.data import load_from_config
+
+    cfg = build_config({"data": {"dataset": "pyg/CitationFull/Cora_ML", "root": str(maskless_root),
+                                 "num_val": 0.1, "num_test": 200, "seed": 3}})
+    graph = load_from_config(cfg)
+    assert (int(graph.data.val_mask.sum()), int(graph.data.test_mask.sum())) == (60, 200)
+    assert "seed 3" in graph.info()["split"]
+    assert main(["data", "info", "pyg/CitationFull/Cora_ML", "--root", str(maskless_root)]) == 0
+    out = capsys.readouterr().out
+    assert "split: random (no fixed split; seed 0): train the rest, val 0.2, test 0.2" in out
+
+
+def test_random_split_errors_name_the_problem(maskless_root):
+    from torch_geometric.data import Data
+
+    data = Data(x=torch.zeros(10, 2), y=torch.arange(10) % 2, edge_index=torch.zeros(2, 0).long())
+    with pytest.raises(DatasetError, match="num_val=6, num_test=5 does not fit 10 nodes"):
+        random_split(data, num_val=6, num_test=5)
+    with pytest.raises(DatasetError, match="mode 'stratified' is unknown"):
+        random_split(data, mode="stratified")
+    masks = random_split(data, seed=2)
+    assert "train_mask" not in data and int(masks.val_mask.sum()) == 2  # a copy, 20%
+
+
+def test_partial_masks_are_an_error(tmp_path):
+    import torch_geometric.datasets as pyg_datasets
+
+    class HalfSplit(pyg_datasets.KarateClub):  # PyG's KarateClub: a train_mask only
+        def __init__(self, root):  # (KarateClub takes no root)
+            super().__init__()
+
+    pyg_datasets.HalfSplit = HalfSplit
+    try:
+        with pytest.raises(DatasetError, match="'pyg/HalfSplit' has train_mask but no val_mask"):
+            load_dataset("pyg/HalfSplit", root=tmp_path)
+    finally:
+        del pyg_datasets.HalfSplit
