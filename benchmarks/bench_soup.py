@@ -66,6 +66,8 @@ EXPERTS = {
                      eval_every=2),
     "tolokers-sage": dict(dataset="Tolokers", arch="sage", n=8, layers=2, hidden=64, epochs=100,
                           lr=0.01, eval_every=2),
+    "citeseer-sage": dict(dataset="CiteSeer", arch="sage", n=8, layers=2, hidden=64, epochs=40,
+                          lr=0.01, eval_every=2),
     "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=8, layers=2,
                           hidden=64, epochs=12, lr=0.02, eval_every=3),
 }
@@ -129,7 +131,7 @@ def train_experts(key: str, spec_args: dict) -> dict:
     graph = load_graph(spec_args["dataset"], spec_args.get("nodes"))
     spec = ModelSpec(spec_args["arch"], graph.num_features, graph.num_classes,
                      spec_args["layers"], spec_args["hidden"])
-    init = build_model(spec, seed=0).state_dict()
+    init = build_model(spec, seed=spec_args.get("init_seed", 0)).state_dict()
     data = graph.data
     adj = build_adjacency(spec.arch, data.edge_index, data.num_nodes)
     train = graph.mask("train")
@@ -141,7 +143,7 @@ def train_experts(key: str, spec_args: dict) -> dict:
             if isinstance(module, GCNConv):
                 module.normalize = False  # the adjacency holds the normalisation
         optimizer = torch.optim.Adam(model.parameters(), lr=spec_args["lr"], weight_decay=5e-4)
-        torch.manual_seed(1000 + i)
+        torch.manual_seed(1000 + 100 * spec_args.get("init_seed", 0) + i)
         best, best_state = float("-inf"), None
         start = time.perf_counter()
         for epoch in range(spec_args["epochs"]):
@@ -183,10 +185,7 @@ def ingredients_of(saved: dict):
 # ----------------------------------------------------------------------------- one measurement
 
 def method_settings(method: str) -> dict:
-    settings = dict(SETTINGS[method])
-    if method == "pls":
-        settings["partition_cache"] = str(OUT / "parts")
-    return settings
+    return dict(SETTINGS[method])
 
 
 def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, float]:
@@ -201,19 +200,21 @@ def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, fl
     return statistics.median(walls), statistics.median(cpus)
 
 
-def run_method(method: str, ingredients, evaluator) -> dict:
-    """Soup once, measuring seconds and peak RSS above the RSS at the start."""
+def run_method(method: str, ingredients, evaluator, settings: dict | None = None) -> dict:
+    """Soup once (``settings``: default the benchmark's), measuring seconds and peak RSS above
+    the RSS at the start."""
     import gc
 
     from hpcsoup.soup import get_method
     from hpcsoup.soup.run import PeakMemory
 
-    soup = get_method(method, **method_settings(method))
+    soup = get_method(method, **(method_settings(method) if settings is None else settings))
     gc.collect()
     evaluations = evaluator.evaluations
     with PeakMemory() as memory:
         start, cpu = time.perf_counter(), time.thread_time()
-        result = soup.soup(ingredients, evaluator, seed=0)
+        inputs = {"partition_cache": str(OUT / "parts")} if method == "pls" else {}
+        result = soup.soup(ingredients, evaluator, seed=0, **inputs)
         seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
     evaluator.evaluations = evaluations  # the final scoring below is not the method's
     metrics = evaluator.metrics(result.state_dict)
@@ -229,12 +230,17 @@ def run_method(method: str, ingredients, evaluator) -> dict:
 
 def setup(key: str, nodes: int | None):
     """Graph, experts and the shared evaluator: what every method starts from."""
+    spec_args = EXPERTS[key]
+    saved = train_experts(key, spec_args)
+    return setup_from(spec_args, saved, nodes)
+
+
+def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
+    """Graph, the saved experts as ingredients, and the shared (partition-ordered) evaluator."""
     from hpcsoup.data.partition import partition
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.evaluate import locality_order
 
-    spec_args = EXPERTS[key]
-    saved = train_experts(key, spec_args)
     graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
     ingredients = ingredients_of(saved)
     # the shared evaluator stores the graph partition-contiguous (as `hpcsoup soup` does):
@@ -481,6 +487,74 @@ def tune(keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def quality(keys: list[str], seeds: int, variants: dict) -> dict:
+    """Every method on ``seeds`` expert sets per graph (shared init ``s``, seeds ``1000+100s+i``),
+    in one process, with the quality each method bought beside its CPU time.
+
+    Per row: val/test, their gains over the uniform soup and over the best expert (by val),
+    ``moved`` = max |c - 1/n| over the coefficients (0: the soup is the uniform soup), CPU
+    and wall seconds, and the CPU ratio GIS / method. ``variants`` adds LS/PLS settings rows.
+    """
+    runs = []
+    for key in keys:
+        for seed in range(seeds):
+            spec_args = dict(EXPERTS[key], init_seed=seed)
+            saved = train_experts(f"{key}-s{seed}" if seed else key, spec_args)
+            graph, ingredients, evaluator, _ = setup_from(spec_args, saved)
+            best = max(range(ingredients.n), key=lambda i: saved["metrics"][i]["val"])
+            rows = {}
+            for name in METHODS + list(variants):
+                method, settings = variants.get(name, (name, SETTINGS.get(name, {})))
+                row = run_method(method, ingredients, evaluator, settings)
+                c = torch.tensor(row["coefficients"], dtype=torch.float64)
+                row["moved"] = float((c - 1.0 / ingredients.n).abs().max())
+                rows[name] = row
+            for row in rows.values():
+                for split in ("val", "test"):
+                    row[f"{split}_vs_uniform"] = row[split] - rows["uniform"][split]
+                    row[f"{split}_vs_best_expert"] = row[split] - saved["metrics"][best][split]
+                row["gis_cpu_ratio"] = rows["gis"]["cpu_seconds"] / max(row["cpu_seconds"], 1e-9)
+            runs.append({"key": key, "seed": seed, "dataset": graph.name, "metric": graph.metric,
+                         "best_expert": saved["metrics"][best], "rows": rows})
+            log(f"{key} seed {seed}: " + ", ".join(
+                f"{n} {r['val']:.4f}/{r['test']:.4f}" for n, r in rows.items()))
+    return {"runs": runs, "variants": {k: list(v) for k, v in variants.items()}}
+
+
+def quality_table(result: dict) -> str:
+    """Per graph: the mean over expert sets of every column, and the floors of issue 10."""
+    lines = []
+    keys = sorted({r["key"] for r in result["runs"]}, key=[r["key"] for r in result["runs"]].index)
+    for key in keys:
+        runs = [r for r in result["runs"] if r["key"] == key]
+        names = list(runs[0]["rows"])
+        best = statistics.mean(r["best_expert"]["val"] for r in runs)
+        lines += [f"\n{runs[0]['dataset']} ({runs[0]['metric']}, mean of {len(runs)} expert sets; "
+                  f"best expert val {100 * best:.2f})",
+                  "| method | val | test | val − uniform | test − uniform | val − best expert | "
+                  "test − best expert | moved max abs(c − 1/n) | CPU s | wall s | GIS CPU / CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in names:
+            rows = [r["rows"][name] for r in runs]
+
+            def m(field, scale=100.0):
+                return scale * statistics.mean(row[field] for row in rows)
+            lines.append(f"| {name} | {m('val'):.2f} | {m('test'):.2f} | {m('val_vs_uniform'):+.2f} | "
+                         f"{m('test_vs_uniform'):+.2f} | {m('val_vs_best_expert'):+.2f} | "
+                         f"{m('test_vs_best_expert'):+.2f} | {m('moved', 1):.3f} | "
+                         f"{m('cpu_seconds', 1):.2f} | {m('seconds', 1):.2f} | "
+                         f"{m('gis_cpu_ratio', 1):.1f}x |")
+        gis = statistics.mean(r["rows"]["gis"]["val"] for r in runs)
+        uni = statistics.mean(r["rows"]["uniform"]["val"] for r in runs)
+        for name, floor in (("learned", 0.002), ("pls", 0.005)):
+            val = statistics.mean(r["rows"][name]["val"] for r in runs)
+            ok = val >= gis - floor and val >= uni
+            lines.append(f"floor {name}: val {100 * val:.2f} >= GIS {100 * gis:.2f} − "
+                         f"{100 * floor:.1f} and >= uniform {100 * uni:.2f}: "
+                         f"{'met' if ok else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="cora,tolokers,products",
@@ -493,6 +567,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train", nargs="+", metavar="KEY", help="only train (cache) these experts")
     parser.add_argument("--tune", nargs="*", metavar="KEY",
                         help="only the LS settings grid (default keys: cora-sage cora-gcn)")
+    parser.add_argument("--quality", nargs="*", metavar="KEY",
+                        help="every method on --seeds expert sets per graph, quality beside time "
+                             "(default: cora-sage citeseer-sage tolokers-sage)")
+    parser.add_argument("--seeds", type=int, default=3, help="expert sets per graph (--quality)")
     parser.add_argument("--worker", nargs=2, metavar=("KEY", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure-forward", action="store_true", help=argparse.SUPPRESS)
@@ -509,6 +587,18 @@ def main(argv=None) -> int:
         return 0
     if args.tune is not None:
         print(tune(args.tune or ["cora-sage", "cora-gcn"]))
+        return 0
+    if args.quality is not None:
+        variants = {"learned init=validation": ("learned", {"init": "validation"}),
+                    "pls init=validation": ("pls", dict(SETTINGS["pls"], init="validation")),
+                    "pls check=full": ("pls", dict(SETTINGS["pls"], check="full"))}
+        if any("tolokers" in k for k in (args.quality or ["tolokers"])):
+            variants["learned objective=ce"] = ("learned", {"objective": "ce"})
+        result = quality(args.quality or ["cora-sage", "citeseer-sage", "tolokers-sage"],
+                         args.seeds, variants)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "bench_soup_quality.json").write_text(json.dumps(result, indent=1, default=str))
+        print(quality_table(result))
         return 0
     if args.worker:
         print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward)))

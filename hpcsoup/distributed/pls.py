@@ -46,7 +46,8 @@ from hpcsoup.distributed.mpi import Comm, abort_on_error, agree
 from hpcsoup.distributed.shards import Shard, graph_key, is_prepared, load_shard, prepare, shard_path
 from hpcsoup.errors import SoupError
 from hpcsoup.soup.evaluate import Evaluator
-from hpcsoup.soup.pls import PartitionSource, partition_scores
+from hpcsoup.soup.learned import init_logits
+from hpcsoup.soup.pls import PartitionSource, keep_better_than_start, partition_scores
 
 log = logging.getLogger("hpcsoup.distributed")
 
@@ -273,7 +274,9 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = max(comm.allgather(time.perf_counter() - start))
-    metrics = exact_scores(cfg, result, evaluator, source, hook, comm)
+    start_logits = init_logits(ingredients, settings["init"], ingredients.val_scores, device).detach()
+    result, metrics = exact_scores(cfg, result, ingredients, start_logits, evaluator, source, hook,
+                                   comm)
     step_bytes = 4 * (ingredients.num_tensors * ingredients.n + 1)  # the gradient and the loss
     return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
                    comm.allgather(memory.peak), comm.allgather(memory.start),
@@ -281,32 +284,39 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                    ingredients, path)
 
 
-def exact_scores(cfg, result, evaluator: Evaluator, source: ShardSource, allreduce, comm: Comm) -> dict:
-    """The full-graph scores of the soup's weights (collective), as every stored soup records.
+def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: ShardSource,
+                 allreduce, comm: Comm) -> tuple:
+    """``(result, metrics)``: the full-graph scores of the soup's weights (collective), as every
+    stored soup records.
 
     With ``halo >= layers`` every partition's predictions are exact, so the scores are
     gathered partition by partition from the shards (memory of one partition). With a
     smaller halo the partition-wise scores would be those of a graph without the cut
-    edges, so rank 0 scores the whole graph instead (one inference forward; the other
-    ranks wait) and sends the result to every rank.
+    edges, so rank 0 scores the whole graph instead (inference forwards; the other ranks
+    wait) and, as single-process PLS does, keeps the start (``start`` logits) when it
+    scores higher on validation (:func:`~hpcsoup.soup.pls.keep_better_than_start`).
     """
     from hpcsoup.data import load_from_config
 
     if source.halo >= evaluator.spec.layers:
         metrics = partition_scores(result.state_dict, evaluator, source, allreduce)
-        return {**metrics, "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
+        return result, {**metrics, "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
 
     def _full():
         if comm.rank != 0:
             return None
         graph = load_from_config(cfg)
         full = Evaluator(evaluator.spec, graph, evaluator.device)
-        metrics = full.metrics(result.state_dict)
+        learned = full.metrics(result.state_dict)
+        start_metrics = full.metrics(ingredients.mix(start.softmax(-1)))
         del full, graph
         gc.collect()
-        return metrics
-    metrics = comm.bcast(agree(comm, _full, "scoring the soup on the full graph (rank 0)"))
-    return {**metrics, "scored_on": "full graph (rank 0)"}
+        return learned, start_metrics
+    learned, start_metrics = comm.bcast(agree(comm, _full, "scoring the soup on the full graph "
+                                                           "(rank 0)"))
+    result = keep_better_than_start(result, ingredients, start, start_metrics["val"], learned["val"])
+    metrics = learned if result.extras["exact_choice"] == "learned" else start_metrics
+    return result, {**metrics, "scored_on": "full graph (rank 0)"}
 
 
 @dataclasses.dataclass
