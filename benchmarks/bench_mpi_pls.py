@@ -7,7 +7,7 @@ What it does (one torch thread per rank throughout; ``mpiexec`` of the pip MPICH
 
 1. builds once, under ``benchmarks/out/mpi_pls/``, a store of ``--experts`` GraphSAGE experts
    (shared init, a few epochs each) on ``synthetic-products`` with ``--nodes`` nodes (40k nodes
-   = 1M undirected edges), and its partitioned graph (``python -m hpcsoup.distributed.shards``);
+   = 1M undirected edges), and its partitioned graph (``hpcsoup partition``);
 2. measures ``MPI_Allreduce`` latency against message size for P = 2 and 4 (``--worker
    allreduce``): the input of ``benchmarks/scaling_model.py``;
 3. runs distributed PLS (``run_pls_ranks``, the code ``hpcsoup soup`` runs) under
@@ -88,7 +88,7 @@ def build(nodes: int, args) -> Path:
                 "seed": i, "role": "expert", "metrics": result.metrics}, overwrite=True)
             log(f"expert {i}: {result.metrics} in {result.seconds:.0f} s")
         (folder / "experts.done").write_text("ok")
-    done = subprocess.run([PY, "-m", "hpcsoup.distributed.shards", "--config",
+    done = subprocess.run([PY, "-m", "hpcsoup", "partition", "--config",
                            str(folder / "stratified.toml")], env=env(), stderr=subprocess.PIPE, text=True)
     log(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "partitioned")
     if done.returncode:

@@ -76,6 +76,19 @@ def cmd_soup(args) -> dict:
     return run_soup(cfg, methods=args.method or None)
 
 
+def cmd_partition(args) -> dict:
+    from hpcsoup.distributed.pls import prepare_from_config
+    from hpcsoup.distributed.shards import open_parts
+
+    cfg = config_from_args(args)
+    if "pls" not in (args.method or cfg.soup.methods):
+        return {"partitioned": None, "reason": "no pls among the methods"}
+    path = prepare_from_config(cfg)
+    attrs = open_parts(path)
+    return {"partitioned": str(path), "partitions": attrs["partitions"],
+            "nodes": attrs["num_nodes"], "halo": attrs["halo"]}
+
+
 def cmd_merge(args) -> dict:
     from hpcsoup.merge.run import run_merge
     parents = [p for p in args.parents.split(",") if p] if args.parents else None
@@ -141,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="souping method (repeatable; default: the config's soup.methods)")
     p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser("partition", help="cut the config's graph into the store's PLS partitions "
+                                         "once, before a distributed soup (no rank then needs the "
+                                         "whole graph)")
+    add_common_options(p)
+    p.add_argument("--method", action="append", choices=SOUP_METHODS,
+                   help="the soup's methods: nothing to do without pls (default: soup.methods)")
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA")
     add_common_options(p)

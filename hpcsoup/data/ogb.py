@@ -54,7 +54,7 @@ from typing import Any, Mapping
 
 import torch
 
-from hpcsoup.data.datasets import Graph, _finish, _locked, _quiet_pyg
+from hpcsoup.data.graph import Graph, finish, locked, quiet_pyg
 from hpcsoup.errors import DatasetError, DatasetNotFoundError
 
 #: set to 1 to never try a download (a missing dataset raises at once)
@@ -292,8 +292,8 @@ def load_ogb(name: str, root: str | Path, meta_dict: Mapping[str, Any] | None = 
     folder, info, custom = _resolve(name, root, meta_dict)
     _check_supported(name, info)
     _allow_ogb_pickles()
-    _quiet_pyg()
-    with _locked(root):  # one task downloads and writes processed/; the others wait, then read
+    quiet_pyg()
+    with locked(root):  # one task downloads and writes processed/; the others wait, then read
         _ensure_files(name, root, folder, info, custom)
         with contextlib.redirect_stdout(sys.stderr):  # ogb prints progress; keep stdout for results
             dataset = _dataset_class()(name, root=str(root), meta_dict=info if custom else None)
@@ -308,5 +308,5 @@ def load_ogb(name: str, root: str | Path, meta_dict: Mapping[str, Any] | None = 
         data[key] = mask
     if data.y.is_floating_point():  # ogb stores labels with NaN (unlabelled nodes) as float
         data.y = torch.nan_to_num(data.y, nan=-1.0).long()
-    return _finish(name, data, int(info["num classes"]), "accuracy", 0,
-                   evaluator=_evaluator(name, info, custom))
+    return finish(name, data, int(info["num classes"]), "accuracy", 0,
+                  evaluator=_evaluator(name, info, custom))

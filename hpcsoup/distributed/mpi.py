@@ -9,8 +9,7 @@ therefore runs unchanged in one plain process, under ``COMM_SELF`` and under
 
 - Tensors travel through numpy buffers with the uppercase (buffer) methods:
   ``Allreduce`` of 1000 float32 takes ~11 µs on 2 ranks here, against ~1.6 ms for
-  torch's ``gloo`` (see ENVIRONMENT.md). Pickled lowercase methods are used only
-  for small metadata (``bcast``, ``allgather``).
+  torch's ``gloo``. Pickled lowercase methods are used only for small metadata (``bcast``, ``allgather``).
 - :func:`abort_on_error` is the ``python -m mpi4py`` rule: an exception on any rank
   prints once, with the rank, and calls ``MPI_Abort`` so that no peer waits forever
   in a collective; the launcher then ends the whole job with a non-zero code.

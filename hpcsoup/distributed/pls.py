@@ -1,9 +1,8 @@
 """Partition learned souping on MPI ranks, each holding a shard of the graph.
 
 Zuber, Sarkar, Jennings, Jannesari, "Enhanced Soups for Graph Neural Networks",
-arXiv 2503.11612 (2025), Partition Learned Souping, distributed as in DESIGN.md
-("Distributed PLS"). PLS's step objective (:mod:`hpcsoup.soup.pls`) is a sum of
-per-partition terms with a global normaliser,
+arXiv 2503.11612 (2025), Partition Learned Souping, distributed. PLS's step
+objective (:mod:`hpcsoup.soup.pls`) is a sum of per-partition terms with a global normaliser,
 
 .. math::
     \\nabla_R L_t = \\sum_{r=0}^{P-1} \\; \\sum_{k \\in D_t,\\ \\mathrm{owner}(k) = r}

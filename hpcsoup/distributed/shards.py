@@ -1,6 +1,6 @@
 """The partitioned graph, stored once, read back one rank's shard at a time.
 
-Distributed partition learned souping (DESIGN.md, "Distributed PLS") needs every
+Distributed partition learned souping (:mod:`hpcsoup.distributed.pls`) needs every
 rank to hold only the METIS partitions it computes, never the whole graph. The
 graph is therefore partitioned **once** and each partition's subgraph (its core
 nodes plus the halo the objective needs) is written to the Zarr store::
@@ -34,7 +34,6 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -251,7 +250,7 @@ class Shard:
 
 def _fix(path: Path) -> str:
     return (f"delete '{path}' and run the soup again to rebuild it (or "
-            f"`python -m hpcsoup.distributed.shards --config <file>`)")
+            f"`hpcsoup partition --config <file>`)")
 
 
 def _read(group: zarr.Group, name: str, where: str, path: Path) -> torch.Tensor:
@@ -287,7 +286,7 @@ def open_parts(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreNotFoundError(f"partitioned graph '{path}' does not exist; rank 0 writes it on "
-                                 f"the first distributed soup, or run `python -m hpcsoup.distributed.shards "
+                                 f"the first distributed soup, or run `hpcsoup partition "
                                  f"--config <file>` first")
     attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
     if attrs.get("complete") is not True:
@@ -308,45 +307,3 @@ def load_shard(path: str | Path, rank: int, size: int) -> Shard:
     mine = owned_partitions(int(attrs["partitions"]), rank, size)
     return Shard(path, attrs, rank, size, {pid: read_part(path, pid) for pid in mine},
                  labels["val_labels"], labels["test_labels"])
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """Partition a config's graph into its store ahead of a distributed soup.
-
-    ``python -m hpcsoup.distributed.shards --config jobs/X.toml [--set k=v ...] [--method m ...]``:
-    a single-process step (``slurm/soup.sh`` runs it first), so that no soup rank ever
-    needs the whole graph. Takes ``hpcsoup soup``'s options; does nothing when PLS is not
-    among the methods or the partitioned graph is already in the store. Reports on stderr.
-    """
-    import argparse
-    import sys
-
-    from hpcsoup.cli import add_common_options, config_from_args, parse_args
-    from hpcsoup.distributed.pls import prepare_from_config
-    from hpcsoup.errors import HpcsoupError
-
-    parser = argparse.ArgumentParser(prog="python -m hpcsoup.distributed.shards",
-                                     description=_main.__doc__.splitlines()[0])
-    add_common_options(parser)  # hpcsoup soup's options, so that soup.sh passes both the same
-    parser.add_argument("--method", action="append")
-    args = parse_args(parser, argv)
-    try:
-        cfg = config_from_args(args)
-        if "pls" not in (args.method or cfg.soup.methods):
-            print("hpcsoup.distributed.shards: no pls among the methods: nothing to partition",
-                  file=sys.stderr)
-            return 0
-        start = time.perf_counter()
-        path = prepare_from_config(cfg)
-        attrs = open_parts(path)
-    except HpcsoupError as exc:
-        print(f"hpcsoup.distributed.shards: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"hpcsoup.distributed.shards: {path}: {attrs['partitions']} partitions of {attrs['num_nodes']} "
-          f"nodes, halo {attrs['halo']}, {min(attrs['sizes'])}..{max(attrs['sizes'])} nodes each "
-          f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -166,7 +166,7 @@ def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, se
 
 def soup_attrs(cfg, graph, ingredients: Ingredients, result: SoupResult, metrics: dict,
                settings: dict, seconds: float, memory: PeakMemory, ranks: int = 1) -> dict:
-    """The attrs of a ``soups/<id>`` group (DESIGN.md, the store contract)."""
+    """The attrs of a ``soups/<id>`` group (the store contract: :mod:`hpcsoup.store.zarr_store`)."""
     from hpcsoup.store import provenance
 
     extras = {k: v for k, v in result.extras.items() if k != "logits"}
