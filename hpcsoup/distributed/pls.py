@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -106,10 +108,14 @@ def shards_of_config(cfg) -> Path:
     """Where the config's partitioned graph lives (``<store>/graphs/<graph>/parts-K-halo-h-seed-s``)."""
     from hpcsoup.data.datasets import SYNTHETIC
 
-    pls = cfg.soup.pls
-    data_seed = cfg.data.seed if cfg.data.dataset == SYNTHETIC else 0
-    return shard_path(cfg.store, graph_key(graph_name(cfg), cfg.data.split, data_seed),
-                      pls.partitions, pls.halo, cfg.soup.pls.partition_seed)
+    pls, data = cfg.soup.pls, cfg.data
+    data_seed = data.seed if data.dataset == SYNTHETIC else 0
+    key = graph_key(graph_name(cfg), data.split, data_seed)
+    if data.dataset.startswith("pyg/"):  # may have no masks: a random split from these keys
+        split = json.dumps([data.seed, data.random_split, data.num_train_per_class, data.num_val,
+                            data.num_test])
+        key += "-rs" + hashlib.sha1(split.encode()).hexdigest()[:8]
+    return shard_path(cfg.store, key, pls.partitions, pls.halo, pls.partition_seed)
 
 
 def prepare_from_config(cfg) -> Path:
