@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcsoup", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {hpcsoup.__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (hpcsoup COMMAND --help explains each)")
 
     p = sub.add_parser("train", help="train experts (one task = one expert) into the store",
                        description="Train experts into the store: one task, or all of them here.")

@@ -45,14 +45,13 @@ class Display:
     bars: bool = False              # tqdm bars (a terminal) rather than plain lines
     interval: float = 30.0          # seconds between plain progress lines
     stream: TextIO | None = None    # where bars go (None: sys.stderr at the time of writing)
-    configured: bool = False
 
 
 _display = Display()
 
 
 def display() -> Display:
-    """The current :class:`Display` (read by runners that start subprocesses or workers)."""
+    """The current :class:`Display` (read by runners that start workers or child processes)."""
     return _display
 
 
@@ -63,9 +62,19 @@ def verbosity_flags() -> list[str]:
 
 
 class _Handler(logging.StreamHandler):
-    """A stream handler that writes through tqdm while bars are shown, so lines do not tear them."""
+    """A stream handler that writes through tqdm while bars are shown, so lines do not tear them.
+
+    Without a stream of its own it writes to ``sys.stderr`` as it is at each record (a test or an
+    application may swap it after :func:`configure`).
+    """
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream or sys.stderr)
+        self.follow = stream is None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.follow:
+            self.stream = sys.stderr
         if not _display.bars:
             return super().emit(record)
         try:
@@ -89,8 +98,8 @@ def configure(verbosity: int = 0, stream: TextIO | None = None, bars: bool | Non
               interval: float | None = None) -> Display:
     """Route ``hpcsoup.*`` logs and progress to ``stream`` (default: ``sys.stderr``).
 
-    Called by the command line (and by runners re-applying their parent's choice in worker
-    processes); replaces the handler a previous call installed.
+    Called by the command line, nowhere else in the package; replaces the handler a previous call
+    installed.
 
     Args:
         verbosity: ``-1`` warnings only, ``0`` progress and results, ``1`` also per-epoch and
@@ -101,15 +110,14 @@ def configure(verbosity: int = 0, stream: TextIO | None = None, bars: bool | Non
             or ``30``).
     """
     global _display
-    stream = stream or sys.stderr
+    shown = stream or sys.stderr
     if bars is None:
-        bars = verbosity >= 0 and hasattr(stream, "isatty") and stream.isatty()
+        bars = verbosity >= 0 and hasattr(shown, "isatty") and shown.isatty()
     if interval is None:
         interval = float(os.environ.get("HPCSOUP_PROGRESS_SECONDS", "30") or 30)
-    _display = Display(verbosity, bool(bars), interval, stream, True)
+    reset()
+    _display = Display(verbosity, bool(bars), interval, stream)
     logger = logging.getLogger(LOGGER)
-    for handler in [h for h in logger.handlers if isinstance(h, _Handler)]:
-        logger.removeHandler(handler)
     handler = _Handler(stream)
     handler.setFormatter(_Format("%(message)s"))
     logger.addHandler(handler)
@@ -117,6 +125,17 @@ def configure(verbosity: int = 0, stream: TextIO | None = None, bars: bool | Non
                     else logging.WARNING)
     logger.propagate = False  # the application's root handlers would print everything twice
     return _display
+
+
+def reset() -> None:
+    """Undo :func:`configure`: back to an unconfigured library (no handler, plain lines as logs)."""
+    global _display
+    _display = Display()
+    logger = logging.getLogger(LOGGER)
+    for handler in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 def duration(seconds: float) -> str:
@@ -157,6 +176,8 @@ class Progress:
         total: the count at which the loop is done (``None``: unknown, no ETA).
         unit: what is counted (e.g. ``"epochs"``, ``"steps"``, ``"phases"``).
         logger: where plain lines go (default: ``hpcsoup.progress``).
+        show: ``False`` makes it count without showing anything, e.g. on every MPI rank but the
+            first, whose progress is the same (default: ``True``).
 
     :meth:`update` adds to the count, :meth:`set` sets it; both take a ``postfix``, a short text
     shown after the count (e.g. ``"experts 3/10 done"``). The ETA extrapolates the rate since
@@ -165,8 +186,8 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it",
-                 logger: logging.Logger | None = None):
-        self.desc, self.total, self.unit = desc, total, unit
+                 logger: logging.Logger | None = None, show: bool = True):
+        self.desc, self.total, self.unit, self.show = desc, total, unit, show
         self.log = logger or log
         self.done, self.postfix = 0, ""
         self.start = time.perf_counter()
@@ -175,7 +196,7 @@ class Progress:
         self._lock = threading.Lock()
         self._closed = False
         self._bar = None
-        if _display.bars and _display.verbosity >= 0:
+        if show and _display.bars and _display.verbosity >= 0:
             from tqdm import tqdm
             self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=_display.stream or sys.stderr,
                              dynamic_ncols=True, mininterval=0.5, leave=True)
@@ -206,7 +227,7 @@ class Progress:
                 if postfix is not None:
                     self._bar.set_postfix_str(postfix, refresh=False)
                 self._bar.update(done - previous)
-            elif now - self._last_line >= _display.interval:
+            elif self.show and now - self._last_line >= _display.interval:
                 self._last_line = now
                 self.log.info("%s", self.line(now))
 
@@ -235,7 +256,8 @@ class Progress:
         return ", ".join(parts)
 
     def close(self) -> None:
-        """End the loop: the bar stays with its final count; plain mode prints a last line."""
+        """End the loop: the bar stays with its final count; plain mode prints a last line,
+        e.g. ``train: 1000/1000 epochs in 1 min 02 s (experts 10/10 done)``."""
         with self._lock:
             if self._closed:
                 return
@@ -243,8 +265,10 @@ class Progress:
             if self._bar is not None:
                 self._bar.close()
                 return
+            if not self.show:
+                return
             now = time.perf_counter()
             count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
-            tail = f", {self.postfix}" if self.postfix else ""
-            self.log.info("%s: %s %s%s in %s", self.desc, count, self.unit, tail,
-                          duration(now - self.start))
+            tail = f" ({self.postfix})" if self.postfix else ""
+            self.log.info("%s: %s %s in %s%s", self.desc, count, self.unit,
+                          duration(now - self.start), tail)

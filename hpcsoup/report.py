@@ -161,9 +161,9 @@ def best_expert(experts: list[dict], dataset: str) -> dict | None:
 def scaling_rows(rows: dict) -> list[dict]:
     """Seconds and peak memory per stage at each (dataset, ranks), for graphs of known size."""
     out = []
-    for (dataset, nodes), experts in _groups([e for e in rows["experts"] if e["nodes"]],
-                                             ("dataset", "nodes")).items():
-        out.append({"dataset": dataset, "nodes": nodes, "stage": "train (per expert)", "ranks": 1,
+    for (dataset, nodes, role), experts in _groups([e for e in rows["experts"] if e["nodes"]],
+                                                   ("dataset", "nodes", "role")).items():
+        out.append({"dataset": dataset, "nodes": nodes, "stage": f"train (per {role})", "ranks": 1,
                     "seconds_values": [e["seconds"] for e in experts], "peak_mib_values": []})
     for s in soup_settings([s for s in rows["soups"] if s["nodes"]]):
         out.append({"dataset": s["dataset"], "nodes": s["nodes"], "stage": f"soup {s['method']}",
@@ -202,6 +202,18 @@ def _save(fig, out: Path, name: str) -> list[str]:
     return paths
 
 
+def _log_axis(ax, which: str, base: int = 10, ticks=None) -> None:
+    """A log-scaled axis with ticks at 1, 2, 5 x 10^k (or at ``ticks``) labelled as plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log", base=base)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(FixedLocator(sorted(set(ticks))) if ticks is not None
+                           else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _label(method: str, ranks: int) -> str:
     return method + (f" ({ranks} ranks)" if ranks and ranks > 1 else "")
 
@@ -236,7 +248,7 @@ def plot_soups(rows: dict, out: Path) -> list[str]:
         if uniform:
             ax.axhline(_mean(uniform[0]["test_values"]), color="C0", linestyle=":", linewidth=1,
                        label="uniform soup")
-        ax.set_xscale("log")
+        _log_axis(ax, "x")
         ax.set_xlabel("souping time (s, log scale)")
         ax.set_ylabel(f"test {here[0]['metric'] or 'score'}")
         seeds = max(s["seeds"] for s in here)
@@ -321,8 +333,9 @@ def plot_scaling(scaling: list[dict], out: Path) -> list[str]:
                     xs, ys, es = zip(*points)
                     ax.errorbar(xs, ys, yerr=[e or 0 for e in es], marker="osD^v<>"[i % 7],
                                 color=f"C{i % 10}", label=name[key], capsize=3)
-            ax.set_xscale("log", base=10 if axis == "nodes" else 2)
-            ax.set_yscale("log")
+            _log_axis(ax, "x", 10 if axis == "nodes" else 2,
+                      None if axis == "nodes" else [r["ranks"] for rs in series.values() for r in rs])
+            _log_axis(ax, "y")
             ax.set_xlabel("graph nodes" if axis == "nodes" else "MPI ranks")
             ax.set_ylabel(ylabel + (" per process (max over ranks)" if field == "peak_mib" else ""))
             ax.grid(alpha=0.3, which="both")
