@@ -164,7 +164,7 @@ def _local_report(progress: Progress):
 
 
 def _task_line(result: dict) -> str:
-    """One line per finished task (INFO): its scores, time and where it went."""
+    """One line per finished task (INFO): its status, scores and training time."""
     name, status = f"[{result.get('expert_id', result.get('task_id'))}]", result["status"]
     if status in ("failed", "preempted"):
         return f"{name} {status}: {result.get('error')}"
@@ -209,13 +209,15 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     checkpoint = Checkpointer(store.path / CHECKPOINTS / f"{task.expert_id}.pt",
                               key=_run_key(cfg, task, iid, graph), every=cfg.experts.checkpoint_every,
                               stop=stop, name=task.expert_id)
-    log.debug("[%s] task %d: %s %s on %s (%d train nodes, seed %d, init %s, %d thread(s), %s)",
-              task.expert_id, task.task_id, task.role, task.arch, graph.name, train_nodes["count"],
-              task.seed, iid, torch.get_num_threads(), cfg.device)
     progress = None
     if report is None:
         progress = Progress(f"train {task.expert_id}", total=task.epochs, unit="epochs")
         report = _local_report(progress)
+    # a line of context in a task's own log (a SLURM array task); detail among many (train --all)
+    log.log(logging.INFO if progress is not None else logging.DEBUG,
+            "[%s] task %d: %s %s on %s (%d train nodes, seed %d, init %s, %d thread(s), %s)",
+            task.expert_id, task.task_id, task.role, task.arch, graph.name, train_nodes["count"],
+            task.seed, iid, torch.get_num_threads(), cfg.device)
     try:
         result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
                      weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
