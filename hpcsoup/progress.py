@@ -7,7 +7,7 @@ through :class:`Progress`; no module attaches a handler. The command line calls
 
 - on a terminal: a tqdm bar per running loop (count, rate, ETA); log lines print above the bars;
 - elsewhere (a SLURM log, a pipe): no bars; a loop prints one plain line every ``interval``
-  seconds (``$HPCSOUP_PROGRESS_SECONDS``, default 30) and a last line when it ends, e.g.
+  seconds (``$HPCSOUP_PROGRESS_SECONDS``, default 60) and a last line when it ends, e.g.
   ``train: 420/1000 epochs (42%), experts 3/10 done, 20 s elapsed, ETA 28 s``;
 - the verbosity: ``-1`` (``-q``) warnings and errors only; ``0`` progress and results; ``1``
   (``-v``) also the per-epoch and per-step detail (DEBUG records of ``hpcsoup.*``).
@@ -43,7 +43,7 @@ class Display:
 
     verbosity: int = 0
     bars: bool = False              # tqdm bars (a terminal) rather than plain lines
-    interval: float = 30.0          # seconds between plain progress lines
+    interval: float = 60.0          # seconds between plain progress lines
     stream: TextIO | None = None    # where bars go (None: sys.stderr at the time of writing)
 
 
@@ -107,14 +107,14 @@ def configure(verbosity: int = 0, stream: TextIO | None = None, bars: bool | Non
         stream: where everything goes (default: ``sys.stderr``).
         bars: tqdm bars (default: when ``stream`` is a terminal and ``verbosity >= 0``).
         interval: seconds between plain progress lines (default: ``$HPCSOUP_PROGRESS_SECONDS``
-            or ``30``).
+            or ``60``).
     """
     global _display
     shown = stream or sys.stderr
     if bars is None:
         bars = verbosity >= 0 and hasattr(shown, "isatty") and shown.isatty()
     if interval is None:
-        interval = float(os.environ.get("HPCSOUP_PROGRESS_SECONDS", "30") or 30)
+        interval = float(os.environ.get("HPCSOUP_PROGRESS_SECONDS", "60") or 60)
     reset()
     _display = Display(verbosity, bool(bars), interval, stream)
     logger = logging.getLogger(LOGGER)
