@@ -409,7 +409,7 @@ def _merges_section(merges: list[dict], plot: list[str]) -> str:
                                            f"{significant(m['speedup_uncached'])}x",
               "merge s": significant(m["merge_seconds"]), "id": m["id"]} for m in merges]
     text = (f"## Merges ({len(merges)})\n\nH-GRAMA children: test score of child, ensemble (mean of "
-            f"the parents' probabilities) and each parent; retention = child / parent on the test "
+            f"the parents' logits) and each parent; retention = child / parent on the test "
             f"nodes of the parent's region; speedup = ensemble / child full-graph inference time "
             f"(median of interleaved runs), with the graph operators cached or rebuilt every "
             f"forward; seconds of the merge itself.\n\n"
