@@ -125,11 +125,6 @@ def cmd_store(args) -> dict:
     return describe_store(path, group=group if args.action == "show" else None, echo=not args.json)
 
 
-#: each command's text on stdout (commands that print their own text, or none, are absent)
-SUMMARIES = {"train": summary.train, "soup": summary.soup, "merge": summary.merge,
-             "run": summary.run, "submit": summary.submit, "report": summary.report}
-
-
 def cmd_data(args) -> dict:
     from hpcsoup.data import load_dataset
     info = load_dataset(args.name, args.root, split=args.split, nodes=args.nodes).info()
@@ -137,6 +132,11 @@ def cmd_data(args) -> dict:
         for key, value in info.items():
             print(f"{key:>10}: {value}")
     return info
+
+
+#: each command's text on stdout (commands that print their own text, or none, are absent)
+SUMMARIES = {"train": summary.train, "soup": summary.soup, "merge": summary.merge,
+             "run": summary.run, "submit": summary.submit, "report": summary.report}
 
 
 def build_parser() -> argparse.ArgumentParser:
