@@ -1,7 +1,9 @@
 """The ``hpcsoup`` command line: a thin layer over the Python API of each stage.
 
-Every command accepts ``--store PATH``, repeatable ``--set key=value`` and
-``--json`` (one JSON object of the results as the last line of stdout).
+Every command that reads a store accepts ``--store PATH``; the stage commands also take repeatable
+``--set key=value`` and ``--json`` (one JSON object of the results as the last line of stdout).
+Results go to stdout (:mod:`hpcsoup.summary`), progress and logs to stderr; ``-v`` and ``-q``
+choose how much (:func:`hpcsoup.progress.configure`, called here and nowhere else in a run).
 This is the only module that reads config files from the command line.
 """
 from __future__ import annotations
@@ -10,21 +12,41 @@ import argparse
 import json
 import sys
 
+import hpcsoup
+from hpcsoup import summary
 from hpcsoup.config import SOUP_METHODS, load_config
 from hpcsoup.errors import HpcsoupError
+from hpcsoup.progress import configure
+
+DESCRIPTION = ("Combine trained Graph Neural Networks at HPC scale: train experts, soup them, merge "
+               "them, report. Results go to stdout; progress and logs to stderr.")
+
+
+def add_output_options(parser: argparse.ArgumentParser, json_help: str | None = None) -> None:
+    """``-v``, ``-q`` (what reaches stderr) and ``--json`` (what reaches stdout)."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=0,
+                      help="also show per-epoch and per-step lines on stderr")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="show only warnings and errors on stderr (no progress)")
+    parser.add_argument("--json", action="store_true",
+                        help=json_help or "print one JSON object of the results on stdout instead "
+                                          "of the text summary")
 
 
 def add_common_options(parser: argparse.ArgumentParser, config: str = "option") -> None:
-    """``--config`` (or a positional config), ``--store``, ``--set`` and ``--json``."""
+    """``--config`` (or a positional config), ``--store``, ``--set``, ``--json``, ``-v``, ``-q``."""
     if config == "option":
-        parser.add_argument("--config", "-c", help="experiment file, e.g. jobs/quickstart.toml")
+        parser.add_argument("--config", "-c", help="experiment file, e.g. jobs/quickstart.toml "
+                                                   "(default: the built-in quickstart settings)")
     elif config == "positional":
         parser.add_argument("config", help="experiment file, e.g. jobs/quickstart.toml")
-    parser.add_argument("--store", help="Zarr store path (default: the config's `store`)")
+    parser.add_argument("--store", metavar="PATH",
+                        help="Zarr store path (default: the config's store key)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set experts.count=4 (repeatable)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object of the results as the last line")
+                        help="override a config key, e.g. --set experts.count=4 (repeatable; a bare "
+                             "KEY=VALUE means the same)")
+    add_output_options(parser)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
@@ -113,8 +135,13 @@ def cmd_report(args) -> dict:
 
 def cmd_store(args) -> dict:
     from hpcsoup.store import describe_store
-    return describe_store(args.path, group=args.group if args.action == "show" else None,
-                          echo=not args.json)
+    path, group = args.path, args.group
+    if args.store:  # `store show GROUP --store PATH`: the one positional is the group
+        path, group = args.store, group or path
+    if not path:
+        raise HpcsoupError(f"hpcsoup store {args.action} needs a store: pass its path, e.g. "
+                           f"`hpcsoup store {args.action} runs/quickstart.zarr`, or --store PATH")
+    return describe_store(path, group=group if args.action == "show" else None, echo=not args.json)
 
 
 def cmd_data(args) -> dict:
@@ -135,82 +162,110 @@ def cmd_export(args) -> dict:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcsoup", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+#: each command's text on stdout (commands that print their own text, or none, are absent)
+SUMMARIES = {"train": summary.train, "soup": summary.soup, "merge": summary.merge,
+             "run": summary.run, "submit": summary.submit, "report": summary.report,
+             "partition": summary.partition}
 
-    p = sub.add_parser("train", help="train experts (one task = one expert) into the store")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcsoup", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {hpcsoup.__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (hpcsoup COMMAND --help explains each)")
+
+    p = sub.add_parser("train", help="train experts (one task = one expert) into the store",
+                       description="Train experts into the store: one task, or all of them here.")
     add_common_options(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--task-id", type=int, help="expert index (default: $SLURM_ARRAY_TASK_ID)")
+    group.add_argument("--task-id", type=int, metavar="N",
+                       help="expert index to train (default: $SLURM_ARRAY_TASK_ID)")
     group.add_argument("--all", action="store_true",
                        help="train every expert here, in parallel Dask worker processes")
     group.add_argument("--array-spec", action="store_true",
                        help="print the --array value the config needs (e.g. 0-9) and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("soup", help="soup same-architecture experts")
+    p = sub.add_parser("soup", help="soup same-architecture experts",
+                       description="Soup the store's same-architecture experts with each method.")
     add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="souping method (repeatable; default: the config's soup.methods)")
     p.set_defaults(func=cmd_soup)
 
-    p = sub.add_parser("partition", help="cut the config's graph into the store's PLS partitions "
-                                         "once, before a distributed soup (no rank then needs the "
-                                         "whole graph)")
+    p = sub.add_parser("partition", help="cut the graph into the store's PLS partitions once",
+                       description="Cut the config's graph into the store's PLS partitions once, "
+                                   "before a distributed soup (no rank then needs the whole graph).")
     add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="the soup's methods: nothing to do without pls (default: soup.methods)")
     p.set_defaults(func=cmd_partition)
 
-    p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA")
+    p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA",
+                       description="Merge experts of different architectures with H-GRAMA.")
     add_common_options(p)
-    p.add_argument("--parents", help="comma-separated expert ids (default: the config's specialists)")
+    p.add_argument("--parents", metavar="ID,ID",
+                   help="comma-separated expert ids (default: the config's specialists)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("run", help="every stage on this machine (the embedded default)")
+    p = sub.add_parser("run", help="every stage on this machine (the embedded default)",
+                       description="Train, soup, merge and report on this machine.")
     add_common_options(p, config="positional")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="every stage as SLURM jobs chained with afterok")
+    p = sub.add_parser("submit", help="every stage as SLURM jobs chained with afterok",
+                       description="Submit train, soup, merge and report as SLURM jobs chained "
+                                   "with afterok; prints the jobs and how to follow them.")
     add_common_options(p, config="positional")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("report", help="tables and plots of what a store holds")
+    p = sub.add_parser("report", help="tables and plots of what a store holds",
+                       description="Write report.md (tables, embedded plots, config, provenance), "
+                                   "report.json and the plots (PNG and PDF) of a store.")
     add_common_options(p)
-    p.add_argument("--out", help="folder for report.md, report.json and plots (default: <store>.report)")
+    p.add_argument("--out", metavar="DIR",
+                   help="folder for report.md, report.json and plots (default: <store>.report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("store", help="inspect a store")
-    p.add_argument("action", choices=("ls", "show"))
-    p.add_argument("path", help="store path")
-    p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("store", help="inspect a store",
+                       description="List what a store holds (ls) or show one group (show).")
+    p.add_argument("action", choices=("ls", "show"), help="ls: every group; show: one group")
+    p.add_argument("path", nargs="?", help="store path (or give --store PATH)")
+    p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>, or a bare id")
+    p.add_argument("--store", metavar="PATH", help="store path (instead of the positional one)")
+    add_output_options(p)
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("export", help="write a soup, merge or expert as a file for "
-                                      "hpcsoup.load_model")
+                                      "hpcsoup.load_model",
+                       description="Write a soup, merge or expert of a store as one file that "
+                                   "hpcsoup.load_model(FILE) loads back.")
     p.add_argument("store", help="store path")
     p.add_argument("group", help="soups/<id>, merges/<id> or experts/<id>")
     p.add_argument("--out", required=True, help="the file to write, e.g. soup.pt")
-    p.add_argument("--json", action="store_true")
+    add_output_options(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("data", help="dataset information")
-    p.add_argument("action", choices=("info",))
+    p = sub.add_parser("data", help="dataset information",
+                       description="Load a dataset and print its size, split and metric.")
+    p.add_argument("action", choices=("info",), help="info: size, features, classes, split, metric")
     p.add_argument("name", help="Cora, CiteSeer, Minesweeper, Tolokers, ogbn-*, pyg/<Class>/<name>, "
                                 "synthetic-products")
     p.add_argument("--root", help="dataset folder (default: $HPCSOUP_DATA or ~/.cache/hpcsoup/data)")
-    p.add_argument("--split", type=int, default=0)
-    p.add_argument("--nodes", type=int, default=100_000, help="synthetic-products size")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--split", type=int, default=0,
+                   help="which split of datasets that ship several (default: 0)")
+    p.add_argument("--nodes", type=int, default=100_000,
+                   help="synthetic-products size in nodes (default: 100000)")
+    add_output_options(p)
     p.set_defaults(func=cmd_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    configure(-1 if args.quiet else args.verbose)
     try:
         result = args.func(args)
     except HpcsoupError as exc:
@@ -220,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
         return 130
     # Under MPI every rank returns a result; only rank 0 prints it (lines that several ranks
-    # print at once interleave in the launcher's output): one JSON line per job.
-    if args.json and not (isinstance(result, dict) and result.get("rank", 0) != 0):
+    # print at once interleave in the launcher's output): one result per job.
+    if isinstance(result, dict) and result.get("rank", 0) != 0:
+        return 0
+    if args.json:
         print(json.dumps(result, default=str))
+    elif args.command in SUMMARIES and not getattr(args, "array_spec", False):
+        print(SUMMARIES[args.command](result))
     return 0
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,13 @@ from pathlib import Path
 
 from hpcsoup.config import Section
 from hpcsoup.errors import ConfigError, HpcsoupError
+from hpcsoup.progress import duration, verbosity_flags
+
+log = logging.getLogger(__name__)
 
 
 def _log(message: str) -> None:
-    print(f"[hpcsoup run] {message}", file=sys.stderr, flush=True)
+    log.info("run: %s", message)
 
 
 def find_mpiexec() -> str | None:
@@ -40,8 +44,8 @@ def _soup_under_mpiexec(cfg: Section, ranks: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(cfg.to_dict(), handle)
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "hpcsoup", "soup",
-               "--config", handle.name, "--method", "pls", "--json"]
-    _log(" ".join(command))
+               "--config", handle.name, "--method", "pls", "--json", *verbosity_flags()]
+    log.debug("run: %s", " ".join(command))
     try:
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     finally:
@@ -81,7 +85,7 @@ def run_local(cfg: Section) -> dict:
 
     results["report"] = report(cfg.store)
     results["seconds"] = time.perf_counter() - start
-    _log(f"done in {results['seconds']:.1f} s; report in {results['report']['out']}")
+    _log(f"done in {duration(results['seconds'])}")
     return results
 
 
@@ -129,6 +133,7 @@ def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
     jobs["report"] = sbatch(SCRIPTS / "report.sh", args, dependency=afterok(*finals) if finals
                             else after_train, **dict(options, cpus_per_task=1, gpus_per_task=None),
                             **chain)
-    for stage, value in jobs.items():
-        print(f"{stage:>7}: {value}", file=sys.stderr)
-    return {"dry_run": dry_run, "jobs": jobs, "store": cfg.store}
+    after = {"soup": ["train"], "merge": ["train"],
+             "report": [s for s in ("soup", "merge") if s in jobs] or ["train"]}
+    return {"dry_run": dry_run, "jobs": jobs, "store": cfg.store,
+            "after": {stage: after[stage] for stage in jobs if stage in after}}

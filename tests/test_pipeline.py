@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hpcsoup.cli import main
 from hpcsoup.pipeline import submit
 from hpcsoup.config import load_config
 from hpcsoup.store import Store
@@ -30,18 +29,29 @@ def _check_store(path: Path) -> None:
     assert len(merges) == 1 and sorted(merges[0].attrs["parents"]) == ["gat-s1", "gcn-s0"]
     assert set(merges[0].attrs["metrics"]["retention"]) == {"gat-s1", "gcn-s0"}
     report = Path(str(path) + ".report")
-    assert "## soups (2)" in (report / "report.md").read_text()
+    assert "## Soups (2)" in (report / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_run_every_stage_locally(tmp_path, data_root, mpiexec, capsys):
+def test_run_every_stage_locally(tmp_path, data_root, mpiexec):
+    """`hpcsoup run` of a small quickstart: results on stdout, a short log on a non-terminal stderr."""
     store = tmp_path / "run.zarr"
-    args = ["run", str(QUICKSTART), "--store", str(store), "--json",
+    args = ["run", str(QUICKSTART), "--store", str(store),
             "--set", f'data.root="{data_root}"'] + [a for kv in TINY for a in ("--set", kv)]
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) >= {"train", "soup", "soup_pls", "merge", "report"}
+    done = subprocess.run([sys.executable, "-m", "hpcsoup", *args], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     _check_store(store)
+    err = done.stderr.splitlines()
+    # the line budget of a quickstart on a SLURM log or a pipe: no per-epoch or per-step detail
+    assert len(err) <= 60, f"{len(err)} lines on stderr:\n{done.stderr}"
+    assert not any(" epoch 1/" in line for line in err), done.stderr
+    assert any(line.startswith("train: 12/12 epochs in ") for line in err), done.stderr
+    assert any(line.startswith("merge: 4/4 phases in ") for line in err), done.stderr
+    # the results, on stdout
+    out = done.stdout
+    assert "sage-e000  trained" in out and "pls (2 ranks)" in out and "merge: gcn-s0 + gat-s1" in out
+    assert f"report: {store}.report/report.md" in out
 
 
 def test_submit_dry_run_chains_stages(tmp_path):

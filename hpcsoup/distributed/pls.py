@@ -261,6 +261,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         evaluator = Evaluator(ingredients.spec, None, device, metric=shard.attrs["metric"])
         hook = Counted(comm)
         method = get_method("pls", **settings)
+        method.show_progress = comm.rank == 0  # the ranks take the same steps: one display
         if comm.rank == 0:
             log.info("pls on %d ranks x %d threads (%s): %s", comm.size, threads, device, settings)
             per_step = int(settings["per_step"])
@@ -269,9 +270,9 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                             "dividing soup.pls.per_step (%d ranks, per_step %d, draw %s): the "
                             "busiest rank sets the step time", comm.size, per_step,
                             settings.get("draw"))
-        log.info("rank %d/%d holds partitions %s: %d core + halo = %d node rows of %d",
-                 comm.rank, comm.size, sorted(shard.parts), shard.core_nodes,
-                 shard.resident_nodes, int(shard.attrs["num_nodes"]))
+        log.debug("rank %d/%d holds partitions %s: %d core + halo = %d node rows of %d",
+                  comm.rank, comm.size, sorted(shard.parts), shard.core_nodes,
+                  shard.resident_nodes, int(shard.attrs["num_nodes"]))
         comm.barrier()  # time PLS itself, not the slowest rank's loading
         start = time.perf_counter()
         result = method.soup(ingredients, evaluator, seed=cfg.soup.seed, source=source,
@@ -305,7 +306,8 @@ def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: 
 
     if source.halo >= evaluator.spec.layers:
         metrics = partition_scores(result.state_dict, evaluator, source, allreduce)
-        return result, {**metrics, "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
+        return result, {**metrics, "exact": True,
+                        "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
 
     def _full():
         if comm.rank != 0:
@@ -321,7 +323,7 @@ def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: 
                                                            "(rank 0)"))
     result = keep_better_than_start(result, ingredients, start, start_metrics["val"], learned["val"])
     metrics = learned if result.extras["exact_choice"] == "learned" else start_metrics
-    return result, {**metrics, "scored_on": "full graph (rank 0)"}
+    return result, {**metrics, "exact": True, "scored_on": "full graph (rank 0)"}
 
 
 @dataclasses.dataclass
@@ -370,11 +372,8 @@ def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
     single-process methods.
     """
     from hpcsoup.soup.registry import method_class
-    from hpcsoup.soup.run import ensure_progress_output, run_soup
+    from hpcsoup.soup.run import run_soup
 
-    ensure_progress_output()
-    if comm.rank > 0:  # one progress log per job: the ranks' PLS steps are the same
-        logging.getLogger("hpcsoup.soup").setLevel(logging.WARNING)
     methods = list(methods or cfg.soup.methods)
     with abort_on_error(comm):
         agree(comm, lambda: [method_class(name) for name in methods], "checking the methods")

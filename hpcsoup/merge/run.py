@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 
 import torch
@@ -35,11 +35,12 @@ from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.timing import time_child_vs_ensemble
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
+from hpcsoup.progress import Progress, duration, significant
 from hpcsoup.store import Store, provenance
 
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
+#: the phases of ``run_merge``, as its progress shows them
+PHASES = ("load parents and graph", "merge", "evaluate and time", "write")
 
 
 def default_parents(cfg) -> list[str]:
@@ -159,6 +160,13 @@ def run_merge(cfg, parents: list[str] | None = None) -> dict:
         raise MergeError(f"hpcsoup merge needs at least 2 parents, got {ids}; list "
                          f"specialists.archs in the config or pass --parents ID,ID")
     store = Store.open(cfg.store)
+    progress = Progress("merge", total=len(PHASES), unit="phases")
+    with progress:
+        return _run_merge(cfg, ids, store, progress, start)
+
+
+def _run_merge(cfg, ids: list[str], store: Store, progress: Progress, start: float) -> dict:
+    progress.set(0, PHASES[0])
     nets, attrs, stored_regions = load_parents(store, ids)
     graph = load_from_config(cfg)
     datasets = {a.get("dataset") for a in attrs}
@@ -171,14 +179,16 @@ def run_merge(cfg, parents: list[str] | None = None) -> dict:
         raise MergeError(f"parents {ids} have no stored regions (they are not specialists), so "
                          f"'which parent was trained on the node' is unknown; use specialists or "
                          f"--set merge.route_target=\"confidence\"")
-    _say(f"merge: {' + '.join(ids)} on {graph.name} (alignment {settings.alignment}, routing "
-         f"{settings.routing}, calibration {settings.calibration}, threshold {settings.threshold}, "
-         f"{torch.get_num_threads()} thread(s))")
+    log.info("merge: %s on %s (alignment %s, routing %s, calibration %s, threshold %s, %d thread(s))",
+             " + ".join(ids), graph.name, settings.alignment, settings.routing, settings.calibration,
+             settings.threshold, torch.get_num_threads())
+    progress.set(1, PHASES[1])
     data = graph.data
     child = merge(nets, data.x, data.edge_index, trained_on=owners, settings=settings,
                   undirected=True)
     merge_seconds = child.info["merge_seconds"]
     regions = parent_regions(graph, attrs, stored_regions)
+    progress.set(2, PHASES[2])
     metrics = evaluate_merge(child, nets, graph, regions, ids, repeats=cfg.merge.repeats)
     gid = merge_id(ids, settings)
     attrs_out = {
@@ -188,12 +198,13 @@ def run_merge(cfg, parents: list[str] | None = None) -> dict:
                                         "total": time.perf_counter() - start},
         "config": cfg.to_dict(), "versions": provenance(),
     }
+    progress.set(3, PHASES[3])
     store.write_group("merges", gid, child.tensors(), attrs_out, overwrite=True)
-    _say(f"merge: {gid}: {graph.metric} test {metrics['test']:.4f} (ensemble "
-         f"{metrics['ensemble']['test']:.4f}); retention mean {metrics['retention_mean']:.3f}, "
-         f"worst {metrics['retention_min']:.3f}; {metrics['speedup_vs_ensemble']:.2f}x faster "
-         f"than the ensemble (uncached {metrics['speedup_uncached']:.2f}x) "
-         f"-> {store.path}/merges/{gid}")
+    progress.set(4, f"H-GRAMA itself {duration(merge_seconds)}")
+    log.info("merge: %s test %.3f (ensemble %.3f); retention mean %.3f, worst %.3f; %sx faster "
+             "than the ensemble (uncached %sx) -> merges/%s", graph.metric, metrics["test"],
+             metrics["ensemble"]["test"], metrics["retention_mean"], metrics["retention_min"],
+             significant(metrics["speedup_vs_ensemble"]), significant(metrics["speedup_uncached"]), gid)
     return {"merge_id": gid, "store": str(store.path), "parents": ids, "metrics": metrics,
             "seconds": attrs_out["seconds"]}
 

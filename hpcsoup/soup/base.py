@@ -205,6 +205,8 @@ class SoupMethod(abc.ABC):
 
     name: ClassVar[str]
     parameters: ClassVar[dict[str, Setting]] = {}
+    #: whether this process shows the method's progress (False on MPI ranks other than 0)
+    show_progress: bool = True
 
     def __init__(self, **settings: Any):
         unknown = sorted(set(settings) - set(self.parameters))

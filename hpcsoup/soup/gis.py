@@ -59,8 +59,8 @@ class GISSoup(SoupMethod):
                     top_alpha, top = alpha, score
             weights = top_alpha * weights + (1 - top_alpha) * onehot
             best = top
-            log.info("gis: expert %s (val %.4f): alpha %.3f -> soup val %.4f",
-                     ingredients.ids[j], scores[j], top_alpha, best)
+            log.debug("gis: expert %s (val %.4f): alpha %.3f -> soup val %.4f",
+                      ingredients.ids[j], scores[j], top_alpha, best)
         return SoupResult(self.name, ingredients.mix(weights),
                           SoupResult.rows(weights, ingredients.num_tensors),
                           {"evaluations": evaluator.evaluations - start, "val": best,

@@ -38,9 +38,9 @@ class GreedySoup(SoupMethod):
         for j in order[1:]:
             score = evaluator.evaluate(ingredients.mean(chosen + [j]), "val")
             kept = score >= best
-            log.info("greedy: expert %s val %.4f -> soup val %.4f (%s, %d in soup)",
-                     ingredients.ids[j], scores[j], score, "kept" if kept else "dropped",
-                     len(chosen) + kept)
+            log.debug("greedy: expert %s val %.4f -> soup val %.4f (%s, %d in soup)",
+                      ingredients.ids[j], scores[j], score, "kept" if kept else "dropped",
+                      len(chosen) + kept)
             if kept:
                 chosen.append(j)
                 best = score

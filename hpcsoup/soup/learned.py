@@ -39,12 +39,12 @@ end, so the soup returned would differ from the one scored.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
 from hpcsoup.errors import SoupError
+from hpcsoup.progress import Progress
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
 
@@ -190,18 +190,21 @@ class Stopper:
         return self.stale >= self.patience and step >= self.min_steps
 
 
-class Progress:
-    """Logs a method's steps at a sane rate: about 20 lines per run, plus the last."""
+class StepProgress:
+    """A learned method's steps: a :class:`~hpcsoup.progress.Progress` line or bar (count, ETA,
+    best check) for people, each step's loss and check as DEBUG detail (``-v``)."""
 
-    def __init__(self, method: str, steps: int):
-        self.method, self.every = method, max(1, steps // 20)
-        self.start = time.perf_counter()
+    def __init__(self, method: str, steps: int, show: bool = True):
+        self.method = method
+        self.bar = Progress(f"soup {method}", total=steps, unit="steps", show=show)
 
-    def step(self, step: int, loss: float, score: float | None, best: float, force=False):
-        if force or step % self.every == 0:
-            shown = "-" if score is None else f"{score:.4f}"
-            log.info("%s: step %d loss %.4f val %s best %.4f (%.1fs)", self.method, step, loss,
-                     shown, best, time.perf_counter() - self.start)
+    def step(self, step: int, loss: float, score: float | None, best: float) -> None:
+        log.debug("%s: step %d loss %.4f val %s best %.4f", self.method, step, loss,
+                  "-" if score is None else f"{score:.4f}", best)
+        self.bar.update(postfix=f"best val {best:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def learned_result(method: str, ingredients: Ingredients, stopper: Stopper,
@@ -243,7 +246,7 @@ class LearnedSoup(SoupMethod):
         start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
         stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
-        progress = Progress(self.name, steps)
+        progress = StepProgress(self.name, steps, show=self.show_progress)
         val = evaluator.masks["val"]
         y_val = evaluator.y[val]
         updates, loss_value, stopped = 0, float("nan"), False
@@ -268,7 +271,7 @@ class LearnedSoup(SoupMethod):
             if scheduler is not None:
                 scheduler.step()
             updates += 1
-        progress.step(updates, loss_value, score, stopper.best, force=True)
+        progress.close()
         return learned_result(self.name, ingredients, stopper, start, {
             "steps": updates, "forwards": updates + 1, "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals})

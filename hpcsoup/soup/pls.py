@@ -62,7 +62,7 @@ from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
 from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
 from hpcsoup.settings import Setting, nonnegative, positive
-from hpcsoup.soup.learned import (OPTIM_SETTINGS, Progress, Stopper, init_logits, learned_result,
+from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, init_logits, learned_result,
                                   make_optimizer, resolve_objective, validation_loss)
 
 log = logging.getLogger("hpcsoup.soup")
@@ -393,7 +393,7 @@ class PartitionLearnedSoup(SoupMethod):
         start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
         stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
-        progress = Progress(self.name, steps)
+        progress = StepProgress(self.name, steps, show=self.show_progress)
         updates, stopped, part_forwards = 0, False, 0
         loss_value = float("nan")
         for step in range(steps + 1):
@@ -433,7 +433,7 @@ class PartitionLearnedSoup(SoupMethod):
             if scheduler is not None:
                 scheduler.step()
             updates += 1
-        progress.step(updates, loss_value, stopper.best, stopper.best, force=True)
+        progress.close()
         result = learned_result(self.name, ingredients, stopper, start, {
             "steps": updates, "partition_forwards": part_forwards, "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import resource
-import sys
 import threading
 import time
 
@@ -22,16 +21,6 @@ from hpcsoup.soup.evaluate import Evaluator
 from hpcsoup.soup.registry import get_method, method_class
 
 log = logging.getLogger("hpcsoup.soup")
-
-
-def ensure_progress_output() -> None:
-    """Send the ``hpcsoup.soup`` progress log to stderr when nobody configured logging."""
-    logger = logging.getLogger("hpcsoup")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[hpcsoup soup] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 def soup_arch(cfg) -> str:
@@ -205,7 +194,6 @@ def run_soup(cfg, methods: list[str] | None = None) -> dict:
     from hpcsoup.data import load_from_config
     from hpcsoup.store import Store
 
-    ensure_progress_output()
     methods = list(methods or cfg.soup.methods)
     for name in methods:
         method_class(name)  # unknown names fail before any work
@@ -232,7 +220,7 @@ def run_soup(cfg, methods: list[str] | None = None) -> dict:
     for name in methods:
         settings = method_settings(cfg, name)
         method = get_method(name, **settings)
-        log.info("%s: %s", name, settings)
+        log.debug("%s: %s", name, settings)
         with PeakMemory() as memory:
             start = time.perf_counter()
             result = method.soup(ingredients, evaluator, seed=cfg.soup.seed,

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -124,8 +123,8 @@ class Checkpointer:
                         self.name, self.path)
             return None
         self.resumed_from = int(state["epoch"])
-        print(f"[{self.name}] resuming after epoch {self.resumed_from + 1} from checkpoint '{self.path}'",
-              file=sys.stderr, flush=True)
+        log.info("[%s] resuming after epoch %d from checkpoint '%s'", self.name, self.resumed_from + 1,
+                 self.path)
         return state
 
     def save(self, state: dict) -> None:

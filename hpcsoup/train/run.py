@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import signal
-import sys
+import threading
 import time
 import uuid
 
@@ -32,6 +32,7 @@ from hpcsoup.config import build_config
 from hpcsoup.data import Graph, load_from_config
 from hpcsoup.errors import ConfigError, HpcsoupError
 from hpcsoup.models import ModelSpec, build_model
+from hpcsoup.progress import Progress, display, duration
 from hpcsoup.slurm import SlurmEnv
 from hpcsoup.store import Store, provenance
 from hpcsoup.train import sweep
@@ -41,10 +42,8 @@ from hpcsoup.train.regions import specialist_regions
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ".checkpoints"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+#: the Dask event topic on which workers report their epochs to the process that shows progress
+EPOCH_TOPIC = "hpcsoup-train-epochs"
 
 
 def available_cores() -> int:
@@ -135,7 +134,9 @@ def _run_key(cfg, task: sweep.Task, iid: str, graph: Graph) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _progress(task: sweep.Task, every: int):
+def _on_epoch(task: sweep.Task, every: int, report):
+    """``fit``'s epoch callback: ``report(epochs_done, line)`` every epoch, with the per-epoch
+    detail ``line`` (shown with ``-v``) every ``every`` epochs and at the last one, else ``None``."""
     last = [time.perf_counter()]
     best = [float("-inf"), -1]
 
@@ -144,12 +145,34 @@ def _progress(task: sweep.Task, every: int):
         seconds, last[0] = now - last[0], now
         if scores and scores["val"] > best[0]:
             best[:] = [scores["val"], epoch + 1]
-        if (epoch + 1) % every and epoch + 1 != task.epochs:
-            return
-        val = f" val {scores['val']:.4f} test {scores['test']:.4f}" if scores else ""
-        _say(f"[{task.expert_id}] epoch {epoch + 1}/{task.epochs} loss {loss:.4f}{val} "
-             f"best val {best[0]:.4f}@{best[1]} ({seconds * 1e3:.0f} ms)")
+        line = None
+        if not (epoch + 1) % every or epoch + 1 == task.epochs:
+            val = f" val {scores['val']:.3f} test {scores['test']:.3f}" if scores else ""
+            line = (f"[{task.expert_id}] epoch {epoch + 1}/{task.epochs} loss {loss:.4f}{val} "
+                    f"best val {best[0]:.3f}@{best[1]} ({seconds * 1e3:.0f} ms)")
+        report(epoch + 1, line)
     return on_epoch
+
+
+def _local_report(progress: Progress):
+    """Epochs of a task trained in this process: its progress bar and the ``-v`` lines."""
+    def report(done: int, line: str | None) -> None:
+        progress.set(done)
+        if line is not None:
+            log.debug("%s", line)
+    return report
+
+
+def _task_line(result: dict) -> str:
+    """One line per finished task (INFO): its status, scores and training time."""
+    name, status = f"[{result.get('expert_id', result.get('task_id'))}]", result["status"]
+    if status in ("failed", "preempted"):
+        return f"{name} {status}: {result.get('error')}"
+    m = result.get("metrics") or {}
+    if status == "exists":
+        return f"{name} already complete in the store: nothing to do"
+    return (f"{name} {status}: val {m['val']:.3f} test {m['test']:.3f} ({m['metric']}, best epoch "
+            f"{m['best_epoch'] + 1}) in {duration(result['train_seconds'])}")
 
 
 def _check_device(device: str) -> None:
@@ -164,12 +187,16 @@ def _check_device(device: str) -> None:
                               f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
-def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None) -> dict:
-    """Train one task's expert into the store (a no-op when it is already complete)."""
+def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None,
+               report=None) -> dict:
+    """Train one task's expert into the store (a no-op when it is already complete).
+
+    ``report(epochs_done, line)`` is called after every epoch (see :func:`_on_epoch`; default:
+    a :class:`~hpcsoup.progress.Progress` of the task's epochs in this process).
+    """
     store = store or open_store(cfg)
     if store.has_group("experts", task.expert_id):
         attrs = store.group_attrs("experts", task.expert_id)
-        _say(f"[{task.expert_id}] already complete in {store.path}: nothing to do")
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
     _check_device(cfg.device)
@@ -182,14 +209,24 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     checkpoint = Checkpointer(store.path / CHECKPOINTS / f"{task.expert_id}.pt",
                               key=_run_key(cfg, task, iid, graph), every=cfg.experts.checkpoint_every,
                               stop=stop, name=task.expert_id)
-    _say(f"[{task.expert_id}] task {task.task_id}: {task.role} {task.arch} on {graph.name} "
-         f"({train_nodes['count']} train nodes, seed {task.seed}, init {iid}, "
-         f"{torch.get_num_threads()} thread(s), {cfg.device})")
-    result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
-                 weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
-                 on_epoch=_progress(task, cfg.experts.progress_every),
-                 batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
-                 checkpoint=checkpoint)
+    progress = None
+    if report is None:
+        progress = Progress(f"train {task.expert_id}", total=task.epochs, unit="epochs")
+        report = _local_report(progress)
+    # a line of context in a task's own log (a SLURM array task); detail among many (train --all)
+    log.log(logging.INFO if progress is not None else logging.DEBUG,
+            "[%s] task %d: %s %s on %s (%d train nodes, seed %d, init %s, %d thread(s), %s)",
+            task.expert_id, task.task_id, task.role, task.arch, graph.name, train_nodes["count"],
+            task.seed, iid, torch.get_num_threads(), cfg.device)
+    try:
+        result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
+                     weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
+                     on_epoch=_on_epoch(task, cfg.experts.progress_every, report),
+                     batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
+                     checkpoint=checkpoint)
+    finally:
+        if progress is not None:
+            progress.close()
     metrics = {k: result.metrics[k] for k in ("metric", "val", "test", "best_epoch")}
     slurm = SlurmEnv.from_env()
     attrs = {
@@ -207,16 +244,13 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
                           arrays={"region": region} if region is not None else None)
     except HpcsoupError:
         if store.has_group("experts", task.expert_id):  # a concurrent duplicate run finished first
-            _say(f"[{task.expert_id}] another run completed it first: keeping that one")
+            log.info("[%s] another run completed it first: keeping that one", task.expert_id)
             checkpoint.remove()
             return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                     "metrics": store.group_attrs("experts", task.expert_id).get("metrics")}
         raise
     checkpoint.remove()
     status = "resumed" if result.resumed_from is not None else "trained"
-    _say(f"[{task.expert_id}] {status}: val {metrics['val']:.4f} test {metrics['test']:.4f} "
-         f"({metrics['metric']}, best epoch {metrics['best_epoch'] + 1}) in {result.seconds:.1f} s "
-         f"-> {store.path}/experts/{task.expert_id}")
     return {"task_id": task.task_id, "expert_id": task.expert_id, "status": status,
             "metrics": metrics, "train_seconds": result.seconds, "init_id": iid}
 
@@ -227,8 +261,6 @@ def _worker_signals(stop_file: str) -> bool:
     When SLURM or a terminal signals the whole process group, the workers get the signal
     too; by default it would kill them mid-epoch.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return False
     flag = StopFlag(stop_file)
@@ -237,22 +269,91 @@ def _worker_signals(stop_file: str) -> bool:
     return True
 
 
-def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int) -> dict:
+class _SendEpochs:
+    """A Dask worker's ``report``: its epochs as events to the client, which shows the progress.
+
+    An event at most every ``every`` seconds (and at the last epoch), plus one per ``-v`` line.
+    """
+
+    def __init__(self, expert_id: str, epochs: int, lines: bool, every: float = 0.5):
+        self.expert_id, self.epochs, self.lines, self.every = expert_id, epochs, lines, every
+        self.last = float("-inf")
+
+    def __call__(self, done: int, line: str | None) -> None:
+        from distributed import get_worker
+
+        line = line if self.lines else None
+        now = time.perf_counter()
+        if line is None and done < self.epochs and now - self.last < self.every:
+            return
+        self.last = now
+        get_worker().log_event(EPOCH_TOPIC, {"expert": self.expert_id, "done": done, "line": line})
+
+
+def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int, lines: bool) -> dict:
     """Body of one Dask task (a separate process): train one expert."""
     torch.set_num_threads(threads)
     cfg = build_config(cfg_dict)
     stop = StopFlag(stop_file)
     if stop:  # stopped before this task began: leave it for the rerun
         return {"task_id": task_id, "status": "preempted", "error": f"not started ({stop.reason})"}
+    task = sweep.task(cfg, task_id)
     try:
-        return train_task(cfg, sweep.task(cfg, task_id), stop=stop)
+        return train_task(cfg, task, stop=stop, report=_SendEpochs(task.expert_id, task.epochs, lines))
     except Preempted as exc:
-        return {"task_id": task_id, "status": "preempted", "error": str(exc)}
+        return {"task_id": task_id, "expert_id": task.expert_id, "status": "preempted",
+                "error": str(exc)}
     except HpcsoupError as exc:  # report it; the other experts still train
-        return {"task_id": task_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"task_id": task_id, "expert_id": task.expert_id, "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
+class _TrainProgress:
+    """The progress of ``train --all``: epochs of every expert (finished and running) with the
+    experts done, fed by the workers' events (Dask's event thread) and finished futures (here)."""
+
+    def __init__(self, todo: list[sweep.Task], existing: int):
+        self.epochs = {t.expert_id: t.epochs for t in todo}
+        self.done = {t.expert_id: 0 for t in todo}
+        self.finished: set[str] = set()
+        self.existing = existing
+        self.lock = threading.Lock()
+        self.progress = Progress("train", total=sum(self.epochs.values()), unit="epochs")
+
+    def _postfix(self) -> str:
+        text = f"experts {len(self.finished)}/{len(self.epochs)} done"
+        running = [f"{e} {d}/{self.epochs[e]}" for e, d in self.done.items()
+                   if d and e not in self.finished]
+        return text + (f"; running {', '.join(running[:4])}" if running else "")
+
+    def event(self, event) -> None:
+        """A worker's event ``(timestamp, {"expert", "done", "line"})``."""
+        message = event[1]
+        if message.get("line"):
+            log.debug("%s", message["line"])
+        with self.lock:
+            expert = message["expert"]
+            if expert in self.finished or expert not in self.done:
+                return
+            self.done[expert] = int(message["done"])
+            self.progress.set(sum(self.done.values()), self._postfix())
+
+    def finished_task(self, result: dict) -> None:
+        log.info("%s", _task_line(result))
+        with self.lock:
+            expert = result.get("expert_id")
+            if expert in self.done:
+                self.finished.add(expert)
+                self.done[expert] = self.epochs[expert]
+            self.progress.set(sum(self.done.values()), self._postfix())
+
+    def close(self) -> None:
+        if self.existing:
+            self.progress.postfix += f" ({self.existing} already there)"
+        self.progress.close()
+
+
+def _run_all(cfg, store: Store, todo: list[sweep.Task], existing: int = 0) -> list[dict]:
     """Train ``todo`` in a Dask LocalCluster of worker processes sized to this machine."""
     from distributed import Client, LocalCluster, as_completed
 
@@ -261,25 +362,34 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
     threads = max(1, cfg.threads or cores // workers)
     stop_file = store.path / CHECKPOINTS / f"stop-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     stop = StopFlag(stop_file)
-    _say(f"training {len(todo)} experts in {workers} Dask worker process(es), {threads} thread(s) "
-         f"each")
+    log.info("train: %d experts in %d Dask worker process(es), %d thread(s) each", len(todo), workers,
+             threads)
     results = []
+    progress = _TrainProgress(todo, existing)
+    # dashboard_address ":0": any free port (the default 8787 is often taken on a shared node)
     with stop.installed(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, memory_limit=0,
+                                        dashboard_address=":0", memory_limit=0,
                                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         handled = client.run(_worker_signals, str(stop_file))
         if not all(handled.values()):
             log.warning("Dask workers could not install signal handlers: a signal to the whole "
                         "process group kills them (resume then uses their last checkpoint)")
-        config = cfg.to_dict()
-        futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads,
+        client.subscribe_topic(EPOCH_TOPIC, progress.event)
+        config, lines = cfg.to_dict(), display().verbosity > 0
+        futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads, lines,
                                  key=f"train-{t.expert_id}-{uuid.uuid4().hex[:6]}", pure=False)
                    for t in todo]
-        for future in as_completed(futures):
-            try:
-                results.append(future.result())
-            except Exception as exc:  # a worker died (e.g. out of memory): report, keep the rest
-                results.append({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        try:
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except Exception as exc:  # a worker died (e.g. out of memory): report, keep the rest
+                    result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                results.append(result)
+                progress.finished_task(result)
+        finally:
+            client.unsubscribe_topic(EPOCH_TOPIC)
+            progress.close()
     stop_file.unlink(missing_ok=True)
     return sorted(results, key=lambda r: r.get("task_id", -1))
 
@@ -303,13 +413,13 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
         done = [{"task_id": t.task_id, "expert_id": t.expert_id, "status": "exists"}
                 for t in all_of_them if t not in todo]
         if done:
-            _say(f"{len(done)} expert(s) already complete in {store.path}: "
-                 f"{', '.join(d['expert_id'] for d in done)}")
+            log.info("train: %d expert(s) already complete in %s: %s", len(done), store.path,
+                     ", ".join(d["expert_id"] for d in done))
         if todo:  # inits before the workers start: they then only read them
             graph = _graph(cfg)
             for t in todo:
                 ensure_init(store, t.model_spec(graph.num_features, graph.num_classes), t.init_seed)
-        results = done + (_run_all(cfg, store, todo) if todo else [])
+        results = done + (_run_all(cfg, store, todo, len(done)) if todo else [])
         workers = min(len(todo), cfg.experts.workers or available_cores()) if todo else 0
         mode = "all"
     else:
@@ -322,14 +432,13 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
         _set_threads(cfg, SlurmEnv.from_env().cpus_per_task)
         with StopFlag().installed() as stop:
             results = [train_task(cfg, task, store=store, stop=stop)]
+        log.info("%s", _task_line(results[0]))
         workers, mode = 1, "task"
     results = sorted(results, key=lambda r: r.get("task_id", -1))
     out = {"store": str(store.path), "mode": mode, "tasks": results, "workers": workers,
            "trained": sum(r["status"] in ("trained", "resumed") for r in results),
            "existing": sum(r["status"] == "exists" for r in results),
            "seconds": time.perf_counter() - start}
-    _say(f"train: {out['trained']} trained, {out['existing']} already there, "
-         f"{out['seconds']:.1f} s -> {store.path}")
     preempted = [r for r in results if r["status"] == "preempted"]
     failed = [r for r in results if r["status"] == "failed"]
     if failed:

@@ -240,7 +240,7 @@ def test_task_id_is_required_outside_slurm(tmp_path, data_root, monkeypatch):
 
 def _cli(config: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "hpcsoup", "train", "--config", str(config), *args],
+    return subprocess.Popen([sys.executable, "-m", "hpcsoup", "train", "-v", "--config", str(config), *args],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -331,7 +331,8 @@ def test_sigterm_to_train_all_checkpoints_every_worker_and_the_rerun_resumes(tmp
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(values))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "hpcsoup", "train", "--config", str(config), "--all"],
+    proc = subprocess.Popen([sys.executable, "-m", "hpcsoup", "train", "-v", "--config", str(config),
+                             "--all"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     _wait_for(proc, "epoch 3/15")
