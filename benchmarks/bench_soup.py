@@ -256,8 +256,25 @@ def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
     return graph, ingredients, evaluator, saved
 
 
+def metis_worker(key: str, nodes: int | None) -> dict:
+    """METIS (K of the benchmark's PLS, no cache): its own one-time cost, time and peak memory."""
+    from hpcsoup.data.partition import partition
+    from hpcsoup.soup.run import PeakMemory
+
+    spec_args = EXPERTS[key]
+    graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
+    with PeakMemory() as memory:
+        start, cpu = time.perf_counter(), time.process_time()
+        partition(graph.data.edge_index, graph.num_nodes, SETTINGS["pls"]["partitions"], seed=0)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return {"method": "metis", "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_above_bytes": memory.above_start, "partitions": SETTINGS["pls"]["partitions"]}
+
+
 def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> dict:
     """One method in this (fresh) process: what the parent records for memory."""
+    if method == "metis":
+        return metis_worker(key, nodes)
     graph, ingredients, evaluator, _ = setup(key, nodes)
     out = {}
     # one forward before and after souping: the method's time in forward-equivalents of its
@@ -343,6 +360,9 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
 def bench_large(key: str, nodes: int, threads: int) -> dict:
     """A large graph: each method once, in its own fresh process (time and memory)."""
     rows, fwd = [], None
+    metis = in_subprocess(key, "metis", nodes, threads)
+    log(f"{key}@{nodes} METIS K={metis['partitions']}: {metis['seconds']:.1f} s, "
+        f"+{metis['peak_above_bytes'] / 2**20:.0f} MiB (one-time, not in any method's time)")
     for method in METHODS:
         row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None)
         fwd = row.pop("forward_seconds", fwd)
@@ -351,11 +371,14 @@ def bench_large(key: str, nodes: int, threads: int) -> dict:
             f"+{row['peak_above_bytes'] / 2**20:.0f}"
             f" MiB, val {row['val']:.4f}, test {row['test']:.4f}")
     if nodes == EXPERTS[key].get("nodes"):
-        return finish(key, load_graph(EXPERTS[key]["dataset"], nodes), train_experts(key, EXPERTS[key]),
-                      rows, fwd)
-    graph, ingredients, evaluator, saved = setup(key, nodes)  # experts' scores on this size
-    saved = dict(saved, metrics=[evaluator.metrics(ingredients.expert(i)) for i in range(ingredients.n)])
-    return finish(key, graph, saved, rows, fwd)
+        result = finish(key, load_graph(EXPERTS[key]["dataset"], nodes),
+                        train_experts(key, EXPERTS[key]), rows, fwd)
+    else:
+        graph, ingredients, evaluator, saved = setup(key, nodes)  # experts' scores on this size
+        saved = dict(saved, metrics=[evaluator.metrics(ingredients.expert(i))
+                                     for i in range(ingredients.n)])
+        result = finish(key, graph, saved, rows, fwd)
+    return dict(result, metis=metis)
 
 
 def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float) -> dict:
@@ -372,6 +395,12 @@ def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
+def moved(row: dict) -> float:
+    """max |c - 1/n| over a soup's coefficients: 0 means it is the uniform soup."""
+    c = torch.tensor(row["coefficients"], dtype=torch.float64)
+    return float((c - 1.0 / c.size(1)).abs().max())
+
+
 def table(result: dict) -> str:
     rows = {r["method"]: r for r in result["rows"]}
     gis, ls = rows.get("gis"), rows.get("learned")
@@ -380,8 +409,10 @@ def table(result: dict) -> str:
             f"{result['forward_seconds'][0]:.3f} s wall, {result['forward_seconds'][1]:.3f} s CPU)\n")
     lines = ["| method | wall s | CPU s | GIS / method (wall) | GIS / method (CPU) | "
              "forward-eq. model | forward-eq. measured (CPU) | peak MiB above data | / LS memory | "
-             "val | test | work |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "val | test | val − uniform | test − uniform | val − best expert | "
+             "test − best expert | moved | work |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    uniform, best = rows["uniform"], result["best_expert"]
 
     def ratio(a, b):
         return f"{a / b:.1f}" if b > 1e-2 else "-"  # uniform: no forward at all
@@ -398,10 +429,18 @@ def table(result: dict) -> str:
                      f"{ratio(gis['cpu_seconds'], r['cpu_seconds'])} | "
                      f"{r['cost_formula']} = {r['cost_forwards']:.1f} | {r['measured_forwards']:.1f} | "
                      f"{mem:.1f} | "
-                     f"{vs_ls:.2f} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | {work} |")
-    best = result["best_expert"]
+                     f"{vs_ls:.2f} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | "
+                     f"{100 * (r['val'] - uniform['val']):+.2f} | "
+                     f"{100 * (r['test'] - uniform['test']):+.2f} | "
+                     f"{100 * (r['val'] - best['val']):+.2f} | {100 * (r['test'] - best['test']):+.2f} | "
+                     f"{moved(r):.3f} | {work} |")
     lines.append(f"| best expert (by val) | | | | | | | | | {100 * best['val']:.2f} | "
-                 f"{100 * best['test']:.2f} | |")
+                 f"{100 * best['test']:.2f} | | | | | | |")
+    metis = result.get("metis")
+    if metis:
+        lines.append(f"\nMETIS K = {metis['partitions']} (one-time, cached afterwards, in no "
+                     f"method's time): {metis['seconds']:.1f} s wall, {metis['cpu_seconds']:.1f} s "
+                     f"CPU, +{metis['peak_above_bytes'] / 2**20:.0f} MiB peak")
     return head + "\n".join(lines)
 
 
@@ -506,8 +545,7 @@ def quality(keys: list[str], seeds: int, variants: dict) -> dict:
             for name in METHODS + list(variants):
                 method, settings = variants.get(name, (name, SETTINGS.get(name, {})))
                 row = run_method(method, ingredients, evaluator, settings)
-                c = torch.tensor(row["coefficients"], dtype=torch.float64)
-                row["moved"] = float((c - 1.0 / ingredients.n).abs().max())
+                row["moved"] = moved(row)
                 rows[name] = row
             for row in rows.values():
                 for split in ("val", "test"):
