@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from hpcsoup.config import SOUP_METHODS, load_config
-from hpcsoup.errors import HpcsoupError
+from hpcsoup.config import SOUP_METHODS, check_parents, load_config
+from hpcsoup.errors import ConfigError, HpcsoupError
 
 
 def add_common_options(parser: argparse.ArgumentParser, config: str = "option") -> None:
@@ -62,7 +62,8 @@ def cmd_train(args) -> dict:
         spec = array_spec(array_size(cfg), cfg.slurm.max_parallel)
         print(spec)
         return {"array": spec, "tasks": array_size(cfg)}
-    return run_train(config_from_args(args), task_id=args.task_id, all_tasks=args.all)
+    return run_train(config_from_args(args), task_id=args.task_id, all_tasks=args.all,
+                     force=args.force)
 
 
 def cmd_soup(args) -> dict:
@@ -72,7 +73,8 @@ def cmd_soup(args) -> dict:
 
 def cmd_merge(args) -> dict:
     from hpcsoup.merge.run import run_merge
-    parents = [p for p in args.parents.split(",") if p] if args.parents else None
+    parents = check_parents([p for p in args.parents.split(",") if p], "--parents") \
+        if args.parents else None
     return run_merge(config_from_args(args), parents=parents)
 
 
@@ -93,7 +95,12 @@ def cmd_report(args) -> dict:
 
 
 def cmd_store(args) -> dict:
-    from hpcsoup.store import describe_store
+    from hpcsoup.store import describe_store, remove_group
+    if args.action == "rm":
+        if not args.group:
+            raise ConfigError("hpcsoup store rm needs the group to remove, e.g. "
+                              f"`hpcsoup store rm {args.path} experts/sage-e003`")
+        return remove_group(args.path, args.group, echo=not args.json)
     return describe_store(args.path, group=args.group if args.action == "show" else None,
                           echo=not args.json)
 
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train every expert here, in parallel Dask worker processes")
     group.add_argument("--array-spec", action="store_true",
                        help="print the --array value the config needs (e.g. 0-9) and exit")
+    p.add_argument("--force", action="store_true",
+                   help="retrain experts that are already complete, replacing them (e.g. a corrupt one)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("soup", help="soup same-architecture experts")
@@ -147,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("store", help="inspect a store")
-    p.add_argument("action", choices=("ls", "show"))
+    p.add_argument("action", choices=("ls", "show", "rm"))
     p.add_argument("path", help="store path")
-    p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>")
+    p.add_argument("group", nargs="?", help="with show / rm: a group such as experts/<id>")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_store)
 
@@ -172,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     except HpcsoupError as exc:
         print(f"hpcsoup {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # 75 (EX_TEMPFAIL): stopped by a signal, resumable
+    except OSError as exc:  # a file system refusal outside the store's own checks: one line, no traceback
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"hpcsoup {args.command}: error: {exc.strerror or exc}{where}; check that path "
+              f"(free space, permissions, a folder where a file is)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
         return 130

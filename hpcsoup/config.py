@@ -256,6 +256,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def check_parents(parents: Sequence, key: str = "merge.parents") -> list[str]:
+    """Merge parents as strings; :class:`ConfigError` when one is listed twice."""
+    ids = [str(p) for p in parents]
+    twice = sorted({p for p in ids if ids.count(p) > 1})
+    if twice:
+        raise ConfigError(f"{key} = {ids}: {twice} listed more than once; a merge needs distinct "
+                          f"parents, e.g. {sorted(set(ids))}")
+    return ids
+
+
+def _check_together(values: dict) -> None:
+    """Rules that involve several keys (each key alone was checked by its Field)."""
+    pls = values["soup"]["pls"]
+    if pls["ranks"] > pls["partitions"]:
+        raise ConfigError(f"config key 'soup.pls.ranks' = {pls['ranks']} is more than "
+                          f"'soup.pls.partitions' = {pls['partitions']}: every rank needs at least "
+                          f"one partition; lower soup.pls.ranks or raise soup.pls.partitions")
+    check_parents(values["merge"]["parents"])
+
+
 def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> Section:
     """Validate ``values`` (a nested dict, e.g. parsed TOML) plus ``--set`` overrides."""
     merged = _defaults(SCHEMA)
@@ -266,6 +286,7 @@ def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> S
         for part in reversed(path):
             nested = {part: nested}
         _merge(SCHEMA, nested, merged)
+    _check_together(merged)
     return Section(merged)
 
 

@@ -40,3 +40,7 @@ class SoupError(HpcsoupError, ValueError):
 
 class MergeError(HpcsoupError, ValueError):
     """Experts cannot be merged with H-GRAMA."""
+
+
+class StoreAccessError(StoreError, OSError):
+    """The file system refused a store operation (read-only, not a folder, full, over quota)."""

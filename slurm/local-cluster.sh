@@ -79,6 +79,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job waits cred_expire seconds before it runs again (default 120): tests requeue.
+AuthInfo=cred_expire=10
 SlurmctldPort=$PORT
 SlurmdPort=$(( PORT + 1 ))
 StateSaveLocation=$DIR/state

@@ -164,10 +164,14 @@ def _check_device(device: str) -> None:
                               f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
-def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None) -> dict:
-    """Train one task's expert into the store (a no-op when it is already complete)."""
+def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None,
+               force: bool = False) -> dict:
+    """Train one task's expert into the store (a no-op when it is already complete, unless ``force``:
+    then it is retrained and replaces the stored one, e.g. a corrupt expert)."""
     store = store or open_store(cfg)
-    if store.has_group("experts", task.expert_id):
+    if force and store.has_group("experts", task.expert_id):
+        _say(f"[{task.expert_id}] --force: retraining; the stored expert is replaced when done")
+    elif store.has_group("experts", task.expert_id):
         attrs = store.group_attrs("experts", task.expert_id)
         _say(f"[{task.expert_id}] already complete in {store.path}: nothing to do")
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
@@ -204,9 +208,9 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     }
     try:
         store.write_group("experts", task.expert_id, result.state_dict, attrs,
-                          arrays={"region": region} if region is not None else None)
+                          arrays={"region": region} if region is not None else None, overwrite=force)
     except HpcsoupError:
-        if store.has_group("experts", task.expert_id):  # a concurrent duplicate run finished first
+        if not force and store.has_group("experts", task.expert_id):  # a duplicate run finished first
             _say(f"[{task.expert_id}] another run completed it first: keeping that one")
             checkpoint.remove()
             return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
@@ -237,7 +241,7 @@ def _worker_signals(stop_file: str) -> bool:
     return True
 
 
-def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int) -> dict:
+def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int, force: bool) -> dict:
     """Body of one Dask task (a separate process): train one expert."""
     torch.set_num_threads(threads)
     cfg = build_config(cfg_dict)
@@ -245,14 +249,14 @@ def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int) ->
     if stop:  # stopped before this task began: leave it for the rerun
         return {"task_id": task_id, "status": "preempted", "error": f"not started ({stop.reason})"}
     try:
-        return train_task(cfg, sweep.task(cfg, task_id), stop=stop)
+        return train_task(cfg, sweep.task(cfg, task_id), stop=stop, force=force)
     except Preempted as exc:
         return {"task_id": task_id, "status": "preempted", "error": str(exc)}
     except HpcsoupError as exc:  # report it; the other experts still train
         return {"task_id": task_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
+def _run_all(cfg, store: Store, todo: list[sweep.Task], force: bool = False) -> list[dict]:
     """Train ``todo`` in a Dask LocalCluster of worker processes sized to this machine."""
     from distributed import Client, LocalCluster, as_completed
 
@@ -272,7 +276,7 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
             log.warning("Dask workers could not install signal handlers: a signal to the whole "
                         "process group kills them (resume then uses their last checkpoint)")
         config = cfg.to_dict()
-        futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads,
+        futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads, force,
                                  key=f"train-{t.expert_id}-{uuid.uuid4().hex[:6]}", pure=False)
                    for t in todo]
         for future in as_completed(futures):
@@ -284,8 +288,10 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task]) -> list[dict]:
     return sorted(results, key=lambda r: r.get("task_id", -1))
 
 
-def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
+def run_train(cfg, task_id: int | None = None, all_tasks: bool = False, force: bool = False) -> dict:
     """Train one task (``task_id``, default ``$SLURM_ARRAY_TASK_ID``) or all of them here.
+
+    ``force`` retrains experts that are already complete and replaces them.
 
     Returns ``{"store", "mode", "tasks": [{task_id, expert_id, status, metrics, ...}],
     "trained", "existing", "seconds", "workers"}``. Raises :class:`Preempted` (exit
@@ -299,7 +305,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
                           "set experts.count or list specialists.archs")
     store = open_store(cfg)
     if all_tasks:
-        todo = [t for t in all_of_them if not store.has_group("experts", t.expert_id)]
+        todo = [t for t in all_of_them if force or not store.has_group("experts", t.expert_id)]
         done = [{"task_id": t.task_id, "expert_id": t.expert_id, "status": "exists"}
                 for t in all_of_them if t not in todo]
         if done:
@@ -309,7 +315,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
             graph = _graph(cfg)
             for t in todo:
                 ensure_init(store, t.model_spec(graph.num_features, graph.num_classes), t.init_seed)
-        results = done + (_run_all(cfg, store, todo) if todo else [])
+        results = done + (_run_all(cfg, store, todo, force) if todo else [])
         workers = min(len(todo), cfg.experts.workers or available_cores()) if todo else 0
         mode = "all"
     else:
@@ -321,7 +327,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
         task = sweep.task(cfg, task_id)
         _set_threads(cfg, SlurmEnv.from_env().cpus_per_task)
         with StopFlag().installed() as stop:
-            results = [train_task(cfg, task, store=store, stop=stop)]
+            results = [train_task(cfg, task, store=store, stop=stop, force=force)]
         workers, mode = 1, "task"
     results = sorted(results, key=lambda r: r.get("task_id", -1))
     out = {"store": str(store.path), "mode": mode, "tasks": results, "workers": workers,
