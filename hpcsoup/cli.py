@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hpcsoup.config import SOUP_METHODS, check_parents, load_config
 from hpcsoup.errors import ConfigError, HpcsoupError
@@ -68,14 +69,15 @@ def cmd_train(args) -> dict:
 
 def cmd_soup(args) -> dict:
     from hpcsoup.soup.run import run_soup
-    return run_soup(config_from_args(args), methods=args.method or None)
+    return run_soup(config_from_args(args), methods=args.method or None,
+                    allow_partial=args.allow_partial)
 
 
 def cmd_merge(args) -> dict:
     from hpcsoup.merge.run import run_merge
     parents = check_parents([p for p in args.parents.split(",") if p], "--parents") \
         if args.parents else None
-    return run_merge(config_from_args(args), parents=parents)
+    return run_merge(config_from_args(args), parents=parents, allow_partial=args.allow_partial)
 
 
 def cmd_run(args) -> dict:
@@ -103,6 +105,19 @@ def cmd_store(args) -> dict:
         return remove_group(args.path, args.group, echo=not args.json)
     return describe_store(args.path, group=args.group if args.action == "show" else None,
                           echo=not args.json)
+
+
+def cmd_slurm(args) -> dict:
+    from hpcsoup.jobscripts import write_scripts
+    cfg = config_from_args(args) if args.config else None
+    paths = write_scripts(args.dir, cfg)
+    logs = Path(cfg.slurm.log_dir if cfg else "slurm-logs")
+    logs.mkdir(parents=True, exist_ok=True)  # SLURM cannot start a job whose log folder is missing
+    if not args.json:
+        which = f"for {args.config}" if cfg else "generic: python on PATH or $HPCSOUP_PYTHON"
+        print(f"wrote {', '.join(map(str, paths.values()))} ({which}) and the log folder {logs}/; "
+              f"edit them, then submit from here: sbatch {paths['train']} <config>")
+    return {"scripts": {k: str(v) for k, v in paths.items()}, "logs": str(logs)}
 
 
 def cmd_data(args) -> dict:
@@ -134,11 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="souping method (repeatable; default: the config's soup.methods)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="soup the complete experts even if the config asks for more")
     p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA")
     add_common_options(p)
     p.add_argument("--parents", help="comma-separated expert ids (default: the config's specialists)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="merge the complete parents (at least 2) even if some are missing")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="every stage on this machine (the embedded default)")
@@ -161,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("group", nargs="?", help="with show / rm: a group such as experts/<id>")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("slurm", help="write the sbatch scripts of every stage, to edit")
+    p.add_argument("action", choices=("init",))
+    p.add_argument("dir", help="folder for train.sh, soup.sh, merge.sh, report.sh")
+    add_common_options(p)
+    p.set_defaults(func=cmd_slurm)
 
     p = sub.add_parser("data", help="dataset information")
     p.add_argument("action", choices=("info",))

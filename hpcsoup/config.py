@@ -70,6 +70,10 @@ def _nonneg(hint="must be >= 0"):
     return dict(check=lambda v: v >= 0, hint=hint)
 
 
+def _strings(hint: str) -> Field:
+    return Field([], (list,), check=lambda v: all(isinstance(x, str) for x in v), hint=hint)
+
+
 #: Every key a config may hold. Sections are nested dicts; leaves are Fields.
 SCHEMA: dict = {
     "store": Field("runs/quickstart.zarr", (str,)),
@@ -185,11 +189,31 @@ SCHEMA: dict = {
     "slurm": {
         "partition": Field("", (str,)),
         "account": Field("", (str,)),
+        "qos": Field("", (str,)),
+        "constraint": Field("", (str,), hint="node features, e.g. 'a100' or 'skylake&ib'"),
         "time": Field("01:00:00", (str,)),
         "cpus_per_task": Field(1, (int,), **_pos()),
         "mem": Field("", (str,), hint="e.g. '8G' ('' = the cluster default)"),
         "gpus_per_task": Field(0, (int,), **_nonneg()),
         "max_parallel": Field(0, (int,), **_nonneg("array throttle %N; 0 = none")),
+        "extra": _strings("more sbatch options for every stage, e.g. ['--mail-type=END'] "
+                          "(dask-jobqueue's job_extra_directives)"),
+        "setup": _strings("shell lines run before every stage, e.g. ['module load cuda', "
+                          "'source ~/venv/bin/activate'] (dask-jobqueue's job_script_prologue)"),
+        "mpi": Field("pmi2", (str,), hint="srun --mpi plugin of the soup ranks ('' = the site's "
+                                          "default)"),
+        "python": Field("", (str,), hint="interpreter on the compute nodes ('' = the one that "
+                                         "runs `hpcsoup submit`)"),
+        "log_dir": Field("slurm-logs", (str,), check=bool, hint="a folder name"),
+        **{stage: {
+            "time": Field("", (str,), hint="'' = slurm.time"),
+            "cpus_per_task": Field(0, (int,), **_nonneg("0 = slurm.cpus_per_task")),
+            "mem": Field("", (str,), hint="'' = slurm.mem"),
+            "gpus_per_task": Field(-1, (int,), check=lambda v: v >= -1,
+                                   hint="-1 = slurm.gpus_per_task"),
+            "ntasks": Field(0, (int,), **_nonneg("0 = 1 (soup: soup.pls.ranks)")),
+            "extra": _strings("more sbatch options for this stage only"),
+        } for stage in ("train", "soup", "merge", "report")},
     },
 }
 

@@ -44,3 +44,7 @@ class MergeError(HpcsoupError, ValueError):
 
 class StoreAccessError(StoreError, OSError):
     """The file system refused a store operation (read-only, not a folder, full, over quota)."""
+
+
+class ExpertsMissingError(StoreError):
+    """Fewer complete experts than the config asks for (training unfinished or failed)."""

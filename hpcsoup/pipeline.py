@@ -5,6 +5,9 @@
   ``soup.pls.ranks > 1``, then the merge of the specialists and the report.
 - :func:`submit` submits the same stages as SLURM jobs chained with
   ``--dependency=afterok`` (each stage is also a plain script in ``slurm/``).
+- :func:`require_experts` is the gate between training and the stages that read
+  its experts: soup and merge refuse a partial set (naming what is missing)
+  unless asked to use it (``--allow-partial``).
 """
 from __future__ import annotations
 
@@ -17,11 +20,50 @@ import time
 from pathlib import Path
 
 from hpcsoup.config import Section
-from hpcsoup.errors import ConfigError, HpcsoupError
+from hpcsoup.errors import ConfigError, ExpertsMissingError, HpcsoupError
 
 
 def _log(message: str) -> None:
     print(f"[hpcsoup run] {message}", file=sys.stderr, flush=True)
+
+
+def require_experts(store, wanted: list[str], stage: str, allow_partial: bool = False,
+                    at_least: int = 1) -> list[str]:
+    """The ``wanted`` expert ids that are complete in ``store``, in order.
+
+    Raises :class:`~hpcsoup.errors.ExpertsMissingError` naming the missing ids when any is
+    not complete (still training, failed, or never submitted), unless ``allow_partial``:
+    then ``stage`` goes on with the complete ones (at least ``at_least``) and says so.
+    """
+    done = {g.id for g in store.groups("experts")}
+    missing = [i for i in wanted if i not in done]
+    if missing and (not allow_partial or len(wanted) - len(missing) < at_least):
+        raise ExpertsMissingError(
+            f"{stage}: {len(missing)} of the {len(wanted)} experts the config asks for are not "
+            f"complete in store '{store.path}': {', '.join(missing)}; wait for their training "
+            f"tasks (squeue --me), rerun them (`hpcsoup train --config <file> --task-id N`), or "
+            f"pass --allow-partial to {stage} the complete one(s) ({stage} needs at least {at_least})")
+    if missing:
+        print(f"[hpcsoup {stage}] --allow-partial: using {len(wanted) - len(missing)} of "
+              f"{len(wanted)} experts; missing {', '.join(missing)}", file=sys.stderr, flush=True)
+    return [i for i in wanted if i in done]
+
+
+def soup_experts_ready(cfg, allow_partial: bool = False) -> list[str]:
+    """:func:`require_experts` for ``hpcsoup soup``: the config's sweep experts (``<arch>-eNNN``).
+
+    Checked when the store was filled by ``hpcsoup train`` (its experts carry ``task_id``) and
+    the soup's architecture is the sweep's; a store assembled by other means is taken as it is.
+    """
+    from hpcsoup.store import Store
+    from hpcsoup.train import sweep
+
+    store = Store.open(cfg.store)
+    if (cfg.soup.arch or cfg.experts.arch) != cfg.experts.arch or not any(
+            "task_id" in g.attrs for g in store.groups("experts", role="expert")):
+        return []
+    wanted = [t.expert_id for t in sweep.tasks(cfg) if t.role == "expert"]
+    return require_experts(store, wanted, "soup", allow_partial)
 
 
 def find_mpiexec() -> str | None:
@@ -85,50 +127,63 @@ def run_local(cfg: Section) -> dict:
     return results
 
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
-
-
 def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
            dry_run: bool = False) -> dict:
     """Submit train -> (soup, merge) -> report as SLURM jobs chained with ``afterok``.
 
-    Each job runs one of the scripts in ``slurm/`` with the same config file and
-    ``--set`` overrides; resources come from the config's ``[slurm]`` section.
-    A failed stage cancels the stages after it (``--kill-on-invalid-dep=yes``).
-    Returns the job ids (with ``dry_run``, the sbatch command lines instead).
+    Each stage's script is rendered from the config (:func:`hpcsoup.jobscripts.render_stage`:
+    per-stage resources and the site's options from ``[slurm]``, this interpreter unless
+    ``slurm.python`` names another) into ``<slurm.log_dir>/scripts/``, and submitted with
+    ``--export=NONE`` with the same config file and ``--set`` overrides. A failed stage
+    cancels the stages after it (``--kill-on-invalid-dep=yes``). Prints the store, the log
+    folder, each job with its dependency and the commands to follow them. Returns the job
+    ids (with ``dry_run``, the sbatch command lines instead, and nothing is written).
     """
-    import os
-
-    from hpcsoup.slurm import afterok, array_spec, sbatch, slurm_options
+    from hpcsoup.jobscripts import render_stage
+    from hpcsoup.slurm import afterok, array_spec, sbatch
     from hpcsoup.train.sweep import array_size
 
     if not config_path:
         raise ConfigError("hpcsoup submit needs the config as a file that the compute nodes can "
                           "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
-    args = [str(config_path)] + [a for kv in overrides for a in ("--set", kv)]
-    options = slurm_options(cfg)
-    # The jobs run this interpreter (the scripts read HPCSOUP_PYTHON; sbatch exports the environment).
-    env = dict(os.environ, HPCSOUP_PYTHON=sys.executable)
-    chain = dict(kill_on_invalid_dep="yes", env=env, dry_run=dry_run)
-
-    def job_id(value: str, stage: str) -> str:
-        return f"<{stage}>" if dry_run else value
+    args = [str(Path(config_path).absolute())] + [a for kv in overrides for a in ("--set", kv)]
+    logs = Path(cfg.slurm.log_dir).absolute()
+    scripts = logs / "scripts"
+    chain = dict(kill_on_invalid_dep="yes", export="NONE", dry_run=dry_run)
+    stages = ["train"] + (["soup"] if cfg.experts.count and cfg.soup.methods else []) \
+        + (["merge"] if cfg.specialists.archs else []) + ["report"]
+    if not dry_run:
+        scripts.mkdir(parents=True, exist_ok=True)
 
     jobs: dict = {}
-    jobs["train"] = sbatch(SCRIPTS / "train.sh", args, array=array_spec(array_size(cfg),
-                           cfg.slurm.max_parallel), env=env, dry_run=dry_run, **options)
-    after_train = afterok(job_id(jobs["train"], "train"))
-    finals = []
-    if cfg.experts.count and cfg.soup.methods:
-        jobs["soup"] = sbatch(SCRIPTS / "soup.sh", args, dependency=after_train,
-                              **dict(options, ntasks=cfg.soup.pls.ranks), **chain)
-        finals.append(job_id(jobs["soup"], "soup"))
-    if cfg.specialists.archs:
-        jobs["merge"] = sbatch(SCRIPTS / "merge.sh", args, dependency=after_train, **options, **chain)
-        finals.append(job_id(jobs["merge"], "merge"))
-    jobs["report"] = sbatch(SCRIPTS / "report.sh", args, dependency=afterok(*finals) if finals
-                            else after_train, **dict(options, cpus_per_task=1, gpus_per_task=None),
-                            **chain)
-    for stage, value in jobs.items():
-        print(f"{stage:>7}: {value}", file=sys.stderr)
-    return {"dry_run": dry_run, "jobs": jobs, "store": cfg.store}
+    after: dict = {}
+
+    def run(stage: str, dependency: str | None, **options) -> None:
+        script = scripts / f"{cfg.name}-{stage}.sh"
+        if not dry_run:
+            script.write_text(render_stage(stage, cfg))
+        jobs[stage] = sbatch(script, args, dependency=dependency, **options, **chain)
+        after[stage] = dependency
+
+    def ref(stage: str) -> str:
+        return f"<{stage}>" if dry_run else jobs[stage]
+
+    run("train", None, array=array_spec(array_size(cfg), cfg.slurm.max_parallel))
+    for stage in ("soup", "merge"):
+        if stage in stages:
+            run(stage, afterok(ref("train")))
+    finals = [ref(s) for s in ("soup", "merge") if s in jobs]
+    run("report", afterok(*finals) if finals else afterok(ref("train")))
+
+    lines = [f"store:   {Path(cfg.store).absolute()}", f"logs:    {logs}/"]
+    for stage, job in jobs.items():
+        lines.append(f"{stage:>7}: {job if dry_run else 'job ' + job}"
+                     + (f" (after {after[stage]})" if after[stage] and not dry_run else ""))
+    if not dry_run:
+        ids = ",".join(jobs.values())
+        lines += [f"follow:  squeue -j {ids}",
+                  f"         tail -f {logs}/{cfg.name}-train-{jobs['train']}_*.out",
+                  f"         hpcsoup store ls {cfg.store}"]
+    print("\n".join(lines), file=sys.stderr)
+    return {"dry_run": dry_run, "jobs": jobs, "dependencies": after, "store": cfg.store,
+            "logs": str(logs), "scripts": str(scripts)}

@@ -44,14 +44,55 @@ def test_run_every_stage_locally(tmp_path, data_root, mpiexec, capsys):
     _check_store(store)
 
 
-def test_submit_dry_run_chains_stages(tmp_path):
+def test_submit_dry_run_chains_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(QUICKSTART, TINY)
     jobs = submit(cfg, str(QUICKSTART), TINY, dry_run=True)["jobs"]
-    assert "--array=0-3" in jobs["train"]
-    assert "--dependency=afterok:<train>" in jobs["soup"] and "--ntasks=2" in jobs["soup"]
+    assert "--array=0-3" in jobs["train"] and "--export=NONE" in jobs["train"]
+    assert "--dependency=afterok:<train>" in jobs["soup"]
     assert "--dependency=afterok:<train>" in jobs["merge"]
     assert "--dependency=afterok:<soup>:<merge>" in jobs["report"]
     assert all("--kill-on-invalid-dep=yes" in jobs[s] for s in ("soup", "merge", "report"))
+    assert f"{tmp_path}/slurm-logs/scripts/quickstart-soup.sh {QUICKSTART}" in jobs["soup"]
+    err = capsys.readouterr().err
+    assert f"logs:    {tmp_path}/slurm-logs/" in err and " report: sbatch --parsable" in err
+    assert not (tmp_path / "slurm-logs").exists()  # a dry run writes nothing
+
+
+def _train(config: Path, *tasks: int) -> None:
+    for task in tasks:
+        assert main(["train", "--config", str(config), "--task-id", str(task)]) == 0
+
+
+def test_soup_refuses_missing_experts_unless_allow_partial(tmp_path, data_root, capsys):
+    config = tmp_path / "p.json"
+    config.write_text(json.dumps({
+        "store": str(tmp_path / "p.zarr"), "threads": 1, "data": {"dataset": "Cora", "root": str(data_root)},
+        "experts": {"count": 3, "epochs": 2, "hidden": 8, "progress_every": 100},
+        "soup": {"methods": ["uniform"]}}))
+    _train(config, 0, 2)
+    capsys.readouterr()
+    assert main(["soup", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "soup: 1 of the 3 experts the config asks for are not complete" in err and "sage-e001" in err
+    assert "--allow-partial" in err and Store.open(tmp_path / "p.zarr").groups("soups") == []
+    assert main(["soup", "--config", str(config), "--allow-partial", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["ingredients"] == ["sage-e000", "sage-e002"]
+    assert "using 2 of 3 experts; missing sage-e001" in err
+
+
+def test_require_experts_names_what_is_missing_and_keeps_a_minimum(tmp_path):
+    from hpcsoup.errors import ExpertsMissingError
+    from hpcsoup.pipeline import require_experts
+
+    store = Store.create(tmp_path / "r.zarr")
+    store.write_group("experts", "gcn-s0", {"w": __import__("torch").ones(2)}, {"role": "specialist"})
+    assert require_experts(store, ["gcn-s0"], "merge") == ["gcn-s0"]
+    with pytest.raises(ExpertsMissingError, match="1 of the 2 .* gat-s1; wait for"):
+        require_experts(store, ["gcn-s0", "gat-s1"], "merge")
+    with pytest.raises(ExpertsMissingError, match="merge needs at least 2"):
+        require_experts(store, ["gcn-s0", "gat-s1"], "merge", allow_partial=True, at_least=2)
 
 
 def test_submit_needs_a_config_file():

@@ -35,6 +35,7 @@ from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.timing import time_child_vs_ensemble
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
+from hpcsoup.pipeline import require_experts
 from hpcsoup.store import Store, provenance
 
 
@@ -149,8 +150,12 @@ def merge_id(ids: list[str], settings: HGramaSettings) -> str:
     return f"hgrama-{'+'.join(ids)}-{digest}"
 
 
-def run_merge(cfg, parents: list[str] | None = None) -> dict:
-    """Merge the parents of a config with H-GRAMA, evaluate, time and store the child."""
+def run_merge(cfg, parents: list[str] | None = None, allow_partial: bool = False) -> dict:
+    """Merge the parents of a config with H-GRAMA, evaluate, time and store the child.
+
+    A parent that is not complete is an error naming it, unless ``allow_partial`` (then the
+    complete ones, at least 2, are merged; :func:`hpcsoup.pipeline.require_experts`).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -159,6 +164,8 @@ def run_merge(cfg, parents: list[str] | None = None) -> dict:
         raise MergeError(f"hpcsoup merge needs at least 2 parents, got {ids}; list "
                          f"specialists.archs in the config or pass --parents ID,ID")
     store = Store.open(cfg.store)
+    if allow_partial:  # without it, load_parents names any parent that is not complete
+        ids = require_experts(store, ids, "merge", allow_partial=True, at_least=2)
     nets, attrs, stored_regions = load_parents(store, ids)
     graph = load_from_config(cfg)
     datasets = {a.get("dataset") for a in attrs}

@@ -181,7 +181,7 @@ def write_soup(store, group_id: str, result: SoupResult, attrs: dict) -> None:
     store.write_group("soups", group_id, state, attrs, arrays=arrays, overwrite=True)
 
 
-def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
+def run_soup(cfg, methods: list[str] | None = None, comm=None, allow_partial: bool = False) -> dict:
     """Soup the complete experts of ``cfg``'s store with each method; write ``soups/``.
 
     Args:
@@ -191,6 +191,8 @@ def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
             stand-in outside ``mpiexec``/``srun``). With more than one rank, PLS runs
             distributed over graph shards and the other methods on rank 0
             (:func:`hpcsoup.dist.pls_mpi.run_soup_distributed`).
+        allow_partial: soup the complete experts even when the config's sweep has more
+            (default: refuse, naming the missing ones; :func:`hpcsoup.pipeline.require_experts`).
 
     Returns:
         ``{"store", "dataset", "arch", "ingredients", "best_expert", "soups": [...]}``,
@@ -198,8 +200,11 @@ def run_soup(cfg, methods: list[str] | None = None, comm=None) -> dict:
     """
     from hpcsoup.data import load_from_config
     from hpcsoup.dist.mpi import world
+    from hpcsoup.pipeline import soup_experts_ready
     from hpcsoup.store import Store
 
+    if comm is None:  # the top-level call (rank 0's single-process methods come with their comm)
+        soup_experts_ready(cfg, allow_partial)
     comm = world() if comm is None else comm
     if comm.size > 1:
         from hpcsoup.dist.pls_mpi import run_soup_distributed
