@@ -123,3 +123,41 @@ def test_submit_runs_the_chain_on_slurm(slurm_cluster, tmp_path, data_root, monk
     jobs = json.loads(done.stdout.strip().splitlines()[-1])["jobs"]
     assert _wait(jobs["report"]) == "COMPLETED", (tmp_path / "slurm-logs").glob("*")
     _check_store(store)
+
+
+def test_submit_from_the_package_alone_renders_and_submits_every_stage(tmp_path):
+    """What a wheel holds: the package without the repository's slurm/ folder. sbatch is a stub
+    that records its argv and the script it was given (the real chain runs in the slurm test)."""
+    import os
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "hpcsoup", site / "hpcsoup",
+                    ignore=shutil.ignore_patterns("__pycache__", "shipped"))
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(
+        "#!/usr/bin/env bash\n"
+        f'n=$(( $(wc -l < {tmp_path}/sbatch.log 2>/dev/null || echo 0) + 1 ))\n'
+        f'echo "$@" >> {tmp_path}/sbatch.log\n'
+        'for a in "$@"; do [[ $a == *.sh ]] && cp "$a" ' f'"{tmp_path}/submitted-$n.sh"; done\n'
+        'echo "$(( 100 + n ))"\n')
+    (bin_ / "sbatch").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), PATH=f"{bin_}:{os.environ['PATH']}")
+    done = subprocess.run([sys.executable, "-m", "hpcsoup", "submit", str(QUICKSTART), *TINY,
+                           "--json"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["jobs"] == {"train": "101", "soup": "102", "merge": "103", "report": "104"}
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert calls[1].startswith("--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes "
+                               f"--export=NONE {work}/slurm-logs/scripts/quickstart-soup.sh")
+    assert "--dependency=afterok:102:103" in calls[3]
+    train = (tmp_path / "submitted-1.sh").read_text()
+    assert "#SBATCH --job-name=quickstart-train" in train and "#SBATCH --time=00:30:00" in train
+    assert f'PY="${{HPCSOUP_PYTHON:-{sys.executable}}}"' in train
+    assert "#SBATCH --ntasks=2" in (tmp_path / "submitted-2.sh").read_text()
+    assert f"logs:    {work}/slurm-logs/" in done.stderr and "follow:  squeue -j 101,102,103,104" \
+        in done.stderr and "soup: job 102 (after afterok:101)" in done.stderr
