@@ -109,7 +109,7 @@ def cmd_store(args) -> dict:
 
 def cmd_slurm(args) -> dict:
     from hpcsoup.jobscripts import write_scripts
-    cfg = config_from_args(args) if args.config else None
+    cfg = config_from_args(args) if args.config or overrides_of(args) else None  # else: generic
     paths = write_scripts(args.dir, cfg)
     logs = Path(cfg.slurm.log_dir if cfg else "slurm-logs")
     logs.mkdir(parents=True, exist_ok=True)  # SLURM cannot start a job whose log folder is missing

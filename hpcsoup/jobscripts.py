@@ -165,7 +165,8 @@ fi
 echo "train.sh: task $SLURM_ARRAY_TASK_ID $why; requeueing job $SLURM_JOB_ID" >&2
 scontrol requeue "$SLURM_JOB_ID"
 requeue_rc=$?
-if (( requeue_rc == 0 )) || (( $(state Restarts || echo 0) > ${SLURM_RESTART_COUNT:-0} )); then
+restarts="$(state Restarts)"
+if (( requeue_rc == 0 )) || (( ${restarts:-0} > ${SLURM_RESTART_COUNT:-0} )); then
     echo "train.sh: job $SLURM_JOB_ID requeued: it resumes from its checkpoint when it runs again" >&2
 else
     echo "train.sh: SLURM refused the requeue (scontrol exit $requeue_rc, state $(state JobState));" \\
@@ -218,7 +219,11 @@ fi
 # the rest goes to `hpcsoup __STAGE__` as given (bare key=value is read as --set key=value)
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-echo "__STAGE__.sh: job ${SLURM_JOB_ID:-(not in SLURM)} on $(hostname -s): config $CONFIG $*" >&2
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "__STAGE__.sh: not inside SLURM: running hpcsoup __STAGE__ here" >&2
+else
+    echo "__STAGE__.sh: job $SLURM_JOB_ID on $(hostname -s): config $CONFIG $*" >&2
+fi
 exec "$PY" -m hpcsoup __STAGE__ --config "$CONFIG" "$@"
 """
 

@@ -29,5 +29,9 @@ fi
 # the rest goes to `hpcsoup merge` as given (bare key=value is read as --set key=value)
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-echo "merge.sh: job ${SLURM_JOB_ID:-(not in SLURM)} on $(hostname -s): config $CONFIG $*" >&2
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "merge.sh: not inside SLURM: running hpcsoup merge here" >&2
+else
+    echo "merge.sh: job $SLURM_JOB_ID on $(hostname -s): config $CONFIG $*" >&2
+fi
 exec "$PY" -m hpcsoup merge --config "$CONFIG" "$@"

@@ -27,5 +27,9 @@ fi
 # the rest goes to `hpcsoup report` as given (bare key=value is read as --set key=value)
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-echo "report.sh: job ${SLURM_JOB_ID:-(not in SLURM)} on $(hostname -s): config $CONFIG $*" >&2
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "report.sh: not inside SLURM: running hpcsoup report here" >&2
+else
+    echo "report.sh: job $SLURM_JOB_ID on $(hostname -s): config $CONFIG $*" >&2
+fi
 exec "$PY" -m hpcsoup report --config "$CONFIG" "$@"

@@ -99,7 +99,8 @@ fi
 echo "train.sh: task $SLURM_ARRAY_TASK_ID $why; requeueing job $SLURM_JOB_ID" >&2
 scontrol requeue "$SLURM_JOB_ID"
 requeue_rc=$?
-if (( requeue_rc == 0 )) || (( $(state Restarts || echo 0) > ${SLURM_RESTART_COUNT:-0} )); then
+restarts="$(state Restarts)"
+if (( requeue_rc == 0 )) || (( ${restarts:-0} > ${SLURM_RESTART_COUNT:-0} )); then
     echo "train.sh: job $SLURM_JOB_ID requeued: it resumes from its checkpoint when it runs again" >&2
 else
     echo "train.sh: SLURM refused the requeue (scontrol exit $requeue_rc, state $(state JobState));" \

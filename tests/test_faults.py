@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import _missing  # skip, or fail under HPCSOUP_CI=1
 from hpcsoup.cli import main
 from hpcsoup.config import load_config
 from hpcsoup.errors import ConfigError, StoreAccessError
@@ -30,12 +31,6 @@ from hpcsoup.store import Store
 from hpcsoup.store.oserrors import explain
 
 TEMP_MARKS = (".tmp~", ".tmp-", ".tmp")
-
-
-def _missing(reason: str):
-    if os.environ.get("HPCSOUP_CI", "") not in ("", "0"):
-        pytest.fail(f"{reason} -- HPCSOUP_CI=1 requires it", pytrace=False)
-    pytest.skip(reason)
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
