@@ -444,21 +444,26 @@ class Store:
     def _publish(self, kind: str, group_id: str, tmp: Path, overwrite: bool) -> bool:
         """Rename the written ``tmp`` to ``kind/group_id``; False when another writer's copy won."""
         target = self._dir(kind, group_id)
-        if target.exists():
-            if self.has_group(kind, group_id) and not overwrite:  # completed meanwhile
-                raise self._exists_error(kind, group_id)
-            log.info("store %s: replacing '%s/%s'", self.path, kind, group_id)
-            self._discard(kind, group_id)
-        try:
-            os.rename(tmp, target)
-        except OSError as exc:
-            # ENOTEMPTY / EEXIST: another writer published between our discard and our rename
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has_group(kind, group_id):
-                raise
-            if not overwrite:
-                raise self._exists_error(kind, group_id) from None
-            return False
-        return True
+        for _ in range(3):
+            if target.exists():
+                if self.has_group(kind, group_id) and not overwrite:  # completed meanwhile
+                    raise self._exists_error(kind, group_id)
+                log.info("store %s: replacing '%s/%s'", self.path, kind, group_id)
+                self._discard(kind, group_id)
+            try:
+                os.rename(tmp, target)
+                return True
+            except OSError as exc:
+                # ENOTEMPTY / EEXIST: another writer published between our discard and our rename
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if overwrite:  # groups reach their final name complete: theirs stands
+                    return False
+                if self.has_group(kind, group_id):
+                    raise self._exists_error(kind, group_id) from None
+                # else an incomplete copy (a killed writer's) appeared: replace it, try again
+        raise StoreError(f"'{kind}/{group_id}' in store '{self.path}' kept changing while this "
+                         f"writer published it; is a crashed writer looping? rerun the task")
 
     def _discard(self, kind: str, group_id: str) -> None:
         """Move ``kind/group_id`` aside (atomic: readers see it or nothing) and delete it."""

@@ -93,6 +93,7 @@ def test_sbatch_array_gives_the_same_experts_as_train_all(slurm_cluster, tmp_pat
     assert _same_weights(array, Store.open(tmp_path / "all.zarr"), ids)
 
 
+@pytest.mark.slow
 def test_sbatch_wait_on_a_plain_submission_returns_when_every_expert_is_done(
         slurm_cluster, tmp_path, data_root):
     """`sbatch --wait slurm/train.sh X` submits the array and waits for it (it used to return at once)."""
