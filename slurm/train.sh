@@ -101,7 +101,7 @@ scontrol requeue "$SLURM_JOB_ID"
 requeue_rc=$?
 restarts="$(state Restarts)"
 if (( requeue_rc == 0 )) || (( ${restarts:-0} > ${SLURM_RESTART_COUNT:-0} )); then
-    echo "train.sh: job $SLURM_JOB_ID requeued: it resumes from its checkpoint when it runs again" >&2
+    echo "train.sh: job $SLURM_JOB_ID requeued: when it runs again it continues from its last"          "checkpoint, if any" >&2
 else
     echo "train.sh: SLURM refused the requeue (scontrol exit $requeue_rc, state $(state JobState));" \
          "resubmit task $SLURM_ARRAY_TASK_ID to resume: sbatch --array=$SLURM_ARRAY_TASK_ID" \

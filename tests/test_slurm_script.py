@@ -280,7 +280,7 @@ def test_train_sh_forwards_the_signal_and_requeues(stubs, sig):
     assert f"got {sig.name[3:]}" in _log(tmp, "python")
     assert "requeue 101" in _log(tmp, "scontrol")
     assert "checkpointed on a signal; requeueing job 101" in err
-    assert "job 101 requeued: it resumes from its checkpoint" in err
+    assert "job 101 requeued: when it runs again it continues from its last" in err
 
 
 def test_train_sh_requeues_a_trainer_killed_by_the_signal_at_start_up(stubs):
