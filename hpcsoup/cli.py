@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import hpcsoup
 from hpcsoup import summary
-from hpcsoup.config import SOUP_METHODS, load_config
-from hpcsoup.errors import HpcsoupError
+from hpcsoup.config import SOUP_METHODS, check_parents, load_config
+from hpcsoup.errors import ConfigError, HpcsoupError
 from hpcsoup.progress import configure
 
 DESCRIPTION = ("Combine trained Graph Neural Networks at HPC scale: train experts, soup them, merge "
@@ -84,7 +85,8 @@ def cmd_train(args) -> dict:
         spec = array_spec(array_size(cfg), cfg.slurm.max_parallel)
         print(spec)
         return {"array": spec, "tasks": array_size(cfg)}
-    return run_train(config_from_args(args), task_id=args.task_id, all_tasks=args.all)
+    return run_train(config_from_args(args), task_id=args.task_id, all_tasks=args.all,
+                     force=args.force)
 
 
 def cmd_soup(args) -> dict:
@@ -93,9 +95,9 @@ def cmd_soup(args) -> dict:
     cfg, comm = config_from_args(args), world()
     if comm.size > 1:  # under mpiexec / srun: PLS over graph shards, the rest on rank 0
         from hpcsoup.distributed.pls import run_soup_distributed
-        return run_soup_distributed(cfg, args.method or None, comm)
+        return run_soup_distributed(cfg, args.method or None, comm, args.allow_partial)
     from hpcsoup.soup.run import run_soup
-    return run_soup(cfg, methods=args.method or None)
+    return run_soup(cfg, methods=args.method or None, allow_partial=args.allow_partial)
 
 
 def cmd_partition(args) -> dict:
@@ -113,8 +115,9 @@ def cmd_partition(args) -> dict:
 
 def cmd_merge(args) -> dict:
     from hpcsoup.merge.run import run_merge
-    parents = [p for p in args.parents.split(",") if p] if args.parents else None
-    return run_merge(config_from_args(args), parents=parents)
+    parents = check_parents([p for p in args.parents.split(",") if p], "--parents") \
+        if args.parents else None
+    return run_merge(config_from_args(args), parents=parents, allow_partial=args.allow_partial)
 
 
 def cmd_run(args) -> dict:
@@ -134,14 +137,32 @@ def cmd_report(args) -> dict:
 
 
 def cmd_store(args) -> dict:
-    from hpcsoup.store import describe_store
+    from hpcsoup.store import describe_store, remove_group
     path, group = args.path, args.group
     if args.store:  # `store show GROUP --store PATH`: the one positional is the group
         path, group = args.store, group or path
     if not path:
         raise HpcsoupError(f"hpcsoup store {args.action} needs a store: pass its path, e.g. "
                            f"`hpcsoup store {args.action} runs/quickstart.zarr`, or --store PATH")
+    if args.action == "rm":
+        if not group:
+            raise ConfigError("hpcsoup store rm needs the group to remove, e.g. "
+                              f"`hpcsoup store rm {path} experts/sage-e003`")
+        return remove_group(path, group, echo=not args.json)
     return describe_store(path, group=group if args.action == "show" else None, echo=not args.json)
+
+
+def cmd_slurm(args) -> dict:
+    from hpcsoup.jobscripts import write_scripts
+    cfg = config_from_args(args) if args.config or overrides_of(args) else None  # else: generic
+    paths = write_scripts(args.dir, cfg)
+    logs = Path(cfg.slurm.log_dir if cfg else "slurm-logs")
+    logs.mkdir(parents=True, exist_ok=True)  # SLURM cannot start a job whose log folder is missing
+    if not args.json:
+        which = f"for {args.config}" if cfg else "generic: python on PATH or $HPCSOUP_PYTHON"
+        print(f"wrote {', '.join(map(str, paths.values()))} ({which}) and the log folder {logs}/; "
+              f"edit them, then submit from here: sbatch {paths['train']} <config>")
+    return {"scripts": {k: str(v) for k, v in paths.items()}, "logs": str(logs)}
 
 
 def cmd_data(args) -> dict:
@@ -185,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train every expert here, in parallel Dask worker processes")
     group.add_argument("--array-spec", action="store_true",
                        help="print the --array value the config needs (e.g. 0-9) and exit")
+    p.add_argument("--force", action="store_true",
+                   help="retrain experts that are already complete, replacing them (e.g. a corrupt one)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("soup", help="soup same-architecture experts",
@@ -192,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="souping method (repeatable; default: the config's soup.methods)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="soup the complete experts even if the config asks for more")
     p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("partition", help="cut the graph into the store's PLS partitions once",
@@ -200,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--method", action="append", choices=SOUP_METHODS,
                    help="the soup's methods: nothing to do without pls (default: soup.methods)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accepted for the soup's sake (the partitions do not need the experts)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("merge", help="merge heterogeneous experts with H-GRAMA",
@@ -207,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--parents", metavar="ID,ID",
                    help="comma-separated expert ids (default: the config's specialists)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="merge the complete parents (at least 2) even if some are missing")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="every stage on this machine (the embedded default)",
@@ -229,11 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for report.md, report.json and plots (default: <store>.report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("store", help="inspect a store",
-                       description="List what a store holds (ls) or show one group (show).")
-    p.add_argument("action", choices=("ls", "show"), help="ls: every group; show: one group")
+    p = sub.add_parser("store", help="inspect a store, or remove a group from it",
+                       description="List what a store holds (ls), show one group (show) or remove "
+                                   "one (rm, e.g. a corrupt expert before retraining it).")
+    p.add_argument("action", choices=("ls", "show", "rm"),
+                   help="ls: every group; show: one group; rm: remove one group")
     p.add_argument("path", nargs="?", help="store path (or give --store PATH)")
-    p.add_argument("group", nargs="?", help="with show: a group such as experts/<id>, or a bare id")
+    p.add_argument("group", nargs="?",
+                   help="with show / rm: a group such as experts/<id>, or a bare id (show)")
     p.add_argument("--store", metavar="PATH", help="store path (instead of the positional one)")
     add_output_options(p)
     p.set_defaults(func=cmd_store)
@@ -247,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write, e.g. soup.pt")
     add_output_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("slurm", help="write the sbatch scripts of every stage, to edit",
+                       description="Write editable sbatch scripts of every stage (rendered from "
+                                   "the config, or generic without one) and the log folder.")
+    p.add_argument("action", choices=("init",), help="init: write the scripts")
+    p.add_argument("dir", help="folder for train.sh, soup.sh, merge.sh, report.sh")
+    add_common_options(p)
+    p.set_defaults(func=cmd_slurm)
 
     p = sub.add_parser("data", help="dataset information",
                        description="Load a dataset and print its size, split and metric.")
@@ -271,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     except HpcsoupError as exc:
         print(f"hpcsoup {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # 75 (EX_TEMPFAIL): stopped by a signal, resumable
+    except OSError as exc:  # a file system refusal outside the store's own checks: one line, no traceback
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"hpcsoup {args.command}: error: {exc.strerror or exc}{where}; check that path "
+              f"(free space, permissions, a folder where a file is)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hpcsoup {args.command}: interrupted", file=sys.stderr)
         return 130

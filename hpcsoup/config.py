@@ -19,7 +19,7 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from hpcsoup.errors import ConfigError
 from hpcsoup.settings import Setting, nonnegative, positive
@@ -33,6 +33,10 @@ SOUP_METHODS = tuple(METHODS)
 Field = Setting  # a config key is a declared setting
 
 _pos, _nonneg = positive, nonnegative
+
+
+def _strings(hint: str) -> Field:
+    return Field([], (list,), check=lambda v: all(isinstance(x, str) for x in v), hint=hint)
 
 
 #: Every key a config may hold. Sections are nested dicts; leaves are Fields.
@@ -126,28 +130,37 @@ SCHEMA: dict = {
     "slurm": {
         "partition": Field("", (str,)),
         "account": Field("", (str,)),
+        "qos": Field("", (str,)),
+        "constraint": Field("", (str,), hint="node features, e.g. 'a100' or 'skylake&ib'"),
         "time": Field("01:00:00", (str,)),
         "cpus_per_task": Field(1, (int,), **_pos()),
         "mem": Field("", (str,), hint="e.g. '8G' ('' = the cluster default)"),
         "gpus_per_task": Field(0, (int,), **_nonneg()),
         "max_parallel": Field(0, (int,), **_nonneg("array throttle %N; 0 = none")),
+        "extra": _strings("more sbatch options for every stage, e.g. ['--mail-type=END'] "
+                          "(dask-jobqueue's job_extra_directives)"),
+        "setup": _strings("shell lines run before every stage, e.g. ['module load cuda', "
+                          "'source ~/venv/bin/activate'] (dask-jobqueue's job_script_prologue)"),
+        "mpi": Field("pmi2", (str,), hint="srun --mpi plugin of the soup ranks ('' = the site's "
+                                          "default)"),
+        "python": Field("", (str,), hint="interpreter on the compute nodes ('' = the one that "
+                                         "runs `hpcsoup submit`)"),
+        "log_dir": Field("slurm-logs", (str,), check=bool, hint="a folder name"),
+        **{stage: {
+            "time": Field("", (str,), hint="'' = slurm.time"),
+            "cpus_per_task": Field(0, (int,), **_nonneg("0 = slurm.cpus_per_task")),
+            "mem": Field("", (str,), hint="'' = slurm.mem"),
+            "gpus_per_task": Field(-1, (int,), check=lambda v: v >= -1,
+                                   hint="-1 = slurm.gpus_per_task"),
+            "ntasks": Field(0, (int,), **_nonneg("0 = 1 (soup: soup.pls.ranks)")),
+            "extra": _strings("more sbatch options for this stage only"),
+        } for stage in ("train", "soup", "merge", "report")},
     },
 }
 
 
 # how many MPI ranks run PLS: the runner's choice, not the method's
 SCHEMA["soup"]["pls"]["ranks"] = Field(1, (int,), **_pos("MPI ranks of partition learned souping"))
-
-
-def _check_relations(values: dict) -> None:
-    """Rules between keys, which no single key's check can see."""
-    pls = values["soup"]["pls"]
-    for key in ("per_step", "ranks"):
-        if pls[key] > pls["partitions"]:
-            raise ConfigError(f"config key 'soup.pls.{key}' = {pls[key]} exceeds "
-                              f"soup.pls.partitions = {pls['partitions']}: each step draws "
-                              f"per_step of the partitions and each rank holds at least one; "
-                              f"lower soup.pls.{key} or raise soup.pls.partitions")
 
 
 class Section:
@@ -212,6 +225,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def check_parents(parents: Sequence, key: str = "merge.parents") -> list[str]:
+    """Merge parents as strings; :class:`ConfigError` when one is listed twice."""
+    ids = [str(p) for p in parents]
+    twice = sorted({p for p in ids if ids.count(p) > 1})
+    if twice:
+        raise ConfigError(f"{key} = {ids}: {twice} listed more than once; a merge needs distinct "
+                          f"parents, e.g. {sorted(set(ids))}")
+    return ids
+
+
+def _check_together(values: dict) -> None:
+    """Rules that involve several keys (each key alone was checked by its Field)."""
+    pls = values["soup"]["pls"]
+    for key, why in (("per_step", "each step draws per_step of the partitions"),
+                     ("ranks", "every rank needs at least one partition")):
+        if pls[key] > pls["partitions"]:
+            raise ConfigError(f"config key 'soup.pls.{key}' = {pls[key]} is more than "
+                              f"'soup.pls.partitions' = {pls['partitions']}: {why}; lower "
+                              f"soup.pls.{key} or raise soup.pls.partitions")
+    check_parents(values["merge"]["parents"])
+
+
 def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> Section:
     """Validate ``values`` (a nested dict, e.g. parsed TOML) plus ``--set`` overrides."""
     merged = _defaults(SCHEMA)
@@ -222,7 +257,7 @@ def build_config(values: dict | None = None, overrides: Iterable[str] = ()) -> S
         for part in reversed(path):
             nested = {part: nested}
         _merge(SCHEMA, nested, merged)
-    _check_relations(merged)
+    _check_together(merged)
     return Section(merged)
 
 

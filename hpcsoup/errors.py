@@ -40,3 +40,11 @@ class SoupError(HpcsoupError, ValueError):
 
 class MergeError(HpcsoupError, ValueError):
     """Experts cannot be merged with H-GRAMA."""
+
+
+class StoreAccessError(StoreError, OSError):
+    """The file system refused a store operation (read-only, not a folder, full, over quota)."""
+
+
+class ExpertsMissingError(StoreError):
+    """Fewer complete experts than the config asks for (training unfinished or failed)."""

@@ -5,6 +5,9 @@
   ``soup.pls.ranks > 1``, then the merge of the specialists and the report.
 - :func:`submit` submits the same stages as SLURM jobs chained with
   ``--dependency=afterok`` (each stage is also a plain script in ``slurm/``).
+- :func:`require_experts` is the gate between training and the stages that read
+  its experts: soup and merge refuse a partial set (naming what is missing)
+  unless asked to use it (``--allow-partial``).
 """
 from __future__ import annotations
 
@@ -89,51 +92,52 @@ def run_local(cfg: Section) -> dict:
     return results
 
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
-
-
 def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
            dry_run: bool = False) -> dict:
     """Submit train -> (soup, merge) -> report as SLURM jobs chained with ``afterok``.
 
-    Each job runs one of the scripts in ``slurm/`` with the same config file and
-    ``--set`` overrides; resources come from the config's ``[slurm]`` section.
-    A failed stage cancels the stages after it (``--kill-on-invalid-dep=yes``).
-    Returns the job ids (with ``dry_run``, the sbatch command lines instead).
+    Each stage's script is rendered from the config (:func:`hpcsoup.jobscripts.render_stage`:
+    per-stage resources and the site's options from ``[slurm]``, this interpreter unless
+    ``slurm.python`` names another) into ``<slurm.log_dir>/scripts/``, and submitted with
+    ``--export=NONE`` with the same config file and ``--set`` overrides. A failed stage
+    cancels the stages after it (``--kill-on-invalid-dep=yes``). Prints the store, the log
+    folder, each job with its dependency and the commands to follow them. Returns the job
+    ids (with ``dry_run``, the sbatch command lines instead, and nothing is written).
     """
-    import os
-
-    from hpcsoup.slurm import afterok, array_spec, sbatch, slurm_options
+    from hpcsoup.jobscripts import render_stage
+    from hpcsoup.slurm import afterok, array_spec, sbatch
     from hpcsoup.train.sweep import array_size
 
     if not config_path:
         raise ConfigError("hpcsoup submit needs the config as a file that the compute nodes can "
                           "read, e.g. `hpcsoup submit jobs/quickstart.toml`")
-    args = [str(config_path)] + [a for kv in overrides for a in ("--set", kv)]
-    options = slurm_options(cfg)
-    # The jobs run this interpreter (the scripts read HPCSOUP_PYTHON; sbatch exports the environment).
-    env = dict(os.environ, HPCSOUP_PYTHON=sys.executable)
-    chain = dict(kill_on_invalid_dep="yes", env=env, dry_run=dry_run)
-
-    def job_id(value: str, stage: str) -> str:
-        return f"<{stage}>" if dry_run else value
+    args = [str(Path(config_path).absolute())] + [a for kv in overrides for a in ("--set", kv)]
+    logs = Path(cfg.slurm.log_dir).absolute()
+    scripts = logs / "scripts"
+    chain = dict(kill_on_invalid_dep="yes", export="NONE", dry_run=dry_run)
+    stages = ["train"] + (["soup"] if cfg.experts.count and cfg.soup.methods else []) \
+        + (["merge"] if cfg.specialists.archs else []) + ["report"]
+    if not dry_run:
+        scripts.mkdir(parents=True, exist_ok=True)
 
     jobs: dict = {}
-    jobs["train"] = sbatch(SCRIPTS / "train.sh", args, array=array_spec(array_size(cfg),
-                           cfg.slurm.max_parallel), env=env, dry_run=dry_run, **options)
-    after_train = afterok(job_id(jobs["train"], "train"))
-    finals = []
-    if cfg.experts.count and cfg.soup.methods:
-        jobs["soup"] = sbatch(SCRIPTS / "soup.sh", args, dependency=after_train,
-                              **dict(options, ntasks=cfg.soup.pls.ranks), **chain)
-        finals.append(job_id(jobs["soup"], "soup"))
-    if cfg.specialists.archs:
-        jobs["merge"] = sbatch(SCRIPTS / "merge.sh", args, dependency=after_train, **options, **chain)
-        finals.append(job_id(jobs["merge"], "merge"))
-    jobs["report"] = sbatch(SCRIPTS / "report.sh", args, dependency=afterok(*finals) if finals
-                            else after_train, **dict(options, cpus_per_task=1, gpus_per_task=None),
-                            **chain)
-    after = {"soup": ["train"], "merge": ["train"],
-             "report": [s for s in ("soup", "merge") if s in jobs] or ["train"]}
-    return {"dry_run": dry_run, "jobs": jobs, "store": cfg.store,
-            "after": {stage: after[stage] for stage in jobs if stage in after}}
+    after: dict = {}
+
+    def run(stage: str, waits_for: list[str], **options) -> None:
+        script = scripts / f"{cfg.name}-{stage}.sh"
+        if not dry_run:
+            script.write_text(render_stage(stage, cfg))
+        dependency = afterok(*[ref(s) for s in waits_for]) if waits_for else None
+        jobs[stage] = sbatch(script, args, dependency=dependency, **options, **chain)
+        after[stage] = waits_for
+
+    def ref(stage: str) -> str:
+        return f"<{stage}>" if dry_run else jobs[stage]
+
+    run("train", [], array=array_spec(array_size(cfg), cfg.slurm.max_parallel))
+    for stage in ("soup", "merge"):
+        if stage in stages:
+            run(stage, ["train"])
+    run("report", [s for s in ("soup", "merge") if s in jobs] or ["train"])
+    return {"dry_run": dry_run, "jobs": jobs, "after": {s: w for s, w in after.items() if w},
+            "store": str(Path(cfg.store).absolute()), "logs": str(logs), "scripts": str(scripts)}

@@ -9,10 +9,11 @@
 - :func:`sbatch` submits and returns the job id; stages are chained with
   ``dependency=afterok(...)``.
 
+The stage scripts themselves are rendered by :mod:`hpcsoup.jobscripts`.
+
 Example::
 
-    job = sbatch("slurm/train.sh", ["jobs/quickstart.toml"], array=array_spec(10),
-                 **slurm_options(cfg))
+    job = sbatch("slurm/train.sh", ["jobs/quickstart.toml"], array=array_spec(10), time="02:00:00")
     sbatch("slurm/soup.sh", ["jobs/quickstart.toml"], dependency=afterok(job))
 """
 from __future__ import annotations
@@ -181,14 +182,6 @@ def afterok(*job_ids: str | Iterable[str]) -> str:
     for j in job_ids:
         ids += [j] if isinstance(j, (str, int)) else list(j)
     return "afterok:" + ":".join(str(j) for j in ids)
-
-
-def slurm_options(cfg) -> dict:
-    """sbatch options from a config's ``[slurm]`` section (empty values left out)."""
-    s = cfg.slurm
-    return {"partition": s.partition, "account": s.account, "time": s.time,
-            "cpus_per_task": s.cpus_per_task, "mem": s.mem,
-            "gpus_per_task": s.gpus_per_task or None}
 
 
 # --------------------------------------------------------------------- submitting

@@ -21,6 +21,8 @@
 # otherwise SLURM waits forever ("Requested partition configuration not available").
 # MpiDefault=pmi2: `srun -n 2 python -c 'from mpi4py import MPI ...'` gives one world of size 2
 # with the pip `mpich` wheel (pmix does not work with it).
+# AuthInfo=cred_expire=10: a requeued job (pre-emption, `scontrol requeue`) may run again after
+# 10 s instead of SLURM's default 120 s, so that tests can requeue for real.
 #
 # `up` prints `export SLURM_CONF=<dir>/slurm.conf` as its last line of stdout; everything else goes
 # to stderr.
@@ -79,6 +81,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job waits cred_expire seconds before it runs again (default 120): tests requeue.
+AuthInfo=cred_expire=10
 SlurmctldPort=$PORT
 SlurmdPort=$(( PORT + 1 ))
 StateSaveLocation=$DIR/state

@@ -1,7 +1,7 @@
 """``hpcsoup report``: report.md, report.json and the plots of a store (hpcsoup/report.py).
 
 The store is written through :class:`hpcsoup.store.Store` with attrs shaped like those the stages
-write (hpcsoup/train/run.py, hpcsoup/soup/run.py, hpcsoup/dist/pls_mpi.py, hpcsoup/merge/run.py),
+write (hpcsoup/train/run.py, hpcsoup/soup/run.py, hpcsoup/distributed/pls.py, hpcsoup/merge/run.py),
 not by training: a scaling sweep over graph sizes and ranks would take minutes. The numbers are
 made up but plausible; tests/test_pipeline.py reports a store of real runs.
 """

@@ -361,7 +361,8 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
             "extras": attrs["extras"], "coefficients": result.coefficients}
 
 
-def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
+def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm,
+                         allow_partial: bool = False) -> dict:
     """``hpcsoup soup`` on ``comm.size > 1`` ranks (what the CLI runs under ``mpiexec`` /
     ``srun``; :func:`hpcsoup.soup.run.run_soup` is the single-process runner).
 
@@ -373,10 +374,12 @@ def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
     """
     from hpcsoup.soup.registry import method_class
     from hpcsoup.soup.run import run_soup
+    from hpcsoup.train.sweep import soup_experts_ready
 
     methods = list(methods or cfg.soup.methods)
     with abort_on_error(comm):
         agree(comm, lambda: [method_class(name) for name in methods], "checking the methods")
+        agree(comm, lambda: soup_experts_ready(cfg, allow_partial), "checking the experts")
     summary = {"store": str(cfg.store), "dataset": graph_name(cfg), "ranks": comm.size,
                "rank": comm.rank, "soups": []}
     with abort_on_error(comm):
@@ -392,7 +395,7 @@ def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm) -> dict:
                          run.metrics["scored_on"], run.seconds, soup["id"])
         rest = [m for m in methods if m != "pls"]
         if rest and comm.rank == 0:
-            single = run_soup(cfg, rest)
+            single = run_soup(cfg, rest, allow_partial=allow_partial)
             summary.update({k: v for k, v in single.items() if k != "soups"})
             summary["soups"].extend(single["soups"])
     return summary

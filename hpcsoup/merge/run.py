@@ -36,6 +36,7 @@ from hpcsoup.merge.timing import time_child_vs_ensemble
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
 from hpcsoup.progress import Progress, duration, significant
+from hpcsoup.train.sweep import require_experts
 from hpcsoup.store import Store, provenance
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,12 @@ def merge_id(ids: list[str], settings: HGramaSettings) -> str:
     return f"hgrama-{'+'.join(ids)}-{digest}"
 
 
-def run_merge(cfg, parents: list[str] | None = None) -> dict:
-    """Merge the parents of a config with H-GRAMA, evaluate, time and store the child."""
+def run_merge(cfg, parents: list[str] | None = None, allow_partial: bool = False) -> dict:
+    """Merge the parents of a config with H-GRAMA, evaluate, time and store the child.
+
+    A parent that is not complete is an error naming it, unless ``allow_partial`` (then the
+    complete ones, at least 2, are merged; :func:`hpcsoup.train.sweep.require_experts`).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -160,6 +165,8 @@ def run_merge(cfg, parents: list[str] | None = None) -> dict:
         raise MergeError(f"hpcsoup merge needs at least 2 parents, got {ids}; list "
                          f"specialists.archs in the config or pass --parents ID,ID")
     store = Store.open(cfg.store)
+    if allow_partial:  # without it, load_parents names any parent that is not complete
+        ids = require_experts(store, ids, "merge", allow_partial=True, at_least=2)
     progress = Progress("merge", total=len(PHASES), unit="phases")
     with progress:
         return _run_merge(cfg, ids, store, progress, start)

@@ -177,7 +177,7 @@ def write_soup(store, group_id: str, result: SoupResult, attrs: dict) -> None:
     store.write_group("soups", group_id, state, attrs, arrays=arrays, overwrite=True)
 
 
-def run_soup(cfg, methods: list[str] | None = None) -> dict:
+def run_soup(cfg, methods: list[str] | None = None, allow_partial: bool = False) -> dict:
     """Soup the complete experts of ``cfg``'s store with each method in this process; write
     ``soups/``. (On MPI ranks, :func:`hpcsoup.distributed.pls.run_soup_distributed` runs
     PLS over graph shards; the CLI picks it under ``mpiexec`` / ``srun``.)
@@ -185,6 +185,8 @@ def run_soup(cfg, methods: list[str] | None = None) -> dict:
     Args:
         cfg: a validated config (:func:`hpcsoup.config.load_config`).
         methods: method names (default: ``cfg.soup.methods``).
+        allow_partial: soup the complete experts even when the config's sweep has more
+            (default: refuse, naming the missing ones; :func:`hpcsoup.train.sweep.require_experts`).
 
     Returns:
         ``{"store", "dataset", "arch", "ingredients", "best_expert", "soups": [...]}``,
@@ -193,7 +195,9 @@ def run_soup(cfg, methods: list[str] | None = None) -> dict:
     """
     from hpcsoup.data import load_from_config
     from hpcsoup.store import Store
+    from hpcsoup.train.sweep import soup_experts_ready
 
+    soup_experts_ready(cfg, allow_partial)
     methods = list(methods or cfg.soup.methods)
     for name in methods:
         method_class(name)  # unknown names fail before any work

@@ -7,8 +7,8 @@ Example::
     [g.id for g in store.groups("experts", arch="sage")]     # complete groups only
     state_dict, attrs = store.load_group("experts", "sage-e000")
 """
-from hpcsoup.store.describe import describe_store
+from hpcsoup.store.describe import describe_store, remove_group
 from hpcsoup.store.provenance import provenance
 from hpcsoup.store.zarr_store import KINDS, GroupInfo, Store
 
-__all__ = ["KINDS", "GroupInfo", "Store", "describe_store", "provenance"]
+__all__ = ["KINDS", "GroupInfo", "Store", "describe_store", "provenance", "remove_group"]

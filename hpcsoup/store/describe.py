@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from hpcsoup.errors import HpcsoupError, StoreNotFoundError
+from hpcsoup.errors import HpcsoupError, StoreError, StoreNotFoundError
 from hpcsoup.store.zarr_store import INITS, KINDS, PARAMS, Store
 
 _COLUMNS = {
@@ -73,10 +73,12 @@ def _ls(store: Store, echo: bool) -> dict:
     return out
 
 
-def _show(store: Store, group: str, echo: bool) -> dict:
+def resolve_group(store: Store, group: str) -> tuple[str, str]:
+    """``"experts/sage-e000"`` or a bare ``"sage-e000"`` -> ``(kind, id)``, both validated."""
     kind, _, gid = group.strip("/").partition("/")
     if not gid:  # a bare id: find its kind
         gid = kind
+        Store._check_id("group", gid)
         found = [k for k in (*KINDS, INITS) if (store.path / k / gid / "zarr.json").is_file()]
         if not found:
             raise StoreNotFoundError(f"no group '{gid}' in store '{store.path}'; "
@@ -85,6 +87,12 @@ def _show(store: Store, group: str, echo: bool) -> dict:
     if kind not in (*KINDS, INITS):
         raise StoreNotFoundError(f"group '{group}': kind '{kind}' is unknown; use one of "
                                  f"{[*KINDS, INITS]}, e.g. experts/<id>")
+    Store._check_id(kind[:-1], gid)
+    return kind, gid
+
+
+def _show(store: Store, group: str, echo: bool) -> dict:
+    kind, gid = resolve_group(store, group)
     attrs = store._node_attrs(kind, gid)
     if attrs is None:
         raise StoreNotFoundError(f"no group '{kind}/{gid}' in store '{store.path}'; "
@@ -114,6 +122,19 @@ def _show(store: Store, group: str, echo: bool) -> dict:
         lines.append("valid: yes" if valid else f"valid: NO: {problem}")
         print("\n".join(lines))
     return out
+
+
+def remove_group(path, group: str, echo: bool = True) -> dict:
+    """``hpcsoup store rm PATH GROUP``: delete one group (e.g. a corrupt or unwanted expert)."""
+    store = Store.open(path)
+    kind, gid = resolve_group(store, group)
+    if kind == INITS:
+        raise StoreError(f"'{INITS}/{gid}' is the shared start of experts and cannot be removed "
+                         f"alone; remove the store folder '{store.path}' to start over")
+    store.remove(kind, gid)
+    if echo:
+        print(f"removed {kind}/{gid} from {store.path}")
+    return {"store": str(store.path), "removed": f"{kind}/{gid}"}
 
 
 def describe_store(path, group: str | None = None, echo: bool = True) -> dict:

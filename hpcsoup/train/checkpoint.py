@@ -21,6 +21,7 @@ belongs to other settings is ignored and training restarts cleanly.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hpcsoup.errors import HpcsoupError
+from hpcsoup.store.oserrors import store_os_errors
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +130,25 @@ class Checkpointer:
         return state
 
     def save(self, state: dict) -> None:
-        """Write ``state`` atomically (temp file + rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` atomically (temp file + rename).
+
+        The state is serialised in memory first: ``torch.save`` to a file reports a full disk as
+        an opaque ``RuntimeError``; a plain write raises ``OSError(ENOSPC)``, which becomes a
+        :class:`~hpcsoup.errors.StoreAccessError` naming the path. A failed save removes its
+        temporary file and keeps the previous checkpoint.
+        """
+        buffer = io.BytesIO()
+        torch.save({**state, "key": self.key}, buffer)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        torch.save({**state, "key": self.key}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            with store_os_errors(self.path.parent.parent, f"save the resume checkpoint '{self.path}'"):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as handle:
+                    handle.write(buffer.getbuffer())
+                os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def due(self, epoch: int) -> bool:
         """Whether to save after ``epoch`` (0-based): every ``every`` epochs or when stopping."""

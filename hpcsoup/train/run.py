@@ -188,14 +188,17 @@ def _check_device(device: str) -> None:
 
 
 def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None,
-               report=None) -> dict:
-    """Train one task's expert into the store (a no-op when it is already complete).
+               report=None, force: bool = False) -> dict:
+    """Train one task's expert into the store (a no-op when it is already complete, unless
+    ``force``: then it is retrained and replaces the stored one, e.g. a corrupt expert).
 
     ``report(epochs_done, line)`` is called after every epoch (see :func:`_on_epoch`; default:
     a :class:`~hpcsoup.progress.Progress` of the task's epochs in this process).
     """
     store = store or open_store(cfg)
-    if store.has_group("experts", task.expert_id):
+    if force and store.has_group("experts", task.expert_id):
+        log.info("[%s] --force: retraining; the stored expert is replaced when done", task.expert_id)
+    elif store.has_group("experts", task.expert_id):
         attrs = store.group_attrs("experts", task.expert_id)
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
@@ -241,9 +244,9 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     }
     try:
         store.write_group("experts", task.expert_id, result.state_dict, attrs,
-                          arrays={"region": region} if region is not None else None)
+                          arrays={"region": region} if region is not None else None, overwrite=force)
     except HpcsoupError:
-        if store.has_group("experts", task.expert_id):  # a concurrent duplicate run finished first
+        if not force and store.has_group("experts", task.expert_id):  # a duplicate run finished first
             log.info("[%s] another run completed it first: keeping that one", task.expert_id)
             checkpoint.remove()
             return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
@@ -290,7 +293,8 @@ class _SendEpochs:
         get_worker().log_event(EPOCH_TOPIC, {"expert": self.expert_id, "done": done, "line": line})
 
 
-def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int, lines: bool) -> dict:
+def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int, lines: bool,
+                  force: bool) -> dict:
     """Body of one Dask task (a separate process): train one expert."""
     torch.set_num_threads(threads)
     cfg = build_config(cfg_dict)
@@ -299,7 +303,8 @@ def _worker_train(cfg_dict: dict, task_id: int, stop_file: str, threads: int, li
         return {"task_id": task_id, "status": "preempted", "error": f"not started ({stop.reason})"}
     task = sweep.task(cfg, task_id)
     try:
-        return train_task(cfg, task, stop=stop, report=_SendEpochs(task.expert_id, task.epochs, lines))
+        return train_task(cfg, task, stop=stop, force=force,
+                          report=_SendEpochs(task.expert_id, task.epochs, lines))
     except Preempted as exc:
         return {"task_id": task_id, "expert_id": task.expert_id, "status": "preempted",
                 "error": str(exc)}
@@ -353,7 +358,8 @@ class _TrainProgress:
         self.progress.close()
 
 
-def _run_all(cfg, store: Store, todo: list[sweep.Task], existing: int = 0) -> list[dict]:
+def _run_all(cfg, store: Store, todo: list[sweep.Task], existing: int = 0,
+             force: bool = False) -> list[dict]:
     """Train ``todo`` in a Dask LocalCluster of worker processes sized to this machine."""
     from distributed import Client, LocalCluster, as_completed
 
@@ -377,6 +383,7 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task], existing: int = 0) -> li
         client.subscribe_topic(EPOCH_TOPIC, progress.event)
         config, lines = cfg.to_dict(), display().verbosity > 0
         futures = [client.submit(_worker_train, config, t.task_id, str(stop_file), threads, lines,
+                                 force,
                                  key=f"train-{t.expert_id}-{uuid.uuid4().hex[:6]}", pure=False)
                    for t in todo]
         try:
@@ -394,8 +401,10 @@ def _run_all(cfg, store: Store, todo: list[sweep.Task], existing: int = 0) -> li
     return sorted(results, key=lambda r: r.get("task_id", -1))
 
 
-def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
+def run_train(cfg, task_id: int | None = None, all_tasks: bool = False, force: bool = False) -> dict:
     """Train one task (``task_id``, default ``$SLURM_ARRAY_TASK_ID``) or all of them here.
+
+    ``force`` retrains experts that are already complete and replaces them.
 
     Returns ``{"store", "mode", "tasks": [{task_id, expert_id, status, metrics, ...}],
     "trained", "existing", "seconds", "workers"}``. Raises :class:`Preempted` (exit
@@ -409,7 +418,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
                           "set experts.count or list specialists.archs")
     store = open_store(cfg)
     if all_tasks:
-        todo = [t for t in all_of_them if not store.has_group("experts", t.expert_id)]
+        todo = [t for t in all_of_them if force or not store.has_group("experts", t.expert_id)]
         done = [{"task_id": t.task_id, "expert_id": t.expert_id, "status": "exists"}
                 for t in all_of_them if t not in todo]
         if done:
@@ -419,7 +428,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
             graph = _graph(cfg)
             for t in todo:
                 ensure_init(store, t.model_spec(graph.num_features, graph.num_classes), t.init_seed)
-        results = done + (_run_all(cfg, store, todo, len(done)) if todo else [])
+        results = done + (_run_all(cfg, store, todo, len(done), force) if todo else [])
         workers = min(len(todo), cfg.experts.workers or available_cores()) if todo else 0
         mode = "all"
     else:
@@ -431,7 +440,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False) -> dict:
         task = sweep.task(cfg, task_id)
         _set_threads(cfg, SlurmEnv.from_env().cpus_per_task)
         with StopFlag().installed() as stop:
-            results = [train_task(cfg, task, store=store, stop=stop)]
+            results = [train_task(cfg, task, store=store, stop=stop, force=force)]
         log.info("%s", _task_line(results[0]))
         workers, mode = 1, "task"
     results = sorted(results, key=lambda r: r.get("task_id", -1))

@@ -23,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 
-from hpcsoup.errors import ConfigError
+from hpcsoup.errors import ConfigError, ExpertsMissingError
 from hpcsoup.models import ModelSpec
+
+log = logging.getLogger(__name__)
 
 ROLES = ("expert", "specialist")
 
@@ -115,3 +118,41 @@ def task(cfg, task_id: int) -> Task:
                           f"(ids 0..{n - 1}: {cfg.experts.count} experts, "
                           f"{len(cfg.specialists.archs)} specialists); submit with --array=0-{n - 1}")
     return tasks(cfg)[task_id]
+
+
+def require_experts(store, wanted: list[str], stage: str, allow_partial: bool = False,
+                    at_least: int = 1) -> list[str]:
+    """The ``wanted`` expert ids that are complete in ``store``, in order.
+
+    Raises :class:`~hpcsoup.errors.ExpertsMissingError` naming the missing ids when any is
+    not complete (still training, failed, or never submitted), unless ``allow_partial``:
+    then ``stage`` goes on with the complete ones (at least ``at_least``) and says so.
+    """
+    done = {g.id for g in store.groups("experts")}
+    missing = [i for i in wanted if i not in done]
+    if missing and (not allow_partial or len(wanted) - len(missing) < at_least):
+        raise ExpertsMissingError(
+            f"{stage}: {len(missing)} of the {len(wanted)} experts the config asks for are not "
+            f"complete in store '{store.path}': {', '.join(missing)}; wait for their training "
+            f"tasks (squeue --me), rerun them (`hpcsoup train --config <file> --task-id N`), or "
+            f"pass --allow-partial to {stage} the complete one(s) ({stage} needs at least {at_least})")
+    if missing:
+        log.warning("%s --allow-partial: using %d of %d experts; missing %s", stage,
+                    len(wanted) - len(missing), len(wanted), ", ".join(missing))
+    return [i for i in wanted if i in done]
+
+
+def soup_experts_ready(cfg, allow_partial: bool = False) -> list[str]:
+    """:func:`require_experts` for ``hpcsoup soup``: the config's sweep experts (``<arch>-eNNN``).
+
+    Checked when the store was filled by ``hpcsoup train`` (its experts carry ``task_id``) and
+    the soup's architecture is the sweep's; a store assembled by other means is taken as it is.
+    """
+    from hpcsoup.store import Store
+
+    store = Store.open(cfg.store)
+    if (cfg.soup.arch or cfg.experts.arch) != cfg.experts.arch or not any(
+            "task_id" in g.attrs for g in store.groups("experts", role="expert")):
+        return []
+    wanted = [t.expert_id for t in tasks(cfg) if t.role == "expert"]
+    return require_experts(store, wanted, "soup", allow_partial)

@@ -93,17 +93,19 @@ def test_sbatch_array_gives_the_same_experts_as_train_all(slurm_cluster, tmp_pat
     assert _same_weights(array, Store.open(tmp_path / "all.zarr"), ids)
 
 
-def test_plain_sbatch_resubmits_itself_as_an_array(slurm_cluster, tmp_path, data_root):
+@pytest.mark.slow
+def test_sbatch_wait_on_a_plain_submission_returns_when_every_expert_is_done(
+        slurm_cluster, tmp_path, data_root):
+    """`sbatch --wait slurm/train.sh X` submits the array and waits for it (it used to return at once)."""
     config = _config(tmp_path, data_root, "plain.zarr", count=2, epochs=2)
     launcher = _sbatch(tmp_path, str(TRAIN_SH), str(config), "experts.hidden=8", wait=True)
-    log = (tmp_path / "slurm-logs").glob(f"hpcsoup-train-{launcher}_*.out")
-    text = "".join(p.read_text() for p in log)
-    match = re.search(r"submitted array job (\d+) \(--array=0-1\)", text)
-    assert match, _logs(tmp_path)
-    _wait_gone(match.group(1))
-    store = Store.open(tmp_path / "plain.zarr")
+    store = Store.open(tmp_path / "plain.zarr")  # complete when sbatch returns: no polling
     assert [g.id for g in store.groups("experts")] == ["sage-e000", "sage-e001"], _logs(tmp_path)
     assert store.groups("experts")[0].attrs["model"]["hidden"] == 8  # the override travelled
+    text = "".join(p.read_text() for p in (tmp_path / "slurm-logs").glob(f"hpcsoup-train-{launcher}_*"))
+    match = re.search(r"submitted array job (\d+) \(--array=0-1\)", text)
+    assert match and "array finished: every task completed" in text, _logs(tmp_path)
+    assert _state(match.group(1)).split(",") == ["COMPLETED"] * 2 and _state(launcher) == "COMPLETED"
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -115,34 +117,49 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.mark.slow
-def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
-    """What --signal=B:USR1@90 does near the time limit, triggered now with scancel.
+def _restarts(job: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    found = re.findall(r"Restarts=(\d+)", out)
+    return int(found[0]) if found else -1
 
-    SLURM holds a requeued job back for its credential lifetime (cred_expire, 120 s by default)
-    before running it again; rather than idle that long, the test checks that the task was
-    requeued, cancels the requeued copy and reruns the same task id, as a user would.
+
+@pytest.mark.slow
+def test_an_array_task_preempted_twice_resumes_to_the_uninterrupted_weights(
+        slurm_cluster, tmp_path, data_root):
+    """Two real pre-emptions of one array task, each requeued by SLURM itself (no resubmission).
+
+    The first signal goes to the job's steps (`scancel --signal=USR1`: the trainer runs as a step),
+    the second to the batch script (`scancel -b`, as --signal=B:USR1@90 does before the time limit),
+    which forwards it. Each time the trainer checkpoints and exits 75, train.sh requeues the task,
+    and SLURM runs it again (after cred_expire, 10 s on the local cluster); the final weights equal
+    an uninterrupted run's, bit for bit.
     """
-    config = _config(tmp_path, data_root, "pre.zarr", count=1, epochs=25, checkpoint_every=100)
+    config = _config(tmp_path, data_root, "pre.zarr", count=1, epochs=60, checkpoint_every=1000)
     job = _sbatch(tmp_path, "--array=0", str(TRAIN_SH), str(config))
+    task = f"{job}_0"
     log = tmp_path / "slurm-logs" / f"hpcsoup-train-{job}_0.out"
-    _wait_for(lambda: log.exists() and "epoch 3/25" in log.read_text(), 300, "epoch 3")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True)
-    _wait_for(lambda: "requeueing job" in log.read_text(), 120, "the requeue")
-    text = log.read_text()
-    assert "stopped by SIGUSR1" in text and "checkpoint saved" in text, text[-3000:]
-    _wait_for(lambda: "Restarts=1" in subprocess.run(["scontrol", "show", "job", f"{job}_0"],
-                                                     capture_output=True, text=True).stdout,
-              60, "SLURM to requeue the task")
+
+    def text() -> str:
+        return log.read_text() if log.exists() else ""
+
+    _wait_for(lambda: "epoch 3/60" in text(), 300, "epoch 3 of the first run")
+    subprocess.run(["scancel", "--signal=USR1", task], check=True)
+    _wait_for(lambda: _restarts(task) == 1, 120, "SLURM to requeue the task")
+    _wait_for(lambda: "resuming after epoch" in text(), 300, "the requeued run to resume")
+    first_stop = int(re.findall(r"resuming after epoch (\d+)", text())[0])
+    _wait_for(lambda: f"epoch {first_stop + 3}/60" in text(), 300, "three more epochs")
+    subprocess.run(["scancel", "-b", "--signal=USR1", task], check=True)
+    _wait_for(lambda: _restarts(task) == 2, 120, "the second requeue")
+    _wait_gone(job, 600)
+
+    out = text()
+    assert out.count("checkpointed on a signal; requeueing job") == 2, out[-4000:]
+    assert out.count("requeued: when it runs again it continues from its last") == 2, out[-4000:]
+    assert "refused" not in out
+    assert _state(task) == "COMPLETED", out[-4000:]
     store = Store.open(tmp_path / "pre.zarr")
-    assert store.groups("experts") == [] and (store.path / ".checkpoints" / "sage-e000.pt").is_file()
-    subprocess.run(["scancel", job], check=True)
-    _wait_gone(job)
-    rerun = _sbatch(tmp_path, "--array=0", str(TRAIN_SH), str(config), wait=True)
-    text = (tmp_path / "slurm-logs" / f"hpcsoup-train-{rerun}_0.out").read_text()
-    assert "resuming after epoch" in text and "resumed: val" in text, text[-3000:]
     (info,) = store.groups("experts")
-    assert info.attrs["resumed_from_epoch"] >= 3 and info.attrs["slurm"]["array_job_id"] == rerun
+    assert info.attrs["slurm"]["restart_count"] == 2 and info.attrs["resumed_from_epoch"] > first_stop
     reference = build_config(json.loads(config.read_text()), [f"store='{tmp_path / 'ref.zarr'}'"])
     run_train(reference, task_id=0)
     assert _same_weights(store, Store.open(tmp_path / "ref.zarr"), ["sage-e000"])
