@@ -59,15 +59,17 @@ def test_run_every_stage_locally(tmp_path, data_root, mpiexec):
 def test_submit_dry_run_chains_stages(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(QUICKSTART, TINY)
-    jobs = submit(cfg, str(QUICKSTART), TINY, dry_run=True)["jobs"]
+    result = submit(cfg, str(QUICKSTART), TINY, dry_run=True)
+    jobs = result["jobs"]
     assert "--array=0-3" in jobs["train"] and "--export=NONE" in jobs["train"]
     assert "--dependency=afterok:<train>" in jobs["soup"]
     assert "--dependency=afterok:<train>" in jobs["merge"]
     assert "--dependency=afterok:<soup>:<merge>" in jobs["report"]
     assert all("--kill-on-invalid-dep=yes" in jobs[s] for s in ("soup", "merge", "report"))
     assert f"{tmp_path}/slurm-logs/scripts/quickstart-soup.sh {QUICKSTART}" in jobs["soup"]
-    err = capsys.readouterr().err
-    assert f"logs:    {tmp_path}/slurm-logs/" in err and " report: sbatch --parsable" in err
+    from hpcsoup import summary
+    text = summary.submit(result)  # what `hpcsoup submit` prints on stdout
+    assert f"logs:  {tmp_path}/slurm-logs" in text and "  report: sbatch --parsable" in text
     assert not (tmp_path / "slurm-logs").exists()  # a dry run writes nothing
 
 
@@ -175,5 +177,7 @@ def test_submit_from_the_package_alone_renders_and_submits_every_stage(tmp_path)
     assert "#SBATCH --job-name=quickstart-train" in train and "#SBATCH --time=00:30:00" in train
     assert f'PY="${{HPCSOUP_PYTHON:-{sys.executable}}}"' in train
     assert "#SBATCH --ntasks=2" in (tmp_path / "submitted-2.sh").read_text()
-    assert f"logs:    {work}/slurm-logs/" in done.stderr and "follow:  squeue -j 101,102,103,104" \
-        in done.stderr and "soup: job 102 (after afterok:101)" in done.stderr
+    from hpcsoup import summary
+    text = summary.submit(result)  # what the command prints on stdout without --json
+    assert f"logs:  {work}/slurm-logs" in text and "follow: squeue --jobs=101,102,103,104" in text
+    assert "soup    102  after train succeed" in text

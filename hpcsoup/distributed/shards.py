@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -44,6 +43,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from hpcsoup.errors import StoreError, StoreNotFoundError
+from hpcsoup.store.zarr_store import remove_tree
 from hpcsoup.soup.pls import LocalPartitionSource, Part
 
 GRAPHS = "graphs"
@@ -145,7 +145,7 @@ def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
             if not _complete(path):
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     return path
 
 

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import time
 import socket
 import uuid
 from pathlib import Path
@@ -169,6 +170,22 @@ class GroupInfo:
         return self.attrs.get("complete") is True
 
 
+def remove_tree(path: Path, attempts: int = 20) -> None:
+    """Remove a temporary folder for good, even while writes to it are still landing.
+
+    zarr writes chunks from its own event-loop thread: when one write fails (a full disk),
+    others may still create files after a first ``rmtree`` (seen: 1 run in 3 left a
+    temporary group behind). Retry until the folder stays gone.
+    """
+    gone = 0
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        gone = gone + 1 if not os.path.lexists(path) else 0
+        if gone == 2:  # still gone after a pause: no write was in flight
+            return
+        time.sleep(0.05)
+
+
 class Store:
     """A hpcsoup Zarr store on a (shared) file system.
 
@@ -212,7 +229,7 @@ class Store:
                         if not (path / "zarr.json").is_file():
                             raise
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
         return cls.open(path)
 
     @classmethod
@@ -375,7 +392,7 @@ class Store:
                         raise
                     return False
         finally:
-            shutil.rmtree(self._dir(INITS, tmp_name), ignore_errors=True)
+            remove_tree(self._dir(INITS, tmp_name))
         return True
 
     def read_init(self, init_id: str) -> dict:
@@ -438,7 +455,7 @@ class Store:
                                 "copy was kept and this one discarded", self.path, kind, group_id)
                     return GroupInfo(kind, group_id, winner)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         return GroupInfo(kind, group_id, {**attrs, "complete": True})
 
     def _publish(self, kind: str, group_id: str, tmp: Path, overwrite: bool) -> bool:
