@@ -98,13 +98,13 @@ def _graph(cfg) -> Graph:
     return _GRAPHS[key]
 
 
-def _train_nodes(graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def _train_nodes(cfg, graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The task's training mask, its region (specialists) and the ``train_nodes`` attr."""
     train = graph.mask("train")
     if task.role == "expert":
         return train, None, {"split": "all", "region": None, "parents": None, "seed": None,
                              "count": int(train.sum())}
-    region = specialist_regions(graph, task.split, task.parents, seed=task.region_seed)
+    region = specialist_regions(graph, task.split, task.parents, seed=task.region_seed, cfg=cfg)
     mask = train & (region == task.region)
     if not mask.any():
         raise ConfigError(f"specialist '{task.expert_id}': region {task.region} of the "
@@ -119,10 +119,10 @@ def _batches(cfg, graph: Graph) -> ClusterBatches | None:
     e = cfg.experts
     if e.batching == "full":
         return None
-    from hpcsoup.data.partition import partition, partition_cache_dir
+    from hpcsoup.data.partition import partition_for
 
-    parts = partition(graph, None, e.batch_partitions, seed=cfg.data.seed,
-                      cache_dir=partition_cache_dir(cfg.data.root or None))
+    # the graph's one stored partition (METIS seed 0), shared with the soup stage and PLS ranks
+    parts = partition_for(cfg, e.batch_partitions, seed=0, graph=graph)
     return ClusterBatches(graph.data.edge_index, parts, e.parts_per_batch)
 
 
@@ -131,7 +131,8 @@ def _run_key(cfg, task: sweep.Task, iid: str, graph: Graph) -> str:
     e = cfg.experts
     text = json.dumps({"task": task.to_dict(), "init_id": iid, "dataset": graph.info(),
                        "batching": [e.batching, e.batch_partitions, e.parts_per_batch],
-                       "eval_every": e.eval_every, "device": cfg.device}, sort_keys=True)
+                       "eval_every": e.eval_every, "patience": e.patience, "device": cfg.device},
+                      sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -178,7 +179,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     iid, init_state = ensure_init(store, spec, task.init_seed)
     model = build_model(spec)
     model.load_state_dict(init_state)
-    train_mask, region, train_nodes = _train_nodes(graph, task)
+    train_mask, region, train_nodes = _train_nodes(cfg, graph, task)
     checkpoint = Checkpointer(store.path / CHECKPOINTS / f"{task.expert_id}.pt",
                               key=_run_key(cfg, task, iid, graph), every=cfg.experts.checkpoint_every,
                               stop=stop, name=task.expert_id)
@@ -189,14 +190,16 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
                  weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
                  on_epoch=_progress(task, cfg.experts.progress_every),
                  batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
-                 checkpoint=checkpoint)
+                 patience=cfg.experts.patience, checkpoint=checkpoint)
     metrics = {k: result.metrics[k] for k in ("metric", "val", "test", "best_epoch")}
     slurm = SlurmEnv.from_env()
     attrs = {
         "arch": task.arch, "model": spec.to_dict(), "dataset": graph.name, "init_id": iid,
         "seed": task.seed, "role": task.role, "task_id": task.task_id, "train_nodes": train_nodes,
         "hyper": {"epochs": task.epochs, "lr": task.lr, "weight_decay": task.weight_decay,
-                  "dropout": task.dropout, "batching": cfg.experts.batching},
+                  "dropout": task.dropout, "batching": cfg.experts.batching,
+                  "patience": cfg.experts.patience},
+        "epochs_trained": result.last_epoch + 1,
         "config": cfg.to_dict(), "metrics": metrics, "train_seconds": result.seconds,
         "resumed_from_epoch": None if result.resumed_from is None else result.resumed_from + 1,
         "threads": torch.get_num_threads(), "device": cfg.device, "versions": provenance(),
