@@ -55,6 +55,24 @@ class TrainResult:
     last_epoch: int = -1      # the last epoch trained (before `epochs - 1` when patience stopped it)
 
 
+def check_device(device: str | torch.device) -> None:
+    """A clear :class:`ConfigError` when ``device`` is CUDA and this torch cannot reach it.
+
+    ``"cuda"`` is the first visible GPU: under SLURM (``--gpus-per-task``) the one the job was
+    given, since SLURM sets ``CUDA_VISIBLE_DEVICES``.
+    """
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config device={device!r}, but this torch ({torch.__version__}) sees no "
+                              f"CUDA device; set device='cpu' (--set device=cpu) or install a CUDA "
+                              f"build of torch")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"config device={device!r}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
 class CompactForward:
     """``model`` run on a compact sparse adjacency: the soups' template with the model's tensors.
 
@@ -167,6 +185,7 @@ def fit(model: torch.nn.Module, graph: Graph, *, train_mask: torch.Tensor | None
     """
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
         raise ConfigError(f"patience={patience!r}: must be an integer >= 0 (0 = no early stop)")
+    check_device(device)
     start = time.perf_counter()
     device = torch.device(device)
     data = graph.data

@@ -36,7 +36,7 @@ from hpcsoup.slurm import SlurmEnv
 from hpcsoup.store import Store, provenance
 from hpcsoup.train import sweep
 from hpcsoup.train.checkpoint import STOP_SIGNALS, Checkpointer, Preempted, StopFlag
-from hpcsoup.train.loop import ClusterBatches, fit
+from hpcsoup.train.loop import ClusterBatches, check_device, fit
 from hpcsoup.train.regions import specialist_regions
 
 log = logging.getLogger(__name__)
@@ -153,18 +153,6 @@ def _progress(task: sweep.Task, every: int):
     return on_epoch
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config device={device!r}, but this torch ({torch.__version__}) sees no "
-                              f"CUDA device; set device='cpu' (--set device=cpu) or install a CUDA "
-                              f"build of torch")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConfigError(f"config device={device!r}: only {torch.cuda.device_count()} CUDA "
-                              f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-
-
 def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None) -> dict:
     """Train one task's expert into the store (a no-op when it is already complete)."""
     store = store or open_store(cfg)
@@ -173,7 +161,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         _say(f"[{task.expert_id}] already complete in {store.path}: nothing to do")
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
-    _check_device(cfg.device)
+    check_device(cfg.device)
     graph = _graph(cfg)
     spec = task.model_spec(graph.num_features, graph.num_classes)
     iid, init_state = ensure_init(store, spec, task.init_seed)

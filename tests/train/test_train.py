@@ -179,6 +179,14 @@ def test_patience_stops_after_p_checks_without_a_better_score_and_keeps_the_best
         _fit(graph, patience=-1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fit_on_cuda_without_cuda_is_a_clear_error_before_any_work():
+    model = build_model(ModelSpec("sage", 8, 3, hidden=16), seed=0)
+    with pytest.raises(ConfigError, match=r"device='cuda:1', but this torch .* sees no CUDA device; "
+                                          r"set device='cpu'"):
+        fit(model, tiny_graph(), epochs=2, device="cuda:1")
+
+
 def test_patience_survives_a_resume(tmp_path):
     graph = tiny_graph(n=120, seed=2)
     whole = _fit(graph, epochs=300, patience=3)
