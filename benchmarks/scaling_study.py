@@ -166,14 +166,18 @@ def run_study(args) -> list[dict]:
     rows = []
     for nodes in args.nodes:
         config = _config_file(args.config, nodes, work, args.set)
-        if any(s in SOUPS or s == "merge" for s in args.stages):
-            # soups and the merge need every expert and specialist (not timed)
-            prep = measure([sys.executable, "-m", "hpcsoup", "train", "--config", config, "--all",
-                            "--json"], env)
-            if not prep.get("ok"):
-                print(f"{nodes} nodes: training the experts failed (exit {prep['exit']})",
-                      file=sys.stderr)
+        shutil.rmtree(work / f"n{nodes}.zarr", ignore_errors=True)   # every stage starts afresh
+        trained = False
         for stage in [s for s in STAGES if s in args.stages]:
+            if (stage in SOUPS or stage == "merge") and not trained:
+                # soups and the merge need every expert and specialist: trained here, untimed,
+                # after the timed `train` stage (which must find its expert missing)
+                prep = measure([sys.executable, "-m", "hpcsoup", "train", "--config", config,
+                                "--all", "--json"], env)
+                trained = True
+                if not prep["ok"]:
+                    print(f"{nodes} nodes: training the experts failed (exit {prep['exit']})",
+                          file=sys.stderr)
             for ranks in (args.ranks if stage == "pls" else [1]):
                 load = os.getloadavg()[0]
                 row = dict(measure(stage_commands(stage, ranks, config), env), stage=stage,

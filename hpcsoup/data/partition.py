@@ -16,10 +16,13 @@
 
 Graphs with more than :data:`METIS_MAX_EDGES` directed edges are partitioned on a sparsified
 copy (every undirected edge kept with the same probability, decided by a seeded hash of the
-pair, so the copy stays symmetric): METIS' memory grows with the edges (measured about 80 bytes
-per directed edge with pymetis' 64-bit indices), and on a graph of degree ~50 half the edges
-still carry the community structure (edge cut measured against full METIS: see
-benchmarks/RESULTS.md, ``## products``).
+pair, so the copy stays symmetric): METIS' memory grows with the edges (measured about 100 bytes
+per directed edge with pymetis' 64-bit indices: 4.9 GB for synthetic-products at 1M nodes, 50M
+edges, which puts ogbn-products' 124M edges near 12 GB), while on a graph of degree ~50 a
+quarter of the edges still carries the community structure (at 1M nodes the edge cut of 32
+parts rose from 0.405 to 0.416 with half the edges and to 0.434 with a quarter; see
+benchmarks/RESULTS.md, ``## products``). The partition of a graph with the default limit is
+thus at most ~3.5 GB of METIS at any size.
 
 Example::
 
@@ -49,7 +52,7 @@ CACHE_PATTERN = "{name}-{nodes}-k{k}-s{seed}-{fingerprint}.pt"
 #: stored partition of an identified graph: ``<graph key>-k<K>-s<seed>.pt``
 GRAPH_PATTERN = "{key}-k{k}-s{seed}.pt"
 #: above this many directed edges (self-loops excluded) METIS runs on a sparsified copy
-METIS_MAX_EDGES = 64_000_000
+METIS_MAX_EDGES = 32_000_000
 
 
 def partition_cache_dir(root: str | Path | None = None) -> Path:
