@@ -111,14 +111,16 @@ def work_seconds(result: dict | None) -> float | None:
     if not isinstance(result, dict):
         return None
     if "metis_s" in result:
-        return result["metis_s"]
-    if "load_s" in result:
-        return result["load_s"]
-    if result.get("tasks"):
-        return result["tasks"][0].get("train_seconds")
-    if result.get("soups"):
-        return result["soups"][0].get("seconds")
-    return result.get("seconds")
+        value = result["metis_s"]
+    elif "load_s" in result:
+        value = result["load_s"]
+    elif result.get("tasks"):
+        value = result["tasks"][0].get("train_seconds")
+    elif result.get("soups"):
+        value = result["soups"][0].get("seconds")
+    else:
+        value = result.get("seconds")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _mpiexec() -> str:
