@@ -29,7 +29,8 @@ Usage::
         --set experts.epochs=2
 
 Writes a markdown table to stdout, ``benchmarks/out/scaling_study.json`` and
-``benchmarks/out/scaling_study.png``. Every size gets its own store
+``benchmarks/out/scaling_study.png`` (``--append``: together with the rows already there, so a
+study can run size by size). Every size gets its own store
 (``<work>/n<nodes>.zarr``); graphs' partitions are stored under ``<work>/data``.
 """
 from __future__ import annotations
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(OUT / "scaling_study"),
                         help="stores and data of the study")
     parser.add_argument("--keep", action="store_true", help="keep each size's store")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the rows of benchmarks/out/scaling_study.json (a study run "
+                             "in pieces); a stage measured again replaces its earlier row")
     parser.add_argument("--stage", choices=("data", "partition"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
@@ -293,12 +297,20 @@ def main(argv: list[str] | None = None) -> None:
     args.nodes = [int(n) for n in args.nodes]
     if any(r < 1 for r in args.ranks):
         parser.error(f"--ranks {args.ranks}: every rank count must be >= 1")
-    rows = run_study(args)
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    rows, commands = run_study(args), [command]
+    saved = OUT / "scaling_study.json"
+    if args.append and saved.is_file():         # earlier runs' rows, unless measured again now
+        earlier = json.loads(saved.read_text())
+        done = {(r["stage"], r["nodes"], r["ranks"]) for r in rows}
+        rows = [r for r in earlier["rows"] if (r["stage"], r["nodes"], r["ranks"]) not in done] + rows
+        rows.sort(key=lambda r: (r["nodes"], STAGES.index(r["stage"]), r["ranks"]))
+        commands = earlier.get("commands", []) + commands
     fits = exponents(rows)
     print_table(rows, fits)
     OUT.mkdir(exist_ok=True)
-    (OUT / "scaling_study.json").write_text(json.dumps(
-        {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "config": args.config,
+    saved.write_text(json.dumps(
+        {"commands": commands, "config": args.config,
          "overrides": args.set, "nodes": args.nodes, "ranks": args.ranks, "stages": args.stages,
          "rows": rows, "growth_exponents": fits, "cores": os.cpu_count(),
          "this_process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
