@@ -27,6 +27,8 @@ Usage::
     python benchmarks/scaling_study.py --nodes 1e5 4e5 1e6 2.45e6 --ranks 1 2 4
     python benchmarks/scaling_study.py --nodes 1e5 2e5 --stages data partition train \\
         --set experts.epochs=2
+    python benchmarks/scaling_study.py --nodes 1e6 --metis-edges 1e12 32e6 12.5e6
+                         # METIS on all edges vs sparsified copies: time, memory, edge cut
 
 Writes a markdown table to stdout, ``benchmarks/out/scaling_study.json`` and
 ``benchmarks/out/scaling_study.png`` (``--append``: together with the rows already there, so a
@@ -81,6 +83,54 @@ def _stage_body(stage: str, config: str) -> dict:
         partition_for(cfg, k, seed=0, graph=graph)
         out["metis_s"] = time.perf_counter() - start
     return out
+
+
+def _metis_body(config: str, max_edges: int) -> dict:
+    """One METIS run on a share of the edges (``--metis-edges``): seconds, edge cut, balance."""
+    import torch
+
+    from hpcsoup.config import load_config
+    from hpcsoup.data import load_from_config
+    from hpcsoup.data.partition import edge_cut, graph_partition, metis_keep
+
+    cfg = load_config(config)
+    torch.set_num_threads(1)
+    graph = load_from_config(cfg)
+    k = cfg.experts.batch_partitions
+    start = time.perf_counter()
+    parts = graph_partition(None, k, 0, graph=graph, max_edges=max_edges)
+    seconds = time.perf_counter() - start
+    edges = graph.data.edge_index
+    return {"metis_s": seconds, "k": k, "edges": int(edges.size(1)), "max_edges": max_edges,
+            "edge_share": metis_keep(edges.size(1), max_edges), "edge_cut": edge_cut(edges, parts),
+            "largest_part_over_mean": float(torch.bincount(parts, minlength=k).max()) * k
+            / graph.num_nodes}
+
+
+def compare_metis(args) -> list[dict]:
+    """METIS on the whole graph vs on sparsified copies: time, peak RSS and the edge cut."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    rows = []
+    for nodes in args.nodes:
+        config = _config_file(args.config, nodes, work, args.set)
+        for max_edges in args.metis_edges:
+            run = measure([sys.executable, str(Path(__file__).resolve()), "--stage", "metis",
+                           "--config", config, "--max-edges", str(max_edges)], env)
+            rows.append(dict(run["result"] or {}, nodes=nodes, ok=run["ok"],
+                             process_peak_rss_gib=run["peak_rss_gib"], cpu_s=run["cpu_s"]))
+            print(f"{nodes} nodes, max_edges {max_edges}: {rows[-1]}", file=sys.stderr, flush=True)
+    print("| nodes | edges METIS sees | METIS s | process CPU s | process peak RSS GiB | edge cut "
+          "| largest part / mean |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["ok"]:
+            print(f"| {r['nodes']:,} | {r['edge_share']:.0%} of {r['edges']:,} | {r['metis_s']:.1f} | "
+                  f"{r['cpu_s']:.1f} | {r['process_peak_rss_gib']:.2f} | {r['edge_cut']:.4f} | "
+                  f"{r['largest_part_over_mean']:.3f} |")
+    return rows
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -289,12 +339,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add to the rows of benchmarks/out/scaling_study.json (a study run "
                              "in pieces); a stage measured again replaces its earlier row")
-    parser.add_argument("--stage", choices=("data", "partition"), help=argparse.SUPPRESS)
+    parser.add_argument("--metis-edges", nargs="+", type=float, metavar="MAX_EDGES",
+                        help="instead of the study: METIS with each edge limit (e.g. 1e12 32e6 "
+                             "12.5e6) on each --nodes graph: time, peak RSS, edge cut")
+    parser.add_argument("--stage", choices=("data", "partition", "metis"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-edges", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.stage == "metis":
+        print(json.dumps(_metis_body(args.config, int(args.max_edges))))
+        return
     if args.stage:
         print(json.dumps(_stage_body(args.stage, args.config)))
         return
     args.nodes = [int(n) for n in args.nodes]
+    if args.metis_edges:
+        args.metis_edges = [int(m) for m in args.metis_edges]
+        rows = compare_metis(args)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "scaling_study_metis.json").write_text(json.dumps(
+            {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "rows": rows}, indent=2))
+        return
     if any(r < 1 for r in args.ranks):
         parser.error(f"--ranks {args.ranks}: every rank count must be >= 1")
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
