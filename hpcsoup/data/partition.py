@@ -20,9 +20,9 @@ pair, so the copy stays symmetric): METIS' memory grows with the edges (measured
 per directed edge with pymetis' 64-bit indices: 4.9 GB for synthetic-products at 1M nodes, 50M
 edges, which puts ogbn-products' 124M edges near 12 GB), while on a graph of degree ~50 a
 quarter of the edges still carries the community structure (at 1M nodes the edge cut of 32
-parts rose from 0.405 to 0.416 with half the edges and to 0.434 with a quarter; see
-benchmarks/RESULTS.md, ``## products``). The partition of a graph with the default limit is
-thus at most ~3.5 GB of METIS at any size.
+parts rose from 0.405 to 0.416 with 64% of the edges, the default limit there, and to 0.434
+with 25%; process peak 6.5 -> 4.9 -> 3.0 GiB; see benchmarks/RESULTS.md, ``## products``).
+With the default limit METIS itself stays near 3.5 GB at any size.
 
 Example::
 
