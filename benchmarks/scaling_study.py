@@ -246,6 +246,21 @@ def run_study(args) -> list[dict]:
     return rows
 
 
+def quality(result: dict | None) -> str:
+    """``val / test`` of what the stage produced (expert, soup, merged child), else ``-``."""
+    metrics = None
+    if isinstance(result, dict):
+        if result.get("tasks"):
+            metrics = result["tasks"][0].get("metrics")
+        elif result.get("soups"):
+            metrics = result["soups"][0].get("metrics")
+        else:
+            metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not {"val", "test"} <= set(metrics):
+        return "-"
+    return f"{metrics['val']:.4f} / {metrics['test']:.4f}"
+
+
 def growth_exponent(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of ``log y`` against ``log x`` (``None`` below two distinct x)."""
     points = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
@@ -270,14 +285,14 @@ def exponents(rows: list[dict]) -> dict:
 
 def print_table(rows: list[dict], fits: dict) -> None:
     print("| stage | nodes | ranks | wall s | CPU s (user + sys) | sys s | stage's own s "
-          "| peak RSS GiB | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS GiB | val / test | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         status = "" if r["ok"] else f" (failed, exit {r['exit']})"
         work = f"{r['work_s']:.1f}" if r["work_s"] is not None else "-"
         print(f"| {r['stage']}{status} | {r['nodes']:,} | {r['ranks']} | {r['seconds']:.1f} | "
               f"{r['cpu_s']:.1f} | {r['sys_s']:.1f} | {work} | {r['peak_rss_gib']:.2f} | "
-              f"{r['loadavg_1min']:.1f} |")
+              f"{quality(r['result'])} | {r['loadavg_1min']:.1f} |")
     print("\n| stage | growth exponent: wall s | CPU s | peak memory |")
     print("|---|---|---|---|")
     for stage, fit in fits.items():
@@ -344,7 +359,13 @@ def main(argv: list[str] | None = None) -> None:
                              "12.5e6) on each --nodes graph: time, peak RSS, edge cut")
     parser.add_argument("--stage", choices=("data", "partition", "metis"), help=argparse.SUPPRESS)
     parser.add_argument("--max-edges", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true",
+                        help="print the table of benchmarks/out/scaling_study.json, run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads((OUT / "scaling_study.json").read_text())
+        print_table(saved["rows"], exponents(saved["rows"]))
+        return
     if args.stage == "metis":
         print(json.dumps(_metis_body(args.config, int(args.max_edges))))
         return
