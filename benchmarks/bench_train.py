@@ -20,6 +20,16 @@ Usage::
     .venv/bin/python benchmarks/bench_train.py --quick          # 4 experts, 5 epochs, 1 round
 
 Writes benchmarks/out/bench_train.json and prints a table.
+
+Two more measurements at products scale (synthetic-products, one GraphSAGE 2x64 expert with
+Cluster-GCN batches of 4 of 32 METIS parts, a full-graph validation check every epoch, 1 thread):
+
+- ``--one-expert NODES``: time and peak RSS of the expert's training + validation alone
+  (``fit``, sampled every 5 ms) and of the whole process, user and system CPU seconds; one JSON
+  line. It uses only APIs older trees have too, so ``PYTHONPATH=<old tree>`` gives "before".
+- ``--malloc NODES``: the same workload as child processes with and without allocator settings
+  (glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, transparent huge pages for malloc through
+  ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), interleaved over ``--rounds``: user vs system time.
 """
 from __future__ import annotations
 
@@ -80,6 +90,79 @@ def machine_capacity(iterations: int = 3000) -> float:
     return 2 * alone / pair
 
 
+def one_expert(nodes: int, epochs: int, data_root: str) -> dict:
+    """One synthetic-products expert's training + validation: seconds, peak RSS, CPU times."""
+    import resource
+
+    from hpcsoup.data import load_dataset
+    from hpcsoup.data.partition import partition, partition_cache_dir
+    from hpcsoup.models import ModelSpec, build_model
+    from hpcsoup.soup.run import PeakMemory
+    from hpcsoup.train.loop import ClusterBatches, fit
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    graph = load_dataset("synthetic-products", data_root, nodes=nodes)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    parts = partition(graph, None, 32, seed=0, cache_dir=partition_cache_dir(data_root))
+    partition_s = time.perf_counter() - start
+    model = build_model(ModelSpec("sage", graph.num_features, graph.num_classes, hidden=64), seed=0)
+    batches = ClusterBatches(graph.data.edge_index, parts, 4)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    with PeakMemory() as memory:
+        result = fit(model, graph, epochs=epochs, lr=0.01, seed=0, batches=batches)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"nodes": nodes, "edges": int(graph.data.edge_index.size(1)), "epochs": epochs,
+            "load_s": load_s, "partition_s": partition_s, "fit_s": result.seconds,
+            "fit_user_s": after.ru_utime - before.ru_utime,
+            "fit_sys_s": after.ru_stime - before.ru_stime,
+            "rss_before_fit_gib": memory.start / 2**30, "fit_peak_rss_gib": memory.peak / 2**30,
+            "process_peak_rss_gib": after.ru_maxrss / 2**20,
+            "val": result.metrics["val"], "test": result.metrics["test"]}
+
+
+#: allocator settings compared by --malloc (environment additions of the child process)
+MALLOC_VARIANTS = {
+    "default": {},
+    "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+    "glibc.malloc.hugetlb=1": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+
+
+def malloc_study(nodes: int, epochs: int, rounds: int, data_root: str) -> list[dict]:
+    """User vs system CPU time of :func:`one_expert` under each allocator setting, interleaved."""
+    import subprocess
+
+    rows = []
+    for r in range(rounds):
+        names = list(MALLOC_VARIANTS) if r % 2 == 0 else list(MALLOC_VARIANTS)[::-1]
+        for name in names:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+            env.update(MALLOC_VARIANTS[name])
+            load = os.getloadavg()[0]
+            out = subprocess.run([sys.executable, __file__, "--one-expert", str(nodes), "--epochs",
+                                  str(epochs), "--data-root", data_root], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            row = dict(json.loads(out.strip().splitlines()[-1]), variant=name, round=r,
+                       loadavg_1min=load)
+            rows.append(row)
+            print(f"round {r} {name}: fit {row['fit_s']:.1f} s, user {row['fit_user_s']:.1f} s, "
+                  f"sys {row['fit_sys_s']:.1f} s, fit peak {row['fit_peak_rss_gib']:.2f} GiB, "
+                  f"load {load:.1f}", file=sys.stderr)
+    print("| allocator | fit s | user s | sys s | sys share | fit peak RSS GiB |")
+    print("|---|---|---|---|---|---|")
+    for name in MALLOC_VARIANTS:
+        runs = [x for x in rows if x["variant"] == name]
+        user = statistics.median(x["fit_user_s"] for x in runs)
+        system = statistics.median(x["fit_sys_s"] for x in runs)
+        print(f"| {name} | {statistics.median(x['fit_s'] for x in runs):.1f} | {user:.1f} | "
+              f"{system:.1f} | {system / (user + system):.0%} | "
+              f"{statistics.median(x['fit_peak_rss_gib'] for x in runs):.2f} |")
+    return rows
+
+
 def _weights(store: Path) -> dict:
     s = Store.open(store)
     return {g.id: s.load_group("experts", g.id)[0] for g in s.groups("experts")}
@@ -92,7 +175,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data-root", default=str(OUT / "data"))
     parser.add_argument("--quick", action="store_true", help="4 experts, 5 epochs, 1 round")
+    parser.add_argument("--one-expert", type=int, metavar="NODES",
+                        help="time and memory of one synthetic-products expert (JSON line)")
+    parser.add_argument("--malloc", type=int, metavar="NODES",
+                        help="user vs system time of --one-expert under allocator settings")
     args = parser.parse_args()
+    if args.one_expert:
+        print(json.dumps(one_expert(args.one_expert, args.epochs, args.data_root)))
+        return
+    if args.malloc:
+        rows = malloc_study(args.malloc, args.epochs, args.rounds, args.data_root)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "bench_train_malloc.json").write_text(json.dumps(rows, indent=2))
+        return
     if args.quick:
         args.experts, args.epochs, args.rounds = 4, 5, 1
     torch.set_num_threads(1)

@@ -77,6 +77,8 @@ SCHEMA: dict = {
         "parts_per_batch": Field(4, (int,), **_pos()),
         "checkpoint_every": Field(10, (int,), **_pos("epochs between resume checkpoints")),
         "eval_every": Field(1, (int,), **_pos("epochs between validation checks (model selection)")),
+        "patience": Field(0, (int,), **_nonneg("validation checks without a better score before "
+                                               "training stops; 0 = train every epoch")),
         "progress_every": Field(1, (int,), **_pos("epochs between progress lines")),
         "workers": Field(0, (int,), **_nonneg("Dask worker processes for --all; 0 = one per core")),
         "sweep": {

@@ -1,17 +1,32 @@
 """METIS partitions of a graph and the halo subgraphs that partition souping runs on.
 
+- :func:`partition_for`: **the** partition of a config's graph for ``(K, seed)``, computed once per
+  graph (one process computes under a file lock, every other one reads the stored result) and
+  shared by training's Cluster-GCN batches, the soup's node order and every PLS rank; a caller
+  without the graph in memory (an MPI rank) reads it without loading the graph;
+- :func:`graph_partition`: the same, keyed by an explicit graph identity (:func:`graph_identity`);
 - :func:`partition`: ``k`` balanced parts by METIS (Karypis & Kumar, SIAM J. Sci. Comput. 1998)
   through ``pymetis`` (PyG's ``ClusterData`` needs torch-sparse, which has no wheels here),
-  seeded, deterministic, cached on disk;
+  seeded, deterministic, cached on disk by edge fingerprint;
 - :func:`part_nodes`: the node ids of every part;
 - :func:`induced_subgraph_with_halo`: a part's nodes plus their ``hops``-hop halo and every edge
   among them -- with enough hops (:func:`exact_hops`) a GNN's outputs on the part's nodes equal
   its full-graph outputs;
 - :func:`edge_cut`: the fraction of edges joining different parts.
 
+Graphs with more than :data:`METIS_MAX_EDGES` directed edges are partitioned on a sparsified
+copy (every undirected edge kept with the same probability, decided by a seeded hash of the
+pair, so the copy stays symmetric): METIS' memory grows with the edges (measured about 100 bytes
+per directed edge with pymetis' 64-bit indices: 4.9 GB for synthetic-products at 1M nodes, 50M
+edges, which puts ogbn-products' 124M edges near 12 GB), while on a graph of degree ~50 a
+quarter of the edges still carries the community structure (at 1M nodes the edge cut of 32
+parts rose from 0.405 to 0.416 with 64% of the edges, the default limit there, and to 0.434
+with 25%; process peak 6.5 -> 4.9 -> 3.0 GiB; see benchmarks/RESULTS.md, ``## products``).
+With the default limit METIS itself stays near 3.5 GB at any size.
+
 Example::
 
-    parts = partition(graph, None, 32, seed=0, cache_dir=partition_cache_dir(root))
+    parts = partition_for(cfg, 32, seed=0, graph=graph)     # computed once, then read
     for nodes in part_nodes(parts, 32):
         subset, local_edges, core = induced_subgraph_with_halo(
             graph.data.edge_index, graph.num_nodes, nodes, exact_hops("sage", layers=2))
@@ -34,6 +49,10 @@ from hpcsoup.errors import DatasetError
 
 #: cache file name: ``<name>-<nodes>-k<K>-s<seed>-<edge fingerprint>.pt``
 CACHE_PATTERN = "{name}-{nodes}-k{k}-s{seed}-{fingerprint}.pt"
+#: stored partition of an identified graph: ``<graph key>-k<K>-s<seed>.pt``
+GRAPH_PATTERN = "{key}-k{k}-s{seed}.pt"
+#: above this many directed edges (self-loops excluded) METIS runs on a sparsified copy
+METIS_MAX_EDGES = 32_000_000
 
 
 def partition_cache_dir(root: str | Path | None = None) -> Path:
@@ -77,9 +96,7 @@ def partition(graph_or_edge_index, num_nodes: int | None, k: int, seed: int = 0,
         LongTensor [num_nodes] of part ids in ``0 .. k-1``.
     """
     name, edge_index, num_nodes = _unpack(graph_or_edge_index, num_nodes)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_nodes:
-        raise DatasetError(f"partition of '{name}': k={k!r} parts is invalid; use an integer "
-                           f"from 1 to the node count {num_nodes}")
+    _check_k(name, k, num_nodes)
     if k == 1:
         return torch.zeros(num_nodes, dtype=torch.long)
     path = None
@@ -94,6 +111,116 @@ def partition(graph_or_edge_index, num_nodes: int | None, k: int, seed: int = 0,
     if path is not None:
         _write_cache(path, parts)
     return parts
+
+
+def _check_k(name: str, k, num_nodes: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_nodes:
+        raise DatasetError(f"partition of '{name}': k={k!r} parts is invalid; use an integer "
+                           f"from 1 to the node count {num_nodes}")
+
+
+def graph_identity(dataset: str, nodes: int | None = None, seed: int | None = None) -> str:
+    """A file-name-safe identity of a graph: the dataset, plus size and seed for generated ones.
+
+    Only what changes the edges is part of it: a split changes the masks, not the graph, so
+    every split of a dataset shares one partition.
+    """
+    from hpcsoup.data.datasets import SYNTHETIC
+
+    text = f"{dataset}-n{nodes}-seed{seed}" if dataset == SYNTHETIC else dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def partition_for(cfg, k: int, seed: int = 0, graph=None) -> torch.Tensor:
+    """The METIS partition of ``cfg``'s graph (its ``[data]`` section) into ``k`` parts.
+
+    The one call every stage makes (training's Cluster-GCN batches, the soup's node order,
+    PLS ranks): the result is stored under ``<data.root>/partitions`` (:func:`partition_cache_dir`)
+    and computed by whichever process asks first; see :func:`graph_partition`. ``graph`` is the
+    loaded graph if the caller has it; without it the stored partition is read, and the graph
+    is loaded (:func:`hpcsoup.data.load_from_config`) only when none is stored yet.
+    """
+    d = cfg.data
+    key = graph_identity(d.dataset, d.nodes, d.seed)
+    cache_dir = partition_cache_dir(d.root or None)
+    if graph is None and _stored(cache_dir / GRAPH_PATTERN.format(key=key, k=k, seed=seed)) is None:
+        from hpcsoup.data.datasets import load_from_config
+        graph = load_from_config(cfg)
+    return graph_partition(key, k, seed, graph=graph, cache_dir=cache_dir)
+
+
+def graph_partition(key: str | None, k: int, seed: int = 0, *, graph=None, num_nodes: int | None = None,
+                    cache_dir: str | Path | None = None, max_edges: int | None = None) -> torch.Tensor:
+    """The METIS partition of the graph called ``key`` into ``k`` parts: computed once, then read.
+
+    Args:
+        key: the graph's identity (:func:`graph_identity`); ``None`` computes without storing.
+        k: number of parts, 1 to the node count.
+        seed: METIS' (and the sparsification's) seed (default: ``0``).
+        graph: the graph (a :class:`~hpcsoup.data.datasets.Graph`, PyG ``Data`` or
+            ``edge_index``); needed to compute, and when given a stored partition is used only
+            if it was made from the same edges (fingerprint), so a changed generator never
+            reads a stale one. ``None``: read the stored partition (a process without the graph).
+        num_nodes: the node count when ``graph`` is a bare ``edge_index``.
+        cache_dir: where partitions are stored (default: :func:`partition_cache_dir`).
+        max_edges: directed edges METIS may see (default: :data:`METIS_MAX_EDGES`).
+
+    Concurrent callers (array tasks, MPI ranks) take a file lock on the folder: one computes,
+    the others sleep on the lock (no busy wait) and then read its result.
+
+    Returns:
+        LongTensor [num_nodes] of part ids in ``0 .. k-1``.
+    """
+    if key is None:
+        if graph is None:
+            raise DatasetError("graph_partition: pass the graph or a graph key with a stored "
+                               "partition")
+        name, edge_index, num_nodes = _unpack(graph, num_nodes)
+        _check_k(name, k, num_nodes)
+        return _compute(edge_index, num_nodes, k, seed, max_edges)
+    path = Path(cache_dir or partition_cache_dir()) / GRAPH_PATTERN.format(key=key, k=k, seed=seed)
+    edge_index = digest = None
+    if graph is not None:
+        name, edge_index, num_nodes = _unpack(graph, num_nodes)
+        _check_k(name, k, num_nodes)
+        digest = fingerprint(edge_index, num_nodes)
+    from hpcsoup.data.datasets import _locked
+
+    # one lock per folder: besides computing each partition once, it keeps two METIS runs
+    # (each the size of the graph) from overlapping in memory
+    with _locked(path.parent):
+        stored = _stored(path)
+        if stored is not None and (digest is None or stored["fingerprint"] == digest):
+            return stored["parts"]
+        if graph is None:
+            raise DatasetError(f"no stored partition of graph '{key}' into {k} parts (seed {seed}) "
+                               f"in '{path.parent}'; pass the graph to compute it")
+        parts = _compute(edge_index, num_nodes, k, seed, max_edges)
+        _write_cache(path, {"parts": parts, "fingerprint": digest, "graph": key, "k": k,
+                            "seed": seed, "nodes": num_nodes,
+                            "metis_edge_share": metis_keep(edge_index.size(1), max_edges)})
+    return parts
+
+
+def _compute(edge_index: torch.Tensor, num_nodes: int, k: int, seed: int,
+             max_edges: int | None) -> torch.Tensor:
+    if k == 1:
+        return torch.zeros(num_nodes, dtype=torch.long)
+    return _metis(edge_index, num_nodes, k, seed, max_edges)
+
+
+def _stored(path: Path) -> dict | None:
+    """A stored :func:`graph_partition` entry, or ``None`` if missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+        parts = entry["parts"]
+        ok = (isinstance(parts, torch.Tensor) and parts.dtype == torch.long
+              and parts.shape == (entry["nodes"],) and (entry["nodes"] == 0 or int(parts.max()) < entry["k"]))
+    except Exception:                       # a truncated or foreign file: recompute
+        return None
+    return entry if ok else None
 
 
 def _unpack(graph, num_nodes):
@@ -120,12 +247,48 @@ def _unpack(graph, num_nodes):
     return name, edge_index.cpu().long(), num_nodes
 
 
-def _csr(edge_index: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric, self-loop-free, duplicate-free CSR (xadj, adjncy) as int64 (METIS' idx_t)."""
+CHUNK = 1 << 24
+
+
+def _kept(row: np.ndarray, col: np.ndarray, n: int, keep: float, seed: int) -> np.ndarray:
+    """Whether each edge's undirected pair survives sparsification (a seeded splitmix64 hash).
+
+    Both directions of a pair hash alike, so the sparsified graph stays symmetric.
+    """
+    x = (np.minimum(row, col) * n + np.maximum(row, col)).astype(np.uint64)
+    x += np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % (1 << 64))
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x < np.uint64(min(int(keep * 2.0 ** 64), (1 << 64) - 1))
+
+
+def _csr(edge_index: torch.Tensor, n: int, keep: float = 1.0,
+         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric, self-loop-free, duplicate-free CSR (xadj, adjncy) as int64 (METIS' idx_t).
+
+    With ``keep < 1`` each undirected edge survives with probability ``keep`` (:func:`_kept`).
+    Built chunk by chunk, and ``adjncy`` reuses the sort keys' memory: the peak is the kept
+    edges' keys plus one byte per edge.
+    """
     row, col = edge_index.numpy()
-    keep = row != col
-    key = row[keep] * n + col[keep]
-    del keep
+    mask = np.empty(row.size, dtype=bool)
+    for start in range(0, row.size, CHUNK):
+        r, c = row[start:start + CHUNK], col[start:start + CHUNK]
+        m = r != c
+        if keep < 1:
+            m &= _kept(r, c, n, keep, seed)
+        mask[start:start + CHUNK] = m
+    key = np.empty(int(mask.sum()), dtype=np.int64)
+    pos = 0
+    for start in range(0, row.size, CHUNK):
+        m = mask[start:start + CHUNK]
+        chunk = row[start:start + CHUNK][m] * n + col[start:start + CHUNK][m]
+        key[pos:pos + chunk.size] = chunk
+        pos += chunk.size
+    del mask
     if key.size > 1 and not bool(np.all(key[1:] > key[:-1])):     # not already coalesced
         key = np.unique(key)
     rev = (key % n) * n + key // n
@@ -135,15 +298,25 @@ def _csr(edge_index: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
     del rev
     xadj = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(key // n, minlength=n), out=xadj[1:])
-    return xadj, key % n
+    np.remainder(key, n, out=key)
+    return xadj, key
 
 
-def _metis(edge_index: torch.Tensor, n: int, k: int, seed: int) -> torch.Tensor:
+def metis_keep(edges: int, max_edges: int | None = None) -> float:
+    """The share of edges METIS sees: 1, or ``max_edges / edges`` above :data:`METIS_MAX_EDGES`."""
+    limit = METIS_MAX_EDGES if max_edges is None else max_edges
+    return 1.0 if edges <= limit else limit / edges
+
+
+def _metis(edge_index: torch.Tensor, n: int, k: int, seed: int,
+           max_edges: int | None = None) -> torch.Tensor:
     import pymetis
 
-    xadj, adjncy = _csr(edge_index, n)
+    keep = metis_keep(edge_index.size(1), max_edges)
+    xadj, adjncy = _csr(edge_index, n, keep, seed)
     _, membership = pymetis.part_graph(k, adjacency=pymetis.CSRAdjacency(xadj, adjncy),
                                        options=pymetis.Options(seed=int(seed)))
+    del xadj, adjncy
     return torch.as_tensor(np.asarray(membership, dtype=np.int64))
 
 
@@ -159,7 +332,7 @@ def _read_cache(path: Path, num_nodes: int, k: int) -> torch.Tensor | None:
     return parts if ok else None
 
 
-def _write_cache(path: Path, parts: torch.Tensor) -> None:
+def _write_cache(path: Path, parts) -> None:
     """Write atomically: concurrent array tasks may compute the same partition."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

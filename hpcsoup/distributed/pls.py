@@ -124,6 +124,7 @@ def prepare_from_config(cfg) -> Path:
     The check comes first, so that a prepared graph is never loaded again.
     """
     from hpcsoup.data import load_from_config
+    from hpcsoup.soup.run import graph_partition
 
     path = shards_of_config(cfg)
     if is_prepared(path):
@@ -133,7 +134,8 @@ def prepare_from_config(cfg) -> Path:
     pls = cfg.soup.pls
     log.info("partitioning %s into %d METIS parts with a %d-hop halo -> %s", graph.name,
              pls.partitions, pls.halo, path)
-    prepare(path, graph, pls.partitions, pls.halo, seed=cfg.soup.pls.partition_seed)
+    prepare(path, graph, pls.partitions, pls.halo, seed=pls.partition_seed,
+            parts=graph_partition(cfg, graph))
     log.info("partitioned graph written in %.1f s", time.perf_counter() - start)
     return path
 

@@ -86,13 +86,15 @@ def owned_partitions(partitions: int, rank: int, size: int) -> list[int]:
 # --------------------------------------------------------------------------- building
 
 
-def build_parts(graph, partitions: int, halo: int, seed: int = 0) -> Iterator[Part]:
+def build_parts(graph, partitions: int, halo: int, seed: int = 0,
+                parts: torch.Tensor | None = None) -> Iterator[Part]:
     """METIS partitions of ``graph`` with a ``halo``-hop halo, one :class:`Part` at a time.
 
     They come from PLS's own :class:`~hpcsoup.soup.pls.LocalPartitionSource`
-    (pymetis, seeded), so they are the same, bit for bit, as in a single-process run.
+    (pymetis, seeded; or the given partition vector ``parts``), so they are the same, bit
+    for bit, as in a single-process run.
     """
-    source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False)
+    source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts)
     for pid in range(partitions):
         yield source.part(pid)
 
@@ -165,7 +167,8 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
-            builder: Callable[..., Iterable[Part]] | None = None) -> Path:
+            builder: Callable[..., Iterable[Part]] | None = None,
+            parts: torch.Tensor | None = None) -> Path:
     """Partition ``graph`` and write it to ``path`` (see :func:`shard_path`) once.
 
     Does nothing when a complete partitioned graph is already there. Only one process
@@ -178,7 +181,10 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
     if not 1 <= partitions <= graph.num_nodes:
         raise StoreError(f"cannot cut '{graph.name}' ({graph.num_nodes} nodes) into {partitions} "
                          f"partitions; set soup.pls.partitions in 1..{graph.num_nodes}")
-    parts = (builder or build_parts)(graph, partitions, halo, seed)
+    if builder is None:
+        parts = build_parts(graph, partitions, halo, seed, parts)
+    else:
+        parts = builder(graph, partitions, halo, seed)
     info = graph.info()
     data = graph.data
     return write_parts(path, parts, {

@@ -264,18 +264,21 @@ class LocalPartitionSource(PartitionSource):
         cache_dir: where the partition vector is cached (default: no cache).
         cache: keep built subgraphs in memory (default: ``False``: all K together
             weigh about as much as the graph, which would undo PLS's memory saving).
+        parts: the partition vector when the caller has it (e.g.
+            :func:`hpcsoup.data.partition.partition_for`, computed once per graph);
+            ``seed`` and ``cache_dir`` then go unused.
     """
 
     def __init__(self, graph, num_parts: int, halo: int = 0, seed: int = 0,
-                 cache_dir=None, cache: bool = False):
+                 cache_dir=None, cache: bool = False, parts: torch.Tensor | None = None):
         data = graph.data
         if not 1 <= num_parts <= data.num_nodes:
             raise SoupError(f"pls partitions={num_parts} must be in 1..{data.num_nodes} "
                             f"(the nodes of '{graph.name}')")
         self.graph, self.num_parts, self.halo = graph, int(num_parts), int(halo)
         self.keeps_parts = bool(cache)
-        self.parts = partition(data.edge_index, data.num_nodes, self.num_parts, seed=seed,
-                               cache_dir=cache_dir)
+        self.parts = parts if parts is not None else partition(
+            data.edge_index, data.num_nodes, self.num_parts, seed=seed, cache_dir=cache_dir)
         self.nodes = part_nodes(self.parts, self.num_parts)
         self.split_masks = {split: graph.mask(split) for split in ("val", "test")}
         # each node's position in the global order of its split

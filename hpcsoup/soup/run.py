@@ -27,21 +27,15 @@ def soup_arch(cfg) -> str:
     return cfg.soup.arch or cfg.experts.arch
 
 
-def partition_cache(cfg) -> str:
-    """Where METIS partition vectors are cached: the foundation's folder under the data root."""
-    from hpcsoup.data.partition import partition_cache_dir
-
-    return str(partition_cache_dir(cfg.data.root or None))
-
-
 def graph_partition(cfg, graph):
     """The METIS partition PLS uses (``soup.pls.partitions``, ``soup.pls.partition_seed``),
-    computed once per graph and cached: the node reordering and PLS share it."""
-    from hpcsoup.data.partition import partition
+    computed once per graph and stored (:func:`hpcsoup.data.partition.partition_for`):
+    training's Cluster-GCN batches, the node reordering and PLS share it."""
+    from hpcsoup.data.partition import partition_for
 
     pls = cfg.soup.pls
-    return partition(graph.data.edge_index, graph.num_nodes, min(pls.partitions, graph.num_nodes),
-                     seed=pls.partition_seed, cache_dir=partition_cache(cfg))
+    return partition_for(cfg, min(pls.partitions, graph.num_nodes), seed=pls.partition_seed,
+                         graph=graph)
 
 
 def graph_order(cfg, graph):
@@ -66,9 +60,8 @@ def method_inputs(cfg, name: str, graph) -> dict:
     from hpcsoup.soup.pls import LocalPartitionSource
 
     pls = cfg.soup.pls
-    return {"source": LocalPartitionSource(graph, pls.partitions, pls.halo,
-                                           seed=pls.partition_seed, cache=pls.cache,
-                                           cache_dir=partition_cache(cfg))}
+    return {"source": LocalPartitionSource(graph, pls.partitions, pls.halo, cache=pls.cache,
+                                           parts=graph_partition(cfg, graph))}
 
 
 def expert_infos(cfg, store, graph=None) -> list:

@@ -22,8 +22,13 @@ from hpcsoup.errors import ConfigError
 SPLITS = ("metis", "random", "class")
 
 
-def specialist_regions(graph: Graph, split: str, parents: int, seed: int = 0) -> torch.Tensor:
-    """Owner of every node, shape ``[N]``, values in ``0..parents-1``."""
+def specialist_regions(graph: Graph, split: str, parents: int, seed: int = 0,
+                       cfg=None) -> torch.Tensor:
+    """Owner of every node, shape ``[N]``, values in ``0..parents-1``.
+
+    With ``cfg`` (the graph's config) a METIS split is the graph's stored partition
+    (:func:`hpcsoup.data.partition.partition_for`): computed by one task, read by the others.
+    """
     if split not in SPLITS:
         raise ConfigError(f"specialist split {split!r} is unknown; choose from {list(SPLITS)}")
     if parents < 1:
@@ -31,8 +36,10 @@ def specialist_regions(graph: Graph, split: str, parents: int, seed: int = 0) ->
     n = graph.num_nodes
     generator = torch.Generator().manual_seed(seed)
     if split == "metis":
-        from hpcsoup.data.partition import partition
-        return partition(graph.data.edge_index, n, parents, seed=seed).long()
+        from hpcsoup.data.partition import graph_partition, partition_for
+        if cfg is not None:
+            return partition_for(cfg, parents, seed=seed, graph=graph)
+        return graph_partition(None, parents, seed=seed, graph=graph)
     if split == "random":
         return torch.randint(parents, (n,), generator=generator)
     if graph.num_classes < parents:

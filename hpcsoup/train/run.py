@@ -37,7 +37,7 @@ from hpcsoup.slurm import SlurmEnv
 from hpcsoup.store import Store, provenance
 from hpcsoup.train import sweep
 from hpcsoup.train.checkpoint import STOP_SIGNALS, Checkpointer, Preempted, StopFlag
-from hpcsoup.train.loop import ClusterBatches, fit
+from hpcsoup.train.loop import ClusterBatches, check_device, fit
 from hpcsoup.train.regions import specialist_regions
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,13 @@ def _graph(cfg) -> Graph:
     return _GRAPHS[key]
 
 
-def _train_nodes(graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def _train_nodes(cfg, graph: Graph, task: sweep.Task) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The task's training mask, its region (specialists) and the ``train_nodes`` attr."""
     train = graph.mask("train")
     if task.role == "expert":
         return train, None, {"split": "all", "region": None, "parents": None, "seed": None,
                              "count": int(train.sum())}
-    region = specialist_regions(graph, task.split, task.parents, seed=task.region_seed)
+    region = specialist_regions(graph, task.split, task.parents, seed=task.region_seed, cfg=cfg)
     mask = train & (region == task.region)
     if not mask.any():
         raise ConfigError(f"specialist '{task.expert_id}': region {task.region} of the "
@@ -118,10 +118,10 @@ def _batches(cfg, graph: Graph) -> ClusterBatches | None:
     e = cfg.experts
     if e.batching == "full":
         return None
-    from hpcsoup.data.partition import partition, partition_cache_dir
+    from hpcsoup.data.partition import partition_for
 
-    parts = partition(graph, None, e.batch_partitions, seed=cfg.data.seed,
-                      cache_dir=partition_cache_dir(cfg.data.root or None))
+    # the graph's one stored partition (METIS seed 0), shared with the soup stage and PLS ranks
+    parts = partition_for(cfg, e.batch_partitions, seed=0, graph=graph)
     return ClusterBatches(graph.data.edge_index, parts, e.parts_per_batch)
 
 
@@ -130,7 +130,8 @@ def _run_key(cfg, task: sweep.Task, iid: str, graph: Graph) -> str:
     e = cfg.experts
     text = json.dumps({"task": task.to_dict(), "init_id": iid, "dataset": graph.info(),
                        "batching": [e.batching, e.batch_partitions, e.parts_per_batch],
-                       "eval_every": e.eval_every, "device": cfg.device}, sort_keys=True)
+                       "eval_every": e.eval_every, "patience": e.patience, "device": cfg.device},
+                      sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -175,18 +176,6 @@ def _task_line(result: dict) -> str:
             f"{m['best_epoch'] + 1}) in {duration(result['train_seconds'])}")
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config device={device!r}, but this torch ({torch.__version__}) sees no "
-                              f"CUDA device; set device='cpu' (--set device=cpu) or install a CUDA "
-                              f"build of torch")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConfigError(f"config device={device!r}: only {torch.cuda.device_count()} CUDA "
-                              f"device(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-
-
 def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag | None = None,
                report=None, force: bool = False) -> dict:
     """Train one task's expert into the store (a no-op when it is already complete, unless
@@ -202,13 +191,13 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         attrs = store.group_attrs("experts", task.expert_id)
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
-    _check_device(cfg.device)
+    check_device(cfg.device)
     graph = _graph(cfg)
     spec = task.model_spec(graph.num_features, graph.num_classes)
     iid, init_state = ensure_init(store, spec, task.init_seed)
     model = build_model(spec)
     model.load_state_dict(init_state)
-    train_mask, region, train_nodes = _train_nodes(graph, task)
+    train_mask, region, train_nodes = _train_nodes(cfg, graph, task)
     checkpoint = Checkpointer(store.path / CHECKPOINTS / f"{task.expert_id}.pt",
                               key=_run_key(cfg, task, iid, graph), every=cfg.experts.checkpoint_every,
                               stop=stop, name=task.expert_id)
@@ -226,7 +215,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
                      weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
                      on_epoch=_on_epoch(task, cfg.experts.progress_every, report),
                      batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
-                     checkpoint=checkpoint)
+                     patience=cfg.experts.patience, checkpoint=checkpoint)
     finally:
         if progress is not None:
             progress.close()
@@ -236,7 +225,9 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         "arch": task.arch, "model": spec.to_dict(), "dataset": graph.name, "init_id": iid,
         "seed": task.seed, "role": task.role, "task_id": task.task_id, "train_nodes": train_nodes,
         "hyper": {"epochs": task.epochs, "lr": task.lr, "weight_decay": task.weight_decay,
-                  "dropout": task.dropout, "batching": cfg.experts.batching},
+                  "dropout": task.dropout, "batching": cfg.experts.batching,
+                  "patience": cfg.experts.patience},
+        "epochs_trained": result.last_epoch + 1,
         "config": cfg.to_dict(), "metrics": metrics, "train_seconds": result.seconds,
         "resumed_from_epoch": None if result.resumed_from is None else result.resumed_from + 1,
         "threads": torch.get_num_threads(), "device": cfg.device, "versions": provenance(),

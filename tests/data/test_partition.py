@@ -4,8 +4,10 @@ import torch
 from torch_geometric.utils import to_undirected
 
 import hpcsoup.data.partition as partition_module
-from hpcsoup.data.partition import (edge_cut, exact_hops, fingerprint, induced_subgraph_with_halo,
-                                    part_nodes, partition, partition_cache_dir)
+from hpcsoup.config import build_config
+from hpcsoup.data.partition import (GRAPH_PATTERN, _csr, edge_cut, exact_hops, fingerprint,
+                                    graph_identity, graph_partition, induced_subgraph_with_halo,
+                                    part_nodes, partition, partition_cache_dir, partition_for)
 from hpcsoup.data.synthetic import synthetic_products
 from hpcsoup.errors import DatasetError
 from hpcsoup.models.gnn import ModelSpec, build_model
@@ -92,6 +94,79 @@ def test_stale_or_corrupt_cache_is_never_used(cora, tmp_path):
     torch.save(torch.zeros(3, dtype=torch.long), path)      # wrong shape
     assert torch.equal(partition(ei, n, 4, cache_dir=tmp_path), parts)
     assert partition_cache_dir(tmp_path) == tmp_path / "partitions"
+
+
+def test_graph_partition_is_computed_once_and_read_without_the_graph(cora, tmp_path, monkeypatch):
+    key = graph_identity("Cora", 123, 4)
+    assert key == "Cora"                      # only a generated graph's size and seed matter
+    assert graph_identity("synthetic-products", 2_450_000, 1) == "synthetic-products-n2450000-seed1"
+    with pytest.raises(DatasetError, match=r"no stored partition of graph 'Cora' into 8 parts "
+                                           r"\(seed 3\).*pass the graph to compute it"):
+        graph_partition(key, 8, 3, cache_dir=tmp_path)
+    first = graph_partition(key, 8, 3, graph=cora, cache_dir=tmp_path)
+    assert torch.equal(first, partition(cora, None, 8, seed=3))   # the same METIS result
+    assert (tmp_path / GRAPH_PATTERN.format(key=key, k=8, seed=3)).is_file()
+
+    def no_metis(*args):
+        raise AssertionError("METIS ran despite a stored partition")
+
+    monkeypatch.setattr(partition_module, "_metis", no_metis)
+    assert torch.equal(graph_partition(key, 8, 3, cache_dir=tmp_path), first)          # a rank
+    assert torch.equal(graph_partition(key, 8, 3, graph=cora, cache_dir=tmp_path), first)
+    changed = cora.data.edge_index[:, 2:]          # the generator changed: never read stale parts
+    with pytest.raises(AssertionError, match="METIS ran"):
+        graph_partition(key, 8, 3, graph=changed.contiguous(), num_nodes=2708, cache_dir=tmp_path)
+
+
+def test_partition_for_a_config_shares_one_entry_across_splits(cora, tmp_path):
+    cfg = build_config({"data": {"dataset": "Cora", "root": str(tmp_path)}})
+    parts = partition_for(cfg, 4, graph=cora)
+    other_split = build_config({"data": {"dataset": "Cora", "root": str(tmp_path), "split": 1}})
+    assert torch.equal(partition_for(other_split, 4), parts)
+    assert [p.name for p in partition_cache_dir(tmp_path).glob("*.pt")] == ["Cora-k4-s0.pt"]
+
+
+def _compute_in_child(path, count_file):
+    import hpcsoup.data.partition as module
+
+    real = module._metis
+
+    def counted(*args):
+        with open(count_file, "a") as handle:
+            handle.write("x")
+        return real(*args)
+    module._metis = counted
+    graph = torch.load(path, weights_only=True)
+    return graph_partition("g", 8, 0, graph=graph, num_nodes=2708, cache_dir=path.parent).tolist()
+
+
+def test_concurrent_callers_compute_once(cora, tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "edges.pt"
+    torch.save(cora.data.edge_index, path)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(_compute_in_child, [(path, tmp_path / "count")] * 3)
+    assert results[0] == results[1] == results[2]
+    assert (tmp_path / "count").read_text() == "x"       # one METIS run for three callers
+
+
+def test_sparsified_metis_is_symmetric_and_cuts_close_to_full(synthetic):
+    ei, n = synthetic.edge_index, synthetic.num_nodes
+    xadj, adjncy = _csr(ei, n, keep=0.5, seed=0)
+    rows = torch.repeat_interleave(torch.arange(n), torch.as_tensor(xadj[1:] - xadj[:-1]))
+    kept = torch.stack([rows, torch.as_tensor(adjncy)])
+    assert 0.45 < kept.size(1) / ei.size(1) < 0.55
+    reverse = kept.flip(0)
+    key = kept[0] * n + kept[1]
+    assert torch.equal(key.sort().values, (reverse[0] * n + reverse[1]).sort().values)
+    assert bool(torch.isin(key, ei[0] * n + ei[1]).all())                  # a subset of the edges
+    full = graph_partition(None, 8, graph=synthetic)
+    half = graph_partition(None, 8, graph=synthetic, max_edges=ei.size(1) // 2)
+    check_balanced(half, n, 8)
+    assert not torch.equal(full, half)
+    assert edge_cut(ei, half) < 1.25 * edge_cut(ei, full)
 
 
 def test_part_nodes_and_edge_cut_on_a_literal_graph():

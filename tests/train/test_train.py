@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch_geometric.data import Data
+from torch_geometric.utils import coalesce
 
 from hpcsoup.config import build_config
 from hpcsoup.data import Graph
@@ -20,7 +21,7 @@ from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.store import Store
 from hpcsoup.train import sweep
 from hpcsoup.train.checkpoint import PREEMPTED_EXIT, Checkpointer, Preempted, StopFlag
-from hpcsoup.train.loop import ClusterBatches, fit
+from hpcsoup.train.loop import ClusterBatches, fit, predict
 from hpcsoup.train.run import run_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +84,8 @@ def test_unknown_arch_is_a_clear_error():
 
 # ------------------------------------------------------------------ fit
 
-def _fit(graph, tmp_path=None, stop_at=None, every=3, epochs=12, batches=None, eval_every=1):
+def _fit(graph, tmp_path=None, stop_at=None, every=3, epochs=12, batches=None, eval_every=1,
+         patience=0):
     spec = ModelSpec("sage", graph.num_features, graph.num_classes, hidden=16, dropout=0.5)
     model = build_model(spec, seed=0)
     ckpt = None
@@ -94,7 +96,7 @@ def _fit(graph, tmp_path=None, stop_at=None, every=3, epochs=12, batches=None, e
         if stop_at is not None and epoch == stop_at:
             ckpt.stop.signal = signal.SIGTERM  # what the handler does on a real signal
     return fit(model, graph, epochs=epochs, lr=0.02, seed=3, on_epoch=on_epoch, checkpoint=ckpt,
-               batches=batches, eval_every=eval_every)
+               batches=batches, eval_every=eval_every, patience=patience)
 
 
 def test_fit_is_deterministic_and_restores_the_global_rng():
@@ -153,6 +155,47 @@ def test_eval_every_checks_fewer_epochs_and_always_the_last():
     model = build_model(ModelSpec("gcn", 8, 3, hidden=8), seed=0)
     fit(model, graph, epochs=7, eval_every=3, on_epoch=lambda e, loss, s: s and checked.append(e))
     assert checked == [2, 5, 6]
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gat", "gin"])
+def test_the_compact_sparse_forward_equals_the_layers_on_edge_index(arch):
+    graph = tiny_graph()
+    # the CSR form counts a repeated edge once; every loader's graphs are duplicate-free
+    graph.data.edge_index = coalesce(graph.data.edge_index)
+    model = build_model(ModelSpec(arch, 8, 3, hidden=16, heads=2), seed=1)
+    plain = model.eval()(graph.data.x, graph.data.edge_index)
+    assert torch.allclose(predict(model, graph), plain, atol=1e-5)
+
+
+def test_patience_stops_after_p_checks_without_a_better_score_and_keeps_the_best():
+    graph = tiny_graph(n=120, seed=2)
+    stopped = _fit(graph, epochs=300, patience=4, eval_every=2)
+    best = stopped.metrics["best_epoch"]
+    assert stopped.last_epoch == best + 4 * 2 < 299 and stopped.epochs_run == stopped.last_epoch + 1
+    # the same run without patience, cut at the epoch patience stopped: the same weights and scores
+    cut = _fit(graph, epochs=stopped.last_epoch + 1, eval_every=2)
+    assert _equal(stopped.state_dict, cut.state_dict) and stopped.metrics == cut.metrics
+    with pytest.raises(ConfigError, match=r"patience=-1: must be an integer >= 0"):
+        _fit(graph, patience=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fit_on_cuda_without_cuda_is_a_clear_error_before_any_work():
+    model = build_model(ModelSpec("sage", 8, 3, hidden=16), seed=0)
+    with pytest.raises(ConfigError, match=r"device='cuda:1', but this torch .* sees no CUDA device; "
+                                          r"set device='cpu'"):
+        fit(model, tiny_graph(), epochs=2, device="cuda:1")
+
+
+def test_patience_survives_a_resume(tmp_path):
+    graph = tiny_graph(n=120, seed=2)
+    whole = _fit(graph, epochs=300, patience=3)
+    stop_at = whole.metrics["best_epoch"] + 1            # between the best check and the stop
+    with pytest.raises(Preempted):
+        _fit(graph, tmp_path, stop_at=stop_at, every=1, epochs=300, patience=3)
+    resumed = _fit(graph, tmp_path, every=1, epochs=300, patience=3)
+    assert resumed.resumed_from == stop_at and resumed.last_epoch == whole.last_epoch
+    assert _equal(resumed.state_dict, whole.state_dict) and resumed.metrics == whole.metrics
 
 
 # ------------------------------------------------------------------ tasks on Cora
