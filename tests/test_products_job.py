@@ -27,4 +27,6 @@ def test_real_products_is_one_key_away_and_submit_sends_the_same_file():
     plan = submit(cfg, str(JOB), dry_run=True)["jobs"]
     assert set(plan) == {"train", "soup", "merge", "report"}
     assert all(command.endswith(str(JOB)) for command in plan.values())
-    assert "--ntasks=2" in plan["soup"] and "--array=0-5" in plan["train"]
+    assert "--array=0-5" in plan["train"]
+    from hpcsoup.jobscripts import render_stage
+    assert "#SBATCH --ntasks=2" in render_stage("soup", cfg)  # PLS on 2 ranks

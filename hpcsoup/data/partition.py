@@ -184,11 +184,11 @@ def graph_partition(key: str | None, k: int, seed: int = 0, *, graph=None, num_n
         name, edge_index, num_nodes = _unpack(graph, num_nodes)
         _check_k(name, k, num_nodes)
         digest = fingerprint(edge_index, num_nodes)
-    from hpcsoup.data.datasets import _locked
+    from hpcsoup.data.graph import locked
 
     # one lock per folder: besides computing each partition once, it keeps two METIS runs
     # (each the size of the graph) from overlapping in memory
-    with _locked(path.parent):
+    with locked(path.parent):
         stored = _stored(path)
         if stored is not None and (digest is None or stored["fingerprint"] == digest):
             return stored["parts"]

@@ -442,7 +442,8 @@ class PartitionLearnedSoup(SoupMethod):
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,
             "partitions": num_parts, "per_step": per_step, "halo": source.halo,
             "check": s["check"]})
-        exact_check = s["check"] == "full" or source.halo >= evaluator.spec.layers
+        depth = getattr(evaluator.spec, "layers", None)  # unknown for a user's own module
+        exact_check = s["check"] == "full" or (depth is not None and source.halo >= depth)
         if not exact_check and evaluator.graph is not None:
             start_val = evaluator.evaluate(ingredients.mix(start.softmax(-1)), "val")
             result = keep_better_than_start(result, ingredients, start, start_val,
