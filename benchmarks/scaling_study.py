@@ -107,12 +107,17 @@ def _metis_body(config: str, max_edges: int) -> dict:
             / graph.num_nodes}
 
 
-def compare_metis(args) -> list[dict]:
-    """METIS on the whole graph vs on sparsified copies: time, peak RSS and the edge cut."""
+def _workspace(args) -> tuple[Path, dict]:
+    """The study's work folder (made) and the environment of its stage processes."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
+    return work, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep
+                      + os.environ.get("PYTHONPATH", ""))
+
+
+def compare_metis(args) -> list[dict]:
+    """METIS on the whole graph vs on sparsified copies: time, peak RSS and the edge cut."""
+    work, env = _workspace(args)
     rows = []
     for nodes in args.nodes:
         config = _config_file(args.config, nodes, work, args.set)
@@ -212,10 +217,7 @@ def _config_file(base: str, nodes: int, work: Path, overrides: list[str]) -> str
 # ----------------------------------------------------------------------------- the sweep
 
 def run_study(args) -> list[dict]:
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
+    work, env = _workspace(args)
     rows = []
     for nodes in args.nodes:
         config = _config_file(args.config, nodes, work, args.set)
