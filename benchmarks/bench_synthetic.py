@@ -1,11 +1,13 @@
 """Benchmark the synthetic ogbn-products-like generator: build time, peak memory, statistics,
-METIS time; and whether a GNN needs the graph (2-layer GraphSAGE vs a feature-only MLP).
+METIS time; whether a GNN needs the graph (2-layer GraphSAGE vs a feature-only MLP); and
+whether experts trained from one init differ enough for their soups to differ.
 
 Every size is built in a fresh child process, so its peak RSS (``VmHWM``) is its own; the
 parent prints a table and writes ``benchmarks/out/synthetic.json``. One torch thread.
 
-    python benchmarks/bench_synthetic.py                      # 1e5, 1e6, 2.4e6 + learning at 1e5
+    python benchmarks/bench_synthetic.py                      # 1e5, 1e6, 2.4e6 + learning at 2e5
     python benchmarks/bench_synthetic.py --sizes 100000 --learn 0
+    python benchmarks/bench_synthetic.py --sizes --learn 0 --experts 100000   # expert spread, soup
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
 GIB = 2 ** 30
+#: experts of the --experts check
+EXPERTS = 4
 
 
 def _status_kib(field: str) -> int:
@@ -117,6 +121,43 @@ def child_learn(nodes: int, seed: int, epochs: int) -> dict:
             "mlp": fit(mlp, lambda m: m(data.x))}
 
 
+def child_experts(nodes: int, seed: int, epochs: int, count: int) -> dict:
+    """``count`` SAGE experts from one shared init, trained with seeds 0..count-1 on Cluster-GCN
+    batches (32 METIS parts, 4 per batch, as ``experts.batching = "partitions"``), and their
+    uniform soup: do the experts differ enough for soups to differ?"""
+    import torch
+
+    from hpcsoup.data.datasets import Graph
+    from hpcsoup.data.partition import partition
+    from hpcsoup.data.synthetic import synthetic_products
+    from hpcsoup.models.gnn import ModelSpec, build_model
+    from hpcsoup.soup.base import Ingredients
+    from hpcsoup.soup.evaluate import Evaluator
+    from hpcsoup.train.loop import ClusterBatches, fit
+
+    torch.set_num_threads(1)
+    data, classes = synthetic_products(nodes, seed=seed)
+    graph = Graph(f"synthetic-products-{nodes}", data, classes, "accuracy")
+    start = time.perf_counter()
+    batches = ClusterBatches(data.edge_index, partition(graph, None, 32, seed=0), 4)
+    metis = time.perf_counter() - start
+    spec = ModelSpec("sage", data.x.size(1), classes, layers=2, hidden=64)
+    init = build_model(spec, seed=0).state_dict()
+    experts, states = [], []
+    for i in range(count):
+        model = build_model(spec, seed=0)
+        model.load_state_dict(init)
+        result = fit(model, graph, epochs=epochs, lr=0.01, seed=i, batches=batches)
+        states.append(result.state_dict)
+        experts.append({"val": round(result.metrics["val"], 4), "test": round(result.metrics["test"], 4),
+                        "best_epoch": result.metrics["best_epoch"], "seconds": round(result.seconds, 1)})
+    soup = Evaluator(spec, graph).metrics(Ingredients.from_state_dicts(spec, states).mean())
+    tests = [e["test"] for e in experts]
+    return {"nodes": nodes, "seed": seed, "epochs": epochs, "metis_seconds": round(metis, 1),
+            "experts": experts, "test_spread": round(max(tests) - min(tests), 4),
+            "uniform_soup": {"val": round(soup["val"], 4), "test": round(soup["test"], 4)}}
+
+
 def run_child(args: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
@@ -132,10 +173,13 @@ def main() -> None:
     parser.add_argument("--metis-max", type=int, default=1_000_000,
                         help="run METIS (K=--metis-k) for sizes up to this (default: 1e6)")
     parser.add_argument("--metis-k", type=int, default=32)
-    parser.add_argument("--learn", type=int, default=100_000, help="nodes for SAGE vs MLP; 0 = skip")
+    parser.add_argument("--learn", type=int, default=200_000, help="nodes for SAGE vs MLP; 0 = skip")
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--experts", type=int, default=0,
+                        help="nodes for 4 Cluster-GCN SAGE experts and their uniform soup; 0 = skip")
+    parser.add_argument("--expert-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=("build", "learn"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("build", "learn", "experts"), help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -144,6 +188,9 @@ def main() -> None:
         return
     if args.child == "learn":
         print(json.dumps(child_learn(args.nodes, args.seed, args.epochs)))
+        return
+    if args.child == "experts":
+        print(json.dumps(child_experts(args.nodes, args.seed, args.expert_epochs, EXPERTS)))
         return
 
     rows = []
@@ -168,10 +215,17 @@ def main() -> None:
         print(f"\nnodes {learn['nodes']:,}, {learn['epochs']} epochs, test accuracy at best val: "
               f"2-layer GraphSAGE {learn['sage']['test']} ({learn['sage']['seconds']} s), "
               f"MLP {learn['mlp']['test']} ({learn['mlp']['seconds']} s)")
+    experts = None
+    if args.experts:
+        experts = run_child(["--child", "experts", "--nodes", str(args.experts), "--seed",
+                             str(args.seed), "--expert-epochs", str(args.expert_epochs)])
+        print(f"\nnodes {experts['nodes']:,}, {EXPERTS} Cluster-GCN SAGE experts, "
+              f"{experts['epochs']} epochs: test {[e['test'] for e in experts['experts']]} "
+              f"(spread {experts['test_spread']}), uniform soup test {experts['uniform_soup']['test']}")
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "synthetic", "torch_threads": 1, "python": platform.python_version(),
               "machine": f"{os.cpu_count()} cores, {platform.machine()}", "builds": rows,
-              "learn": learn}
+              "learn": learn, "experts": experts}
     (OUT / "synthetic.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / 'synthetic.json'}", file=sys.stderr)
 
