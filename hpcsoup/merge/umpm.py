@@ -509,6 +509,24 @@ class UMPMNet:
     __call__ = forward
 
 
+#: a BatchNorm's eval-mode tensors, in :func:`fold_batch_norm`'s argument order
+BATCH_NORM = ("weight", "bias", "running_mean", "running_var")
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear map ``x W + b`` followed by an eval-mode BatchNorm, as one linear map.
+
+    :math:`\\mathrm{BN}(z) = \\gamma (z - \\mu) / \\sqrt{\\sigma^2 + \\epsilon} + \\beta`
+    is affine per channel, so with :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`:
+    :math:`W' = W \\operatorname{diag}(s)`, :math:`b' = (b - \\mu) s + \\beta` (exact; ``eps`` is
+    ``torch.nn.BatchNorm1d``'s default). ``weight`` is ``[in, out]``.
+    """
+    scale = gamma / (var + eps).sqrt()
+    return weight * scale, (bias - mean) * scale + beta
+
+
 def from_pyg(spec, state_dict: dict, name: str = "") -> UMPMNet:
     """Convert a trained :class:`hpcsoup.models.GNN` (its ``ModelSpec`` and ``state_dict``) to UMPM.
 
@@ -544,12 +562,16 @@ def from_pyg(spec, state_dict: dict, name: str = "") -> UMPMNet:
                               get(p + "bias"), heads=heads, concat=not last,
                               att_src=att_src.contiguous(), att_dst=att_dst.contiguous(), act=act)
         else:
-            w1 = get(p + "nn.0.weight").t()
+            w1, b1 = get(p + "nn.0.weight").t(), get(p + "nn.0.bias")
+            tail = p + "nn.2."
+            if spec.norm == "batch":  # eval-mode BatchNorm is affine: folded into W_1, b_1
+                w1, b1 = fold_batch_norm(w1, b1, *(get(p + f"nn.1.{n}") for n in BATCH_NORM))
+                tail = p + "nn.3."
             eps = float(get(p + "eps").reshape(-1)[0])
             w = torch.cat([(1.0 + eps) * w1, w1], 1)
-            layer = UMPMLayer("gin", "sum", din, dout, w.contiguous(), get(p + "nn.0.bias"),
-                              has_self=True, tail_weight=get(p + "nn.2.weight").t().contiguous(),
-                              tail_bias=get(p + "nn.2.bias"), act=act)
+            layer = UMPMLayer("gin", "sum", din, dout, w.contiguous(), b1.contiguous(),
+                              has_self=True, tail_weight=get(tail + "weight").t().contiguous(),
+                              tail_bias=get(tail + "bias"), act=act)
         if layer.weight.size(0) != din:
             raise MergeError(f"expert {name or spec.arch!r}: layer {i} takes "
                              f"{layer.weight.size(0)} inputs, its spec says {din}")
