@@ -171,6 +171,9 @@ SCHEMA: dict = {
         "threshold": Field(0.5, (float,), check=lambda v: 0 <= v <= 1,
                            hint="gate sparsity in [0, 1]: 0 = every parent everywhere, "
                                 ">= 0.5 = top parent only (2 parents)"),
+        "budget": Field(0.0, (float,), check=lambda v: 0 <= v <= 1,
+                        hint="fraction of nodes that also run their second parent, where the "
+                             "gate is least sure"),
         "readout": Field("probs", (str,), choices=("probs", "logits")),
         "route_target": Field("owner", (str,), choices=("owner", "confidence", "auto"),
                               hint="the gate's target: which parent trained on a node (owner), "

@@ -46,6 +46,8 @@ class HGramaSettings:
         seed: seeds the anchor sample and the gate's cross-validation folds.
         threshold: gate sparsity: parents with gate weight below it are not computed on a node
             (``0`` = every parent everywhere; ``1`` = top parent only).
+        budget: fraction of the nodes that also run their second parent, the nodes where the
+            gate is least sure (:func:`~hpcsoup.merge.route.sparsify`).
         readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
         route_target: ``owner`` (which parent was trained on the node), ``confidence``, or
             ``auto``: owner unless that cannot be predicted from the features (see
@@ -64,6 +66,7 @@ class HGramaSettings:
     anchors: int = 0
     seed: int = 0
     threshold: float = 0.5
+    budget: float = 0.0
     readout: str = "probs"
     route_target: str = "owner"
     reference: str | int = "auto"
@@ -81,6 +84,9 @@ class HGramaSettings:
                                  f"choose from {list(allowed)}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise MergeError(f"H-GRAMA setting threshold={self.threshold!r} must be in [0, 1]")
+        if not 0.0 <= float(self.budget) <= 1.0:
+            raise MergeError(f"H-GRAMA setting budget={self.budget!r} must be a fraction of the "
+                             f"nodes in [0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,7 +198,8 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
             smooth_grid=(0, 1, 2, 4, 8) if settings.gate_smooth < 0 else (int(settings.gate_smooth),))
 
     child_parents = [{"name": p.name, "arch": p.arch, "layers": list(p.layers)} for p in parents]
-    child = MergedGNN(child_parents, mix, gate, settings.threshold, settings.readout)
+    child = MergedGNN(child_parents, mix, gate, settings.threshold, settings.readout,
+                      budget=settings.budget)
 
     if settings.calibration:
         cache_routing = child.route(feats, ops)
