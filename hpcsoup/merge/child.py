@@ -51,18 +51,22 @@ class Routing:
     inputs: dict | None = None          # cached support rows of the input features, per parent
 
     def pair(self, k: int, j: int):
-        """Positions (in parent k's rows, in parent j's support) of the rows j reads from k."""
+        """Positions (in parent k's rows, in parent j's support) of the rows j reads from k.
+
+        Only rows that are not parent j's own: j reads its own rows from itself.
+        """
         key = (k, j)
         if key not in self.pairs:
             block = self.blocks[j]
             rows_k = self.rows[k]
-            if block.support is None:
-                self.pairs[key] = (None, rows_k)
+            if block.support is None:  # j runs on every node: it reads nothing from k
+                empty = torch.zeros(0, dtype=torch.long)
+                self.pairs[key] = (empty, empty)
             else:
                 pos = block.position.index_select(0, rows_k)
-                keep = (pos >= 0).nonzero().view(-1)
+                # the support lists j's own rows first: positions below n_rows are j's rows
+                keep = (pos >= block.n_rows).nonzero().view(-1)
                 dst = pos.index_select(0, keep)
-                # every row of k is read by j (k = j under hard routing): no gather needed
                 self.pairs[key] = (None if keep.numel() == rows_k.numel() else keep, dst)
         return self.pairs[key]
 
@@ -233,8 +237,7 @@ class MergedGNN(nn.Module):
             acts = []
             for j in k_all:
                 a = layers[j].activate(z[j])
-                w = None if routing.hard else routing.weights[j]
-                acts.append((a, None) if w is None else (a * w, w))
+                acts.append((a, None if routing.hard else routing.weights[j]))
         raise MergeError("a merged child needs at least one layer")
 
     def _project_input(self, x, layers, routing: Routing) -> list[torch.Tensor]:
@@ -266,28 +269,26 @@ class MergedGNN(nn.Module):
         return out
 
     def _project_stream(self, acts, li: int, j: int, routing: Routing) -> torch.Tensor:
-        """Parent j's layer-li projection of the stream on its support (sum over source parents).
+        """Parent j's layer-li projection of the stream on its support.
 
-        A source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row of
-        ``M_kj`` is the transport's offset. Under hard routing parent j's own rows fill the
-        support's prefix directly and only the boundary rows (read from other parents) are
-        scattered.
+        Parent j reads its own rows from its own activations (they fill the support's prefix),
+        so a node that runs several parents keeps each parent's own hidden state, as in the
+        ensemble. Every other support row reads the gate-weighted sum of the parents that run
+        there: a source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row
+        of ``M_kj`` is the transport's offset. Where every node runs every parent the child is
+        therefore the parents' probability mixture, exactly.
         """
         block = routing.blocks[j]
         mats = self.mix[li][j]
-        cols = mats[0].size(1)
-        out = None
-        if routing.hard:
-            a, _ = acts[j]
-            m = mats[j]
-            if block.support is None:
-                out = torch.addmm(m[-1], a, m[:-1])
-            else:
-                out = torch.empty(block.n_support, cols)
-                torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
-                out[block.n_rows:] = 0.0
+        a, _ = acts[j]
+        m = mats[j]
+        if block.support is None:
+            return torch.addmm(m[-1], a, m[:-1])
+        out = torch.empty(block.n_support, m.size(1))
+        torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
+        out[block.n_rows:] = 0.0
         for k, (a, w) in enumerate(acts):
-            if routing.hard and k == j:
+            if k == j:
                 continue
             src, dst = routing.pair(k, j)
             if dst.numel() == 0:
@@ -296,12 +297,11 @@ class MergedGNN(nn.Module):
                 a = a.index_select(0, src)
                 w = None if w is None else w.index_select(0, src)
             m = mats[k]
-            part = torch.addmm(m[-1] if w is None else w * m[-1], a, m[:-1])
-            if out is None:
-                out = torch.zeros(block.n_support, cols)
+            if w is None:
+                part = torch.addmm(m[-1], a, m[:-1])
+            else:
+                part = torch.addmm(w * m[-1], a * w, m[:-1])
             out.index_add_(0, dst, part)
-        if out is None:
-            out = torch.zeros(block.n_support, cols)
         return out
 
     def _propagate(self, layers, proj, routing: Routing, attention, li: int) -> list[torch.Tensor]:
