@@ -95,7 +95,7 @@ class MergedGNN(nn.Module):
 
     def __init__(self, parents: list[dict], mix: list, gate: RidgeGate | None,
                  threshold: float = 0.0, readout: str = "probs", info: dict | None = None,
-                 budget: float = 0.0):
+                 budget: float = -1.0):
         super().__init__()
         if readout not in READOUTS:
             raise MergeError(f"readout {readout!r} is unknown; choose from {list(READOUTS)}")
@@ -169,7 +169,7 @@ class MergedGNN(nn.Module):
                              int(g["smooth_steps"]), float(g.get("lam", 0.0)),
                              float(g.get("cv_error", float("nan"))), str(g.get("target", "owner")))
         return cls(parents, mix, gate, structure["threshold"], structure["readout"],
-                   budget=structure.get("budget", 0.0))  # children stored before budgets: 0
+                   budget=structure.get("budget", -1.0))  # stored before budgets: no cap
 
     # ----------------------------------------------------------------------------- routing
     def gate_weights(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:

@@ -137,6 +137,28 @@ def test_every_parent_on_every_node_is_the_probability_ensemble(cora, cora_regio
     assert (child(data.x, data.edge_index) - expected).abs().max() <= 1e-4
 
 
+def test_new_default_keeps_the_ensembles_accuracy_where_the_owner_gate_lost_it(
+        cora, cora_regions, specialists):
+    """Random halves: "which parent trained on this node" cannot be predicted from the features.
+    The old default (the owner gate, one parent per node) lost more than 2 points to the
+    ensemble here; the default (``route_target="auto"``) sees the gate at chance and runs the
+    parents' ensemble fused, so it loses nothing."""
+    parents = [from_pyg(*specialists[("gcn", 0)], "gcn"), from_pyg(*specialists[("gin", 1)], "gin")]
+    data = cora.data
+    owners = trained_on(cora, cora_regions)
+    ensemble = Ensemble(parents)(data.x, data.edge_index)
+    ens_test = cora.score(ensemble, "test")
+    old = merge(parents, data.x, data.edge_index, trained_on=owners,
+                settings=HGramaSettings(route_target="owner"))
+    assert cora.score(old(data.x, data.edge_index), "test") < ens_test - 0.02
+    new = merge(parents, data.x, data.edge_index, trained_on=owners)
+    assert new.info["gate"]["used"] == "mixture"
+    assert new.info["gate"]["owner_cv_error"] > 0.75 * new.info["gate"]["chance"]
+    got = new(data.x, data.edge_index)
+    assert cora.score(got, "test") >= ens_test - 0.005
+    assert (got - ensemble).abs().max() <= 1e-4  # the fused child is the ensemble
+
+
 def test_interpolation_is_for_homogeneous_pairs_only(cora, cora_regions, specialists):
     spec, state = _spec_state(specialists, "gcn")
     other = train_specialist(cora, cora_regions, "gcn", 1, epochs=3)[1]

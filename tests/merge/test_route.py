@@ -62,14 +62,16 @@ def test_normalise_and_sparsify():
     assert torch.equal(sparsify(g, 0.0), g)
 
 
-def test_budget_adds_the_second_parent_where_the_gate_is_least_sure():
+def test_budget_caps_the_extra_parents_where_the_gate_is_least_sure():
     g = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.48, 0.52], [1.0, 0.0]])
-    assert torch.equal((sparsify(g, 0.5, budget=0.0) > 0).sum(1), torch.ones(5, dtype=torch.long))
-    two = sparsify(g, 0.5, budget=0.4)  # 2 of 5 nodes: the two smallest margins
+    uncapped = sparsify(g, 0.3)  # three second weights reach 0.3
+    assert ((uncapped > 0).sum(1) == 2).nonzero().view(-1).tolist() == [1, 2, 3]
+    two = sparsify(g, 0.3, budget=0.4)  # 2 extra of 5 nodes: the two smallest margins
     assert ((two > 0).sum(1) == 2).nonzero().view(-1).tolist() == [1, 3]
     assert torch.allclose(two[1], g[1]) and torch.allclose(two.sum(1), torch.ones(5))
-    # a node whose second weight is 0 never gets a second parent, whatever the budget
-    assert ((sparsify(g, 0.5, budget=1.0) > 0).sum(1) == 2).nonzero().view(-1).tolist() == [0, 1, 2, 3]
+    assert torch.equal((sparsify(g, 0.3, budget=0.0) > 0).sum(1), torch.ones(5, dtype=torch.long))
+    # a zero weight is never computed, whatever the threshold and budget
+    assert ((sparsify(g, 0.0, budget=1.0) > 0).sum(1) == 2).nonzero().view(-1).tolist() == [0, 1, 2, 3]
 
 
 def test_confidence_targets_are_normalised_over_parents():
