@@ -2,23 +2,24 @@
 
 For each case (dataset x split x depth x parent pair, plus a 3-parent merge) the parents are
 specialists trained on disjoint halves (thirds) of the training nodes -- by METIS region, at random,
-or by class -- and merged with H-GRAMA. Reported per case: each parent's score on its own region
-and on all test nodes, the child's and the ensemble's, retention (child / parent on the parent's
-region: mean and worst-served parent), and full-graph inference time of child vs. the like-for-like
-ensemble (same kernels, same caches; medians of interleaved runs in one process, 1 thread) in
-three regimes (uncached, cached graph operators, cached graph operators + attention).
+or by class -- and merged with H-GRAMA. Reported per case: the child's test score next to the
+ensemble's (the model it replaces) and the old default's (the owner gate on every split), each
+parent's score, retention (child / parent on the parent's region), the routing used, and
+full-graph inference time of child vs. the like-for-like ensemble (same kernels, same caches;
+medians of interleaved runs in one process, 1 thread) in three regimes (uncached, cached graph
+operators, cached graph operators + attention).
 
 Parts:
   main       the grid, with the default settings and the ablations (no alignment, no routing,
-             no calibration) on every case;
-  tradeoff   retention vs. speedup over the gate threshold (and alignment variants) on the
-             depth-2 pairs;
-  findings   the prototype's claims, checked: owner vs. confidence gate target, GAT vs. other
-             reference, Procrustes vs. permutation, calibrating the output layer.
+             no calibration, the owner target) on every case;
+  tradeoff   child - ensemble vs. speedup over the gate's sparsity (threshold, budget) on the
+             depth-2 cases;
+  findings   gate targets (owner, confidence), calibrating the output, readout, with merge times.
 
 Usage:
   python benchmarks/bench_merge.py --train-only --datasets Cora         # parents only (cached)
   python benchmarks/bench_merge.py --datasets Cora CiteSeer --parts main tradeoff findings
+  python benchmarks/bench_merge.py --datasets CiteSeer --splits metis --depths 2   # a subset
   python benchmarks/bench_merge.py --report                            # tables + plot from JSON
 
 Parents are cached under benchmarks/out/merge_parents/, results in benchmarks/out/merge_*.json,

@@ -61,14 +61,15 @@ def test_merging_with_a_permuted_copy_gives_back_the_original(cora, cora_regions
     data = cora.data
     for threshold in (0.0, 0.5):  # dense mixture, and hard routing (mixed neighbourhoods)
         child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
-                      settings=HGramaSettings(alignment=alignment, threshold=threshold))
+                      settings=HGramaSettings(alignment=alignment, threshold=threshold,
+                                              route_target="owner"))
         got = child(data.x, data.edge_index)
         assert (got - expected).abs().max() <= 1e-4, (alignment, threshold)
     # without alignment the same merge is not the original function: the test can fail (hard
     # routing, where a parent reads the other's rows; with every parent everywhere each reads
     # itself and the child is their ensemble, exact without alignment)
     child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
-                  settings=HGramaSettings(alignment="none", threshold=0.5))
+                  settings=HGramaSettings(alignment="none", threshold=0.5, route_target="owner"))
     assert (child(data.x, data.edge_index) - expected).abs().max() > 1e-2
 
 
@@ -93,7 +94,8 @@ def test_a_parent_routed_everywhere_is_reproduced_exactly_even_when_narrower(cor
     gat = train_specialist(cora, cora_regions, "gat", 1, hidden=32, epochs=5)
     parents = [from_pyg(*gcn, "gcn"), from_pyg(*gat, "gat")]
     data = cora.data
-    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions))
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                  settings=HGramaSettings(route_target="owner"))
     assert child.info["reference"] == 1
     for k, (spec, state) in enumerate((gcn, gat)):
         forced = MergedGNN.from_parts(child.structure(), child.tensors())

@@ -100,13 +100,15 @@ def test_auto_target_keeps_the_owner_gate_only_where_owners_are_predictable():
     random_owner = torch.where(trained_on >= 0, torch.randint(0, 2, side.shape, generator=g), -1)
     gate, decision = fit_routing_gate(x, ops, "auto", random_owner, logits)
     assert decision["owner_cv_error"] > AUTO_CHANCE_FRACTION * decision["chance"]
-    assert decision["used"] == "confidence" and gate.target == "confidence"
-    assert (gate(x, ops).argmax(1) == side).float().mean() > 0.9  # follows the confident parent
+    assert decision["used"] == "mixture" and gate is None  # every parent on every node
 
+    confident, decision = fit_routing_gate(x, ops, "confidence", random_owner, logits)
+    assert decision["used"] == "confidence" and confident.target == "confidence"
+    assert (confident(x, ops).argmax(1) == side).float().mean() > 0.9  # the confident parent
     forced, decision = fit_routing_gate(x, ops, "owner", random_owner, logits)
     assert decision["used"] == "owner" and forced.target == "owner"
-    _, decision = fit_routing_gate(x, ops, "auto", None, logits)  # no specialists: confidence
-    assert decision["used"] == "confidence" and "owner_cv_error" not in decision
+    gate, decision = fit_routing_gate(x, ops, "auto", None, logits)  # no specialists: mixture
+    assert decision["used"] == "mixture" and gate is None and "owner_cv_error" not in decision
     with pytest.raises(MergeError, match="needs trained_on"):
         fit_routing_gate(x, ops, "owner", None, logits)
     with pytest.raises(MergeError, match=r"routing target 'best' is unknown"):
