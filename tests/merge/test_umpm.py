@@ -59,13 +59,12 @@ def test_gin_with_batch_norm_converts_exactly(cora):
     state = model.state_dict()
     assert all(float(model.convs[i].nn[1].running_var.sub(1).abs().max()) > 1e-3 for i in range(3))
     got = from_pyg(spec, state)(as_features(data.x), GraphOps(data.edge_index, cora.num_nodes))
-    scale = max(1.0, float(expected.abs().max()))
-    assert (got - expected).abs().max() <= 1e-5 * scale
+    assert (got - expected).abs().max() <= 1e-5  # logits of magnitude ~6 here
     # without the fold (the BatchNorm ignored) the logits are far off: the test can fail
     plain = ModelSpec("gin", cora.num_features, cora.num_classes, layers=3, hidden=16)
     unfolded = {k.replace("nn.3.", "nn.2."): v for k, v in state.items() if ".nn.1." not in k}
     assert (from_pyg(plain, unfolded)(data.x, GraphOps(data.edge_index, cora.num_nodes))
-            - expected).abs().max() > 1e-2 * scale
+            - expected).abs().max() > 1e-2
 
 
 def test_gat_attention_is_stable_for_large_logits(cora):
