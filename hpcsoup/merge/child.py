@@ -18,6 +18,12 @@ layer through :math:`M_{kj} = \\begin{bmatrix} T_k T_j^\\top W_j \\\\
 never materialised and a parent reading its own rows uses its own weights (:math:`T_j T_j^\\top =
 I`). Calibration (:mod:`~hpcsoup.merge.calibrate`) is folded into the same matrices.
 
+A parent reads the rows it computes itself from its own activations, not from the mixed stream:
+on a node that several parents compute, each keeps its own hidden state, and with every parent
+on every node the child is exactly the ensemble of its parents (their probability mixture, or
+their mean logits with ``readout='logits'``). The stream mixes parents only where a parent reads
+a neighbour it does not compute.
+
 Execution is sparse in the gate: parent ``k`` is computed only on the rows the gate sends to it
 (:func:`~hpcsoup.merge.route.sparsify`) and projected only on the support those rows read
 (:meth:`~hpcsoup.merge.umpm.GraphOps.restrict`). Parents on identical rows share one pass over

@@ -52,8 +52,8 @@ class HGramaSettings:
         readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
         route_target: ``owner`` (which parent was trained on the node), ``confidence``, or
             ``auto``: owner unless that cannot be predicted from the features (see
-            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then every parent on every node
-            with equal weights (the parents' probability ensemble, fused).
+            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then every parent on every node,
+            logits averaged (the ensemble, fused).
         reference: ``auto`` or a parent index: the parent whose hidden basis is the stream's.
         gate_hops: hops of smoothed features in the gate's descriptors.
         gate_standardize: scale descriptors per column (else per hop block).

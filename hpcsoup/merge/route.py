@@ -12,16 +12,17 @@ with :math:`\\hat A`), then :math:`g_k(i) = \\max(S_{ik}, 0) / \\sum_k \\max(S_{
 
 Targets ``Y`` never use labels:
 
-- ``owner`` (default): one-hot of *which parent was trained on the node*, known on the parents'
+- ``owner``: one-hot of *which parent was trained on the node*, known on the parents'
   training nodes only (the fit set);
 - ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on a
   seeded subsample of :data:`CONFIDENCE_FIT_NODES` nodes (or the anchors, if given);
-- ``auto``: ``owner``, unless its cross-validated misrouting is near chance -- the parents'
+- ``auto`` (default): ``owner``, unless its cross-validated misrouting is near chance -- the parents'
   regions cannot be told apart from the features (random halves) -- then no gate at all: every
-  parent on every node with equal weights, i.e. the parents' probability ensemble run fused
-  (:class:`~hpcsoup.merge.child.MergedGNN`). Measured (benchmarks/RESULTS.md, merge): on random
-  halves one parent per node, whatever the gate's target, loses 1-8 points to the ensemble (the
-  ensemble's gain is the average itself); the confidence target lost up to 5.7 points more.
+  parent on every node with equal weights (:func:`~hpcsoup.merge.hgrama.merge` then averages
+  logits: the ensemble, run fused as one :class:`~hpcsoup.merge.child.MergedGNN`). Measured
+  (benchmarks/RESULTS.md, merge): on random halves one parent per node loses up to 8 points to
+  the ensemble, whatever the gate's target (owner -2.9 / -8.0, confidence -1.9 / -4.8 on Cora's
+  GCN+GAT / GCN+SAGE+GAT): the ensemble's gain is the average itself.
 
 ``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
 (label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
