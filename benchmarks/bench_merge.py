@@ -2,23 +2,24 @@
 
 For each case (dataset x split x depth x parent pair, plus a 3-parent merge) the parents are
 specialists trained on disjoint halves (thirds) of the training nodes -- by METIS region, at random,
-or by class -- and merged with H-GRAMA. Reported per case: each parent's score on its own region
-and on all test nodes, the child's and the ensemble's, retention (child / parent on the parent's
-region: mean and worst-served parent), and full-graph inference time of child vs. the like-for-like
-ensemble (same kernels, same caches; medians of interleaved runs in one process, 1 thread) in
-three regimes (uncached, cached graph operators, cached graph operators + attention).
+or by class -- and merged with H-GRAMA. Reported per case: the child's test score next to the
+ensemble's (the model it replaces) and the old default's (the owner gate on every split), each
+parent's score, retention (child / parent on the parent's region), the routing used, and
+full-graph inference time of child vs. the like-for-like ensemble (same kernels, same caches;
+medians of interleaved runs in one process, 1 thread) in three regimes (uncached, cached graph
+operators, cached graph operators + attention).
 
 Parts:
   main       the grid, with the default settings and the ablations (no alignment, no routing,
-             no calibration) on every case;
-  tradeoff   retention vs. speedup over the gate threshold (and alignment variants) on the
-             depth-2 pairs;
-  findings   the prototype's claims, checked: owner vs. confidence gate target, GAT vs. other
-             reference, Procrustes vs. permutation, calibrating the output layer.
+             no calibration, the owner target) on every case;
+  tradeoff   child - ensemble vs. speedup over the gate's sparsity (threshold, budget) on the
+             depth-2 cases;
+  findings   gate targets (owner, confidence), calibrating the output, readout, with merge times.
 
 Usage:
   python benchmarks/bench_merge.py --train-only --datasets Cora         # parents only (cached)
   python benchmarks/bench_merge.py --datasets Cora CiteSeer --parts main tradeoff findings
+  python benchmarks/bench_merge.py --datasets CiteSeer --splits metis --depths 2   # a subset
   python benchmarks/bench_merge.py --report                            # tables + plot from JSON
 
 Parents are cached under benchmarks/out/merge_parents/, results in benchmarks/out/merge_*.json,
@@ -81,16 +82,19 @@ def parent(graph, regions, dataset, split, arch, region, k, depth):
     """A specialist (spec, state_dict), trained once and cached on disk."""
     g = GRID[dataset]
     path = PARENTS / f"{dataset}-{split}{k}-d{depth}-{arch}-r{region}.pt"
+    # 3-layer GIN without normalisation diverged at lr 0.01 on Cora (val 0.12): BatchNorm in its
+    # MLP (folded into UMPM at conversion) lets it train at the common lr (RESULTS.md, merge)
+    norm = "batch" if arch == "gin" and depth >= 3 else "none"
     spec = ModelSpec(arch, graph.num_features, graph.num_classes, layers=depth, hidden=HIDDEN,
-                     heads=HEADS if arch == "gat" else 1)
+                     heads=HEADS if arch == "gat" else 1, norm=norm)
+    if norm != "none":
+        path = path.with_name(path.stem + f"-{norm}.pt")
     if path.exists():
         return spec, torch.load(path)
     start = time.perf_counter()
     model = build_model(spec, seed=100 + region)
     mask = graph.mask("train") & (regions == region)
-    # 3-layer GIN (sum aggregation) diverged at lr 0.01 on Cora (val 0.12): a quarter of it
-    lr = g["lr"] * (0.25 if arch == "gin" and depth >= 3 else 1.0)
-    result = fit(model, graph, train_mask=mask, epochs=g["epochs"], lr=lr,
+    result = fit(model, graph, train_mask=mask, epochs=g["epochs"], lr=g["lr"],
                  weight_decay=g["wd"], seed=100 + region, eval_every=g["eval_every"])
     PARENTS.mkdir(parents=True, exist_ok=True)
     torch.save(result.state_dict, path)
@@ -98,7 +102,14 @@ def parent(graph, regions, dataset, split, arch, region, k, depth):
     return spec, result.state_dict
 
 
-def cases(dataset: str):
+def cases(dataset: str, keep=None):
+    """``(split, depth, parents)`` of the grid; ``keep(split, depth)`` picks a subset."""
+    for split, depth, archs in _grid_cases(dataset):
+        if keep is None or keep(split, depth):
+            yield split, depth, archs
+
+
+def _grid_cases(dataset: str):
     g = GRID[dataset]
     for split in g["splits"]:
         if split == "class" and dataset in BINARY:
@@ -144,9 +155,16 @@ def summary(m: dict) -> dict:
     return out
 
 
-def part_main(graph, dataset, repeats):
+ABLATIONS = [("no_alignment", HGramaSettings(alignment="none")),
+             ("no_routing", HGramaSettings(routing="uniform", threshold=0.0)),
+             ("no_calibration", HGramaSettings(calibration=False)),
+             # the default before route_target="auto": the owner gate on every split
+             ("owner_target", HGramaSettings(route_target="owner"))]
+
+
+def part_main(graph, dataset, repeats, keep):
     rows = []
-    for split, depth, archs in cases(dataset):
+    for split, depth, archs in cases(dataset, keep):
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
         m = run_merge_case(graph, nets, trained_on, masks, HGramaSettings(), repeats)
         row = {"dataset": dataset, "split": split, "depth": depth, "parents": list(archs),
@@ -154,33 +172,29 @@ def part_main(graph, dataset, repeats):
                "ensemble": {k: m["ensemble"][k] for k in ("test", "retention", "retention_mean",
                                                           "retention_min")},
                "merge_seconds": m["merge_seconds"], "gate": m["gate"], "ablations": {}}
-        for name, settings in (("no_alignment", HGramaSettings(alignment="none")),
-                               ("no_routing", HGramaSettings(routing="uniform", threshold=0.0)),
-                               ("no_calibration", HGramaSettings(calibration=False))):
+        for name, settings in ABLATIONS:
             a = run_merge_case(graph, nets, trained_on, masks, settings, repeats, timing=False)
             row["ablations"][name] = summary(a)
         rows.append(row)
-        c = row["child"]
-        say(f"{dataset:11s} {split:6s} d{depth} {'+'.join(archs):13s} ret {c['retention_mean']:.3f} "
-            f"(worst {c['retention_min']:.3f}; ens {row['ensemble']['retention_mean']:.3f}) "
-            f"speedup {c['speedup']['cached']:.2f}x (uncached {c['speedup']['uncached']:.2f}x, "
-            f"att {c['speedup']['cached_attention']:.2f}x) | -align "
-            f"{row['ablations']['no_alignment']['retention_mean']:.3f} -route "
-            f"{row['ablations']['no_routing']['retention_mean']:.3f} -calib "
-            f"{row['ablations']['no_calibration']['retention_mean']:.3f}")
+        c, ab = row["child"], row["ablations"]
+        gap = lambda t: 100 * (t - row["ensemble"]["test"])  # noqa: E731
+        say(f"{dataset:11s} {split:6s} d{depth} {'+'.join(archs):13s} test {c['test']:.3f} vs "
+            f"ens {row['ensemble']['test']:.3f} ({gap(c['test']):+.1f} pt; owner target "
+            f"{gap(ab['owner_target']['test']):+.1f}) ret {c['retention_mean']:.3f} speedup "
+            f"{c['speedup']['cached']:.2f}x (uncached {c['speedup']['uncached']:.2f}x, "
+            f"att {c['speedup']['cached_attention']:.2f}x)")
     return rows
 
 
 TRADEOFF = [("threshold=0", HGramaSettings(threshold=0.0)),
-            ("threshold=0.2", HGramaSettings(threshold=0.2)),
-            ("threshold=0.35", HGramaSettings(threshold=0.35)),
-            ("threshold=0.5 (default)", HGramaSettings()),
-            ("threshold=0.5 permutation", HGramaSettings(alignment="permutation"))]
+            ("threshold=0.3 budget=0.35", HGramaSettings(threshold=0.3, budget=0.35)),
+            ("threshold=0.3 budget=0.2", HGramaSettings(threshold=0.3, budget=0.2)),
+            ("threshold=0.5 (default)", HGramaSettings())]
 
 
-def part_tradeoff(graph, dataset, repeats):
+def part_tradeoff(graph, dataset, repeats, keep):
     rows = []
-    for split, depth, archs in cases(dataset):
+    for split, depth, archs in cases(dataset, keep):
         if depth != 2:
             continue
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
@@ -188,24 +202,23 @@ def part_tradeoff(graph, dataset, repeats):
             m = run_merge_case(graph, nets, trained_on, masks, settings, repeats)
             rows.append({"dataset": dataset, "split": split, "depth": depth, "parents": list(archs),
                          "setting": name, "child": summary(m)})
-            say(f"{dataset:11s} {split:6s} {'+'.join(archs):13s} {name:26s} ret "
-                f"{m['retention_mean']:.3f} worst {m['retention_min']:.3f} speedup "
+            rows[-1]["ensemble_test"] = m["ensemble"]["test"]
+            say(f"{dataset:11s} {split:6s} {'+'.join(archs):13s} {name:26s} test "
+                f"{m['test']:.3f} (ens {m['ensemble']['test']:.3f}) speedup "
                 f"{m['speedup_vs_ensemble']:.2f}x")
     return rows
 
 
 FINDINGS = [("default", HGramaSettings()),
-            ("route_target=confidence", HGramaSettings(route_target="confidence", anchors=2000)),
-            ("reference=0 (GCN, not GAT)", HGramaSettings(reference=0)),
-            ("reference=1 (SAGE, not GAT)", HGramaSettings(reference=1)),
+            ("route_target=owner", HGramaSettings(route_target="owner")),
+            ("route_target=confidence", HGramaSettings(route_target="confidence")),
             ("calibrate_output", HGramaSettings(calibrate_output=True)),
-            ("gate_standardize", HGramaSettings(gate_standardize=True)),
             ("readout=logits", HGramaSettings(readout="logits"))]
 
 
-def part_findings(graph, dataset, repeats):
+def part_findings(graph, dataset, repeats, keep):
     rows = []
-    for split, depth, archs in cases(dataset):
+    for split, depth, archs in cases(dataset, keep):
         if depth != 2 or archs not in (("gcn", "gat"), TRIPLE):
             continue
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
@@ -214,9 +227,10 @@ def part_findings(graph, dataset, repeats):
                 continue  # two parents: Procrustes is symmetric, the reference cannot matter
             m = run_merge_case(graph, nets, trained_on, masks, settings, repeats, timing=False)
             rows.append({"dataset": dataset, "split": split, "depth": depth, "parents": list(archs),
-                         "setting": name, "child": summary(m)})
-            say(f"{dataset:11s} {split:6s} {'+'.join(archs):9s} {name:24s} ret "
-                f"{m['retention_mean']:.3f} worst {m['retention_min']:.3f}")
+                         "setting": name, "child": summary(m), "ensemble_test": m["ensemble"]["test"],
+                         "merge_seconds": m["merge_seconds"]})
+            say(f"{dataset:11s} {split:6s} {'+'.join(archs):9s} {name:24s} test "
+                f"{m['test']:.3f} (ens {m['ensemble']['test']:.3f}) in {m['merge_seconds']:.1f} s")
     return rows
 
 
@@ -226,89 +240,86 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def _gap(test: float, ensemble: float) -> float:
+    """Child minus ensemble, in points (percent of the metric)."""
+    return 100.0 * (test - ensemble)
+
+
+def _rows(part: str) -> list[dict]:
+    return [r for f in sorted(OUT.glob(f"merge_{part}_*.json")) for r in json.loads(f.read_text())]
+
+
 def report() -> str:
     lines = []
-    main = [r for f in sorted(OUT.glob("merge_main_*.json")) for r in json.loads(f.read_text())]
+    main = _rows("main")
     if main:
-        lines.append("| dataset | split | d | parents | parent own (each) | parent all-test (each) "
-                     "| child test | ens test | retention mean / worst | ens retention mean / worst "
-                     "| speedup cached / uncached / +att | -align | -route | -calib |")
-        lines.append("|" + "---|" * 14)
+        lines.append("| dataset | split | d | parents | parent all-test (each) | child test | ens test "
+                     "| child - ens (pt) | owner target - ens (pt) | gate | parents/node "
+                     "| speedup cached / uncached / +att | retention mean / worst | -align | -route "
+                     "| -calib |")
+        lines.append("|" + "---|" * 16)
         for r in main:
             c, e, a = r["child"], r["ensemble"], r["ablations"]
-            own = " / ".join(f"{p['own']:.3f}" for p in r["parents_scores"].values())
             allt = " / ".join(f"{p['test']:.3f}" for p in r["parents_scores"].values())
-            s = c["speedup"]
+            sp = c["speedup"]
+            used = (r.get("gate") or {}).get("used", "-")
             lines.append(
-                f"| {r['dataset']} | {r['split']} | {r['depth']} | {'+'.join(r['parents'])} | {own} "
-                f"| {allt} | {c['test']:.3f} | {e['test']:.3f} | {c['retention_mean']:.3f} / "
-                f"{c['retention_min']:.3f} | {e['retention_mean']:.3f} / {e['retention_min']:.3f} | "
-                f"{s['cached']:.2f} / {s['uncached']:.2f} / {s['cached_attention']:.2f} | "
-                f"{a['no_alignment']['retention_mean']:.3f} | {a['no_routing']['retention_mean']:.3f} "
-                f"| {a['no_calibration']['retention_mean']:.3f} |")
+                f"| {r['dataset']} | {r['split']} | {r['depth']} | {'+'.join(r['parents'])} | {allt} "
+                f"| {c['test']:.3f} | {e['test']:.3f} | {_gap(c['test'], e['test']):+.1f} | "
+                f"{_gap(a['owner_target']['test'], e['test']):+.1f} | {used} | "
+                f"{c['parents_per_node']:.2f} | {sp['cached']:.2f} / {sp['uncached']:.2f} / "
+                f"{sp['cached_attention']:.2f} | {c['retention_mean']:.3f} / {c['retention_min']:.3f} "
+                f"| {a['no_alignment']['retention_mean']:.3f} | {a['no_routing']['retention_mean']:.3f}"
+                f" | {a['no_calibration']['retention_mean']:.3f} |")
         lines.append("")
-        lines.append("Summary (means over cases; speedups: medians):")
+        lines.append("Summary per split type (child - ensemble test in points; speedups: medians "
+                     "and minimum over cases):")
         lines.append("")
-        lines.append("| group | cases | retention mean | worst-served (mean / min) | ens retention "
-                     "| speedup cached (median / min) | uncached | +attention | -align | -route "
-                     "| -calib |")
-        lines.append("|" + "---|" * 11)
-        groups = [("metis+random, 2 parents", lambda r: r["split"] != "class" and len(r["parents"]) == 2),
-                  ("class, 2 parents", lambda r: r["split"] == "class" and len(r["parents"]) == 2),
-                  ("3 parents (all splits)", lambda r: len(r["parents"]) == 3)]
-        for split in ("metis", "random", "class"):
-            groups.append((f"{split}, 2 parents",
-                           lambda r, s=split: r["split"] == s and len(r["parents"]) == 2))
+        lines.append("| group | cases | child - ens median / min | owner target (old default) "
+                     "median / min | speedup cached 2 parents | cached 3 parents | uncached median "
+                     "/ min | retention mean |")
+        lines.append("|" + "---|" * 8)
+        groups = [(split, lambda r, s=split: r["split"] == s) for split in ("metis", "random", "class")]
+        groups.append(("all", lambda r: True))
         for name, pred in groups:
             rs = [r for r in main if pred(r)]
             if not rs:
                 continue
-            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-            sp = [r["child"]["speedup"]["cached"] for r in rs]
+            gaps = [_gap(r["child"]["test"], r["ensemble"]["test"]) for r in rs]
+            old = [_gap(r["ablations"]["owner_target"]["test"], r["ensemble"]["test"]) for r in rs]
+            two = [r["child"]["speedup"]["cached"] for r in rs if len(r["parents"]) == 2]
+            three = [r["child"]["speedup"]["cached"] for r in rs if len(r["parents"]) == 3]
+            unc = [r["child"]["speedup"]["uncached"] for r in rs]
+            speed = lambda xs: f"{_median(xs):.2f} / {min(xs):.2f}" if xs else "-"  # noqa: E731
             lines.append(
-                f"| {name} | {len(rs)} | {mean([r['child']['retention_mean'] for r in rs]):.3f} | "
-                f"{mean([r['child']['retention_min'] for r in rs]):.3f} / "
-                f"{min(r['child']['retention_min'] for r in rs):.3f} | "
-                f"{mean([r['ensemble']['retention_mean'] for r in rs]):.3f} | "
-                f"{_median(sp):.2f} / {min(sp):.2f} | "
-                f"{_median([r['child']['speedup']['uncached'] for r in rs]):.2f} | "
-                f"{_median([r['child']['speedup']['cached_attention'] for r in rs]):.2f} | "
-                f"{mean([r['ablations']['no_alignment']['retention_mean'] for r in rs]):.3f} | "
-                f"{mean([r['ablations']['no_routing']['retention_mean'] for r in rs]):.3f} | "
-                f"{mean([r['ablations']['no_calibration']['retention_mean'] for r in rs]):.3f} |")
-        for name, pred in (("GAT pairs", lambda r: "gat" in r["parents"] and len(r["parents"]) == 2),
-                           ("pairs without GAT", lambda r: "gat" not in r["parents"])):
-            rs = [r for r in main if pred(r)]
-            if rs:
-                d = [r["child"]["retention_mean"] - r["ablations"]["no_alignment"]["retention_mean"]
-                     for r in rs]
-                lines.append(f"\nAlignment gain ({name}): mean {sum(d) / len(d):+.3f} retention "
-                             f"over {len(rs)} cases, max {max(d):+.3f}")
-    trade = [r for f in sorted(OUT.glob("merge_tradeoff_*.json")) for r in json.loads(f.read_text())]
+                f"| {name} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
+                f"{_median(old):+.1f} / {min(old):+.1f} | {speed(two)} | {speed(three)} | "
+                f"{speed(unc)} | {sum(r['child']['retention_mean'] for r in rs) / len(rs):.3f} |")
+    trade = _rows("tradeoff")
     if trade:
         lines.append("")
-        lines.append("Trade-off over the settings (depth-2 cases; retention means over cases, "
-                     "speedup medians, cached regime):")
+        lines.append("Trade-off over the gate's sparsity (depth-2 cases; child - ensemble test in "
+                     "points, median / min; speedups: medians, cached and uncached):")
         lines.append("")
-        lines.append("| setting | split | cases | retention mean | worst-served min | speedup median "
-                     "| parents per node |")
+        lines.append("| setting | split | cases | child - ens median / min | speedup cached "
+                     "| uncached | parents per node |")
         lines.append("|---|---|---|---|---|---|---|")
         for name, _ in TRADEOFF:
             for split in ("metis", "random", "class"):
                 rs = [r for r in trade if r["setting"] == name and r["split"] == split]
                 if not rs:
                     continue
+                gaps = [_gap(r["child"]["test"], r["ensemble_test"]) for r in rs]
                 lines.append(
-                    f"| {name} | {split} | {len(rs)} | "
-                    f"{sum(r['child']['retention_mean'] for r in rs) / len(rs):.3f} | "
-                    f"{min(r['child']['retention_min'] for r in rs):.3f} | "
+                    f"| {name} | {split} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
                     f"{_median([r['child']['speedup']['cached'] for r in rs]):.2f} | "
+                    f"{_median([r['child']['speedup']['uncached'] for r in rs]):.2f} | "
                     f"{sum(r['child']['parents_per_node'] for r in rs) / len(rs):.2f} |")
         plot(trade)
-    finds = [r for f in sorted(OUT.glob("merge_findings_*.json")) for r in json.loads(f.read_text())]
+    finds = _rows("findings")
     if finds:
         lines.append("")
-        lines.append("Prototype findings checked (depth 2; retention mean / worst):")
+        lines.append("Settings checked (depth 2; child - ensemble test in points, merge seconds):")
         lines.append("")
         names = [n for n, _ in FINDINGS]
         lines.append("| dataset | split | parents | " + " | ".join(names) + " |")
@@ -320,7 +331,8 @@ def report() -> str:
                 r = next((r for r in finds if (r["dataset"], r["split"], "+".join(r["parents"]),
                                                r["setting"]) == (ds, split, ps, n)), None)
                 cells.append("-" if r is None else
-                             f"{r['child']['retention_mean']:.3f} / {r['child']['retention_min']:.3f}")
+                             f"{_gap(r['child']['test'], r['ensemble_test']):+.1f} "
+                             f"({r['merge_seconds']:.1f} s)")
             lines.append(f"| {ds} | {split} | {ps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -339,16 +351,16 @@ def plot(trade):
             if not rs:
                 continue
             xs.append(_median([r["child"]["speedup"]["cached"] for r in rs]))
-            ys.append(sum(r["child"]["retention_mean"] for r in rs) / len(rs))
-            labels.append(name.split()[0].replace("threshold=", "t="))
+            ys.append(_median([_gap(r["child"]["test"], r["ensemble_test"]) for r in rs]))
+            labels.append(name.replace("threshold=", "t=").replace(" (default)", "").replace("budget=", "b="))
         if xs:
             ax.plot(xs, ys, marker=marker, label=f"{split} halves")
             for x, y, lab in zip(xs, ys, labels):
                 ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("speedup vs. like-for-like ensemble (median, cached graph operators)")
-    ax.set_ylabel("mean retention (child / parent on its region)")
-    ax.set_title("H-GRAMA: retention vs. speed over the gate threshold")
+    ax.set_ylabel("child - ensemble test (points, median)")
+    ax.set_title("H-GRAMA: accuracy against the ensemble vs. speed")
     ax.legend()
     fig.tight_layout()
     fig.savefig(ROOT / "merge_tradeoff.png", dpi=120)
@@ -361,7 +373,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--splits", nargs="+", default=None, help="a subset of the grid's splits")
+    parser.add_argument("--depths", nargs="+", type=int, default=None, help="a subset of depths")
     args = parser.parse_args(argv)
+
+    def keep(split, depth):
+        return ((args.splits is None or split in args.splits)
+                and (args.depths is None or depth in args.depths))
+
     if args.report:
         print(report())
         return
@@ -371,13 +390,14 @@ def main(argv=None):
         graph.data.x = graph.data.x.contiguous()
         start = time.perf_counter()
         if args.train_only:
-            for split, depth, archs in cases(dataset):
+            for split, depth, archs in cases(dataset, keep):
                 setup_case(graph, dataset, split, depth, archs)
             say(f"{dataset}: parents ready in {time.perf_counter() - start:.0f} s")
             continue
         for part in args.parts:
             fn = {"main": part_main, "tradeoff": part_tradeoff, "findings": part_findings}[part]
-            rows = fn(graph, dataset, args.repeats if part == "main" else max(5, args.repeats // 2))
+            rows = fn(graph, dataset, args.repeats if part == "main" else max(5, args.repeats // 2),
+                      keep)
             (OUT / f"merge_{part}_{dataset}.json").write_text(json.dumps(rows, indent=1))
             say(f"{dataset} {part}: {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     print(report())

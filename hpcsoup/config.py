@@ -118,10 +118,14 @@ SCHEMA: dict = {
         "threshold": Field(0.5, (float,), check=lambda v: 0 <= v <= 1,
                            hint="gate sparsity in [0, 1]: 0 = every parent everywhere, "
                                 ">= 0.5 = top parent only (2 parents)"),
+        "budget": Field(-1.0, (float,), check=lambda v: v >= 0 or v == -1,
+                        hint="parents computed beyond each node's top one, per node on average "
+                             "(where the gate is least sure); -1 = no cap"),
         "readout": Field("probs", (str,), choices=("probs", "logits")),
-        "route_target": Field("owner", (str,), choices=("owner", "confidence", "auto"),
+        "route_target": Field("auto", (str,), choices=("owner", "confidence", "auto"),
                               hint="the gate's target: which parent trained on a node (owner), "
-                                   "the parents' confidence, or auto (owner unless unpredictable)"),
+                                   "the parents' confidence, or auto (owner where predictable, "
+                                   "else every parent on every node)"),
         "reference": Field("auto", (str,), hint="'auto' or a parent index such as '1'"),
         "gate_hops": Field(2, (int,), **_nonneg("hops of smoothed features in the gate")),
         "gate_smooth": Field(-1, (int,), check=lambda v: v >= -1,

@@ -18,6 +18,12 @@ layer through :math:`M_{kj} = \\begin{bmatrix} T_k T_j^\\top W_j \\\\
 never materialised and a parent reading its own rows uses its own weights (:math:`T_j T_j^\\top =
 I`). Calibration (:mod:`~hpcsoup.merge.calibrate`) is folded into the same matrices.
 
+A parent reads the rows it computes itself from its own activations, not from the mixed stream:
+on a node that several parents compute, each keeps its own hidden state, and with every parent
+on every node the child is exactly the ensemble of its parents (their probability mixture, or
+their mean logits with ``readout='logits'``). The stream mixes parents only where a parent reads
+a neighbour it does not compute.
+
 Execution is sparse in the gate: parent ``k`` is computed only on the rows the gate sends to it
 (:func:`~hpcsoup.merge.route.sparsify`) and projected only on the support those rows read
 (:meth:`~hpcsoup.merge.umpm.GraphOps.restrict`). Parents on identical rows share one pass over
@@ -51,21 +57,22 @@ class Routing:
     inputs: dict | None = None          # cached support rows of the input features, per parent
 
     def pair(self, k: int, j: int):
-        """Positions (in parent k's rows, in parent j's support) of the rows j reads from k."""
+        """Positions (in parent k's rows, in parent j's support) of the rows j reads from k.
+
+        Only rows that are not parent j's own: j reads its own rows from itself.
+        """
         key = (k, j)
         if key not in self.pairs:
             block = self.blocks[j]
             rows_k = self.rows[k]
-            if block.support is None:
-                self.pairs[key] = (None, rows_k)
+            if block.support is None:  # j runs on every node: it reads nothing from k
+                empty = torch.zeros(0, dtype=torch.long)
+                self.pairs[key] = (empty, empty)
             else:
-                n = block.ops.num_nodes
-                local = torch.full((n,), -1, dtype=torch.long)
-                local[block.support] = torch.arange(block.support.numel())
-                pos = local.index_select(0, rows_k)
-                keep = (pos >= 0).nonzero().view(-1)
+                pos = block.position.index_select(0, rows_k)
+                # the support lists j's own rows first: positions below n_rows are j's rows
+                keep = (pos >= block.n_rows).nonzero().view(-1)
                 dst = pos.index_select(0, keep)
-                # every row of k is read by j (k = j under hard routing): no gather needed
                 self.pairs[key] = (None if keep.numel() == rows_k.numel() else keep, dst)
         return self.pairs[key]
 
@@ -88,12 +95,13 @@ class MergedGNN(nn.Module):
             through ``mix[l][j][k]`` (one matrix per source parent ``k``).
         mix: ``mix[l][j][k]`` = :math:`M_{kj}` of shape ``[d_k + 1, cols_j]`` (``None`` at ``l=0``).
         gate: a fitted :class:`~hpcsoup.merge.route.RidgeGate`, or ``None`` for equal weights.
-        threshold: gate sparsity (see :func:`~hpcsoup.merge.route.sparsify`).
+        threshold, budget: gate sparsity (see :func:`~hpcsoup.merge.route.sparsify`).
         readout: ``probs`` or ``logits``.
     """
 
     def __init__(self, parents: list[dict], mix: list, gate: RidgeGate | None,
-                 threshold: float = 0.0, readout: str = "probs", info: dict | None = None):
+                 threshold: float = 0.0, readout: str = "probs", info: dict | None = None,
+                 budget: float = -1.0):
         super().__init__()
         if readout not in READOUTS:
             raise MergeError(f"readout {readout!r} is unknown; choose from {list(READOUTS)}")
@@ -101,6 +109,7 @@ class MergedGNN(nn.Module):
         self.mix = mix
         self.gate = gate
         self.threshold = float(threshold)
+        self.budget = float(budget)
         self.readout = readout
         self.info = dict(info or {})
 
@@ -121,7 +130,7 @@ class MergedGNN(nn.Module):
         return {
             "parents": [{"name": p["name"], "arch": p["arch"],
                          "layers": [layer.meta() for layer in p["layers"]]} for p in self.parents],
-            "threshold": self.threshold, "readout": self.readout,
+            "threshold": self.threshold, "budget": self.budget, "readout": self.readout,
             "gate": None if self.gate is None else self.gate.meta(),
         }
 
@@ -165,7 +174,8 @@ class MergedGNN(nn.Module):
             gate = RidgeGate(tensors["gate.coef"], tensors["gate.intercept"],
                              int(g["smooth_steps"]), float(g.get("lam", 0.0)),
                              float(g.get("cv_error", float("nan"))), str(g.get("target", "owner")))
-        return cls(parents, mix, gate, structure["threshold"], structure["readout"])
+        return cls(parents, mix, gate, structure["threshold"], structure["readout"],
+                   budget=structure.get("budget", -1.0))  # stored before budgets: no cap
 
     # ----------------------------------------------------------------------------- routing
     def gate_weights(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
@@ -175,7 +185,7 @@ class MergedGNN(nn.Module):
         return normalise(self.gate.scores(x, ops))
 
     def route(self, x: torch.Tensor, ops: GraphOps) -> Routing:
-        gate = sparsify(self.gate_weights(x, ops), self.threshold)
+        gate = sparsify(self.gate_weights(x, ops), self.threshold, self.budget)
         rows, weights, blocks = [], [], []
         for k in range(self.num_parents):
             r = (gate[:, k] > 0).nonzero().view(-1)
@@ -233,18 +243,25 @@ class MergedGNN(nn.Module):
             acts = []
             for j in k_all:
                 a = layers[j].activate(z[j])
-                w = None if routing.hard else routing.weights[j]
-                acts.append((a, None) if w is None else (a * w, w))
+                acts.append((a, None if routing.hard else routing.weights[j]))
         raise MergeError("a merged child needs at least one layer")
 
     def _project_input(self, x, layers, routing: Routing) -> list[torch.Tensor]:
-        """Layer-0 projections on each parent's support (one shared product when all are full)."""
-        if all(b.support is None for b in routing.blocks):
+        """Layer-0 projections on each parent's support.
+
+        One shared product over every node, then each parent's support rows, when the supports
+        add up to the whole graph or more: gathering rows of a sparse ``X`` for each parent would
+        then copy more than ``X`` itself (on Cora's halves the supports cover 60-90% of the nodes
+        each). Otherwise, or when the support rows are cached, each parent projects its own
+        support rows.
+        """
+        if routing.inputs is None and sum(b.n_support for b in routing.blocks) >= x.size(0):
             weights = [layer.weight for layer in layers]
             full = x @ (torch.cat(weights, 1) if len(weights) > 1 else weights[0])
             out, start = [], 0
-            for w in weights:
-                out.append(full[:, start:start + w.size(1)])
+            for w, b in zip(weights, routing.blocks):
+                part = full[:, start:start + w.size(1)]
+                out.append(part if b.support is None else part.index_select(0, b.support))
                 start += w.size(1)
             return out
         out = []
@@ -258,28 +275,26 @@ class MergedGNN(nn.Module):
         return out
 
     def _project_stream(self, acts, li: int, j: int, routing: Routing) -> torch.Tensor:
-        """Parent j's layer-li projection of the stream on its support (sum over source parents).
+        """Parent j's layer-li projection of the stream on its support.
 
-        A source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row of
-        ``M_kj`` is the transport's offset. Under hard routing parent j's own rows fill the
-        support's prefix directly and only the boundary rows (read from other parents) are
-        scattered.
+        Parent j reads its own rows from its own activations (they fill the support's prefix),
+        so a node that runs several parents keeps each parent's own hidden state, as in the
+        ensemble. Every other support row reads the gate-weighted sum of the parents that run
+        there: a source row ``a`` with gate ``g`` contributes ``[g a, g] @ M_kj``; the last row
+        of ``M_kj`` is the transport's offset. Where every node runs every parent the child is
+        therefore the parents' probability mixture, exactly.
         """
         block = routing.blocks[j]
         mats = self.mix[li][j]
-        cols = mats[0].size(1)
-        out = None
-        if routing.hard:
-            a, _ = acts[j]
-            m = mats[j]
-            if block.support is None:
-                out = torch.addmm(m[-1], a, m[:-1])
-            else:
-                out = torch.empty(block.n_support, cols)
-                torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
-                out[block.n_rows:] = 0.0
+        a, _ = acts[j]
+        m = mats[j]
+        if block.support is None:
+            return torch.addmm(m[-1], a, m[:-1])
+        out = torch.empty(block.n_support, m.size(1))
+        torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
+        out[block.n_rows:] = 0.0
         for k, (a, w) in enumerate(acts):
-            if routing.hard and k == j:
+            if k == j:
                 continue
             src, dst = routing.pair(k, j)
             if dst.numel() == 0:
@@ -288,12 +303,11 @@ class MergedGNN(nn.Module):
                 a = a.index_select(0, src)
                 w = None if w is None else w.index_select(0, src)
             m = mats[k]
-            part = torch.addmm(m[-1] if w is None else w * m[-1], a, m[:-1])
-            if out is None:
-                out = torch.zeros(block.n_support, cols)
+            if w is None:
+                part = torch.addmm(m[-1], a, m[:-1])
+            else:
+                part = torch.addmm(w * m[-1], a * w, m[:-1])
             out.index_add_(0, dst, part)
-        if out is None:
-            out = torch.zeros(block.n_support, cols)
         return out
 
     def _propagate(self, layers, proj, routing: Routing, attention, li: int) -> list[torch.Tensor]:

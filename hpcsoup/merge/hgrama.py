@@ -46,10 +46,14 @@ class HGramaSettings:
         seed: seeds the anchor sample and the gate's cross-validation folds.
         threshold: gate sparsity: parents with gate weight below it are not computed on a node
             (``0`` = every parent everywhere; ``1`` = top parent only).
+        budget: parents computed beyond each node's top one, as a fraction of the nodes: the
+            weights above ``threshold`` where the gate is least sure
+            (:func:`~hpcsoup.merge.route.sparsify`; ``-1`` = no cap).
         readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
         route_target: ``owner`` (which parent was trained on the node), ``confidence``, or
             ``auto``: owner unless that cannot be predicted from the features (see
-            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then confidence.
+            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then every parent on every node,
+            logits averaged (the ensemble, fused).
         reference: ``auto`` or a parent index: the parent whose hidden basis is the stream's.
         gate_hops: hops of smoothed features in the gate's descriptors.
         gate_standardize: scale descriptors per column (else per hop block).
@@ -64,8 +68,9 @@ class HGramaSettings:
     anchors: int = 0
     seed: int = 0
     threshold: float = 0.5
+    budget: float = -1.0
     readout: str = "probs"
-    route_target: str = "owner"
+    route_target: str = "auto"
     reference: str | int = "auto"
     gate_hops: int = 2
     gate_standardize: bool = False
@@ -81,6 +86,9 @@ class HGramaSettings:
                                  f"choose from {list(allowed)}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise MergeError(f"H-GRAMA setting threshold={self.threshold!r} must be in [0, 1]")
+        if float(self.budget) < 0.0 and float(self.budget) != -1.0:
+            raise MergeError(f"H-GRAMA setting budget={self.budget!r} must be >= 0 (extra "
+                             f"parents per node, a fraction of the nodes) or -1 (no cap)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,14 +193,19 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
             mix[li].append(per_source)
 
     gate, routing = None, None
+    threshold, budget, readout = settings.threshold, settings.budget, settings.readout
     if settings.routing == "ridge":
         gate, routing = fit_routing_gate(
             feats, ops, settings.route_target, trained_on, logits, anchors, seed=settings.seed,
             hops=settings.gate_hops, standardize=settings.gate_standardize,
             smooth_grid=(0, 1, 2, 4, 8) if settings.gate_smooth < 0 else (int(settings.gate_smooth),))
+        if routing["used"] == "mixture":
+            # no gate can be learned: every parent on every node, their logits averaged -- the
+            # ensemble itself, fused (the log-probability mixture lost 0.2-1.1 points to it)
+            threshold, budget, readout = 0.0, -1.0, "logits"
 
     child_parents = [{"name": p.name, "arch": p.arch, "layers": list(p.layers)} for p in parents]
-    child = MergedGNN(child_parents, mix, gate, settings.threshold, settings.readout)
+    child = MergedGNN(child_parents, mix, gate, threshold, readout, budget=budget)
 
     if settings.calibration:
         cache_routing = child.route(feats, ops)
@@ -207,7 +220,7 @@ def merge(parents: list[UMPMNet], x: torch.Tensor, edge_index: torch.Tensor, *,
                 child.mix[li][j] = mats
     child.info = {"reference": ref, "parents": [p.name for p in parents],
                   "settings": settings.to_dict(), "merge_seconds": time.perf_counter() - start,
-                  "gate": None if gate is None else dict(gate.meta(), **routing)}
+                  "gate": routing if gate is None else dict(gate.meta(), **routing)}
     return child
 
 

@@ -12,14 +12,17 @@ with :math:`\\hat A`), then :math:`g_k(i) = \\max(S_{ik}, 0) / \\sum_k \\max(S_{
 
 Targets ``Y`` never use labels:
 
-- ``owner`` (default): one-hot of *which parent was trained on the node*, known on the parents'
+- ``owner``: one-hot of *which parent was trained on the node*, known on the parents'
   training nodes only (the fit set);
-- ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on every
-  node (at most :data:`CONFIDENCE_FIT_NODES` seeded nodes unless anchors are given);
-- ``auto``: ``owner``, unless its cross-validated misrouting is near chance -- the parents'
-  regions cannot be told apart from the features (random halves) -- then ``confidence``.
-  Measured (benchmarks/RESULTS.md, merge): better worst-served retention on random halves, but
-  the confidence fit on every node of a wide graph makes the merge 1 s -> 27 s on Cora.
+- ``confidence``: each parent's own max-softmax confidence, normalised over the parents, on a
+  seeded subsample of :data:`CONFIDENCE_FIT_NODES` nodes (or the anchors, if given);
+- ``auto`` (default): ``owner``, unless its cross-validated misrouting is near chance -- the parents'
+  regions cannot be told apart from the features (random halves) -- then no gate at all: every
+  parent on every node with equal weights (:func:`~hpcsoup.merge.hgrama.merge` then averages
+  logits: the ensemble, run fused as one :class:`~hpcsoup.merge.child.MergedGNN`). Measured
+  (benchmarks/RESULTS.md, merge): on random halves one parent per node loses up to 8 points to
+  the ensemble, whatever the gate's target (owner -2.9 / -8.0, confidence -1.9 / -4.8 on Cora's
+  GCN+GAT / GCN+SAGE+GAT): the ensemble's gain is the average itself.
 
 ``lambda`` and ``s`` are chosen by k-fold cross-validation of the same target on held-out fit nodes
 (label-free): fewest held-out nodes routed to the wrong parent, squared error breaking ties
@@ -48,9 +51,10 @@ TARGETS = ("auto", "owner", "confidence")
 #: class halves 0.1-0.46, Minesweeper's METIS halves (features carry no position) 0.85.
 AUTO_CHANCE_FRACTION = 0.75
 
-#: nodes the confidence target is fitted on when no anchors are given: the ridge design holds
-#: ``(hops + 1) x features`` doubles per node (2.4M nodes x 300 = 5.8 GB on ogbn-products)
-CONFIDENCE_FIT_NODES = 20_000
+#: seeded nodes the confidence target is fitted on when no anchors are given, as many as the
+#: owner target has on Cora's halves (~70-140 training nodes): the ridge fit's cost grows with
+#: nodes x descriptors (on every node of Cora, 3 x 1433 descriptors, it took 27 s, not 1 s)
+CONFIDENCE_FIT_NODES = 256
 
 
 def smooth(ops: GraphOps, scores: torch.Tensor, steps: int) -> torch.Tensor:
@@ -122,18 +126,30 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 1e-12, g / total.clamp_min(1e-12), uniform)
 
 
-def sparsify(gate: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Drop weights below ``threshold`` (keeping each node's top parent) and renormalise.
+def sparsify(gate: torch.Tensor, threshold: float, budget: float = -1.0) -> torch.Tensor:
+    """Keep each node's top parent, and other parents whose weight reaches ``threshold``, within
+    a ``budget``; renormalise.
 
-    ``threshold = 0`` keeps every parent everywhere (dense mixture); ``threshold > 1/2`` for two
-    parents, or ``1.0`` for any number, routes each node to its top parent only.
+    ``threshold = 0`` keeps every parent with a positive weight (dense mixture); ``threshold >
+    1/2`` for two parents, or ``1.0`` for any number, routes each node to its top parent only.
+
+    ``budget`` caps the parents computed beyond each node's top one at ``budget * N`` (a mean of
+    at most ``1 + budget`` parents per node): of the weights that pass ``threshold``, the largest
+    are kept -- for two parents, the nodes with the smallest margin between them, where the gate
+    is least sure and a single parent most likely the wrong one. A negative budget is no cap.
     """
-    if threshold <= 0:
-        return gate
     top = torch.zeros_like(gate, dtype=torch.bool)
     top.scatter_(1, gate.argmax(1, keepdim=True), True)
-    keep = (gate >= threshold) | top
-    g = torch.where(keep, gate, torch.zeros_like(gate))
+    extra = (gate >= threshold) & (gate > 0) & ~top
+    allowed = budget * gate.size(0)
+    if budget >= 0 and int(extra.sum()) > allowed:
+        allowed = int(allowed)
+        weights = torch.where(extra, gate, torch.full_like(gate, -1.0)).view(-1)
+        keep = weights.argsort(descending=True, stable=True)[:allowed]
+        extra = torch.zeros_like(extra).view(-1)
+        extra[keep] = True
+        extra = extra.view_as(gate)
+    g = torch.where(top | extra, gate, torch.zeros_like(gate))
     return g / g.sum(1, keepdim=True)
 
 
@@ -160,12 +176,13 @@ def confidence_targets(parent_logits: list[torch.Tensor]) -> torch.Tensor:
 
 def fit_routing_gate(x: torch.Tensor, ops: GraphOps, target: str, trained_on: torch.Tensor | None,
                      parent_logits: list[torch.Tensor], anchors: torch.Tensor | None = None,
-                     seed: int = 0, **fit_options) -> tuple[RidgeGate, dict]:
+                     seed: int = 0, **fit_options) -> tuple[RidgeGate | None, dict]:
     """The gate for ``target`` (one of :data:`TARGETS`) and what was decided, as a dict.
 
     ``auto`` fits the owner gate when ``trained_on`` marks nodes and keeps it unless its
     cross-validated misrouting exceeds ``AUTO_CHANCE_FRACTION * (1 - 1/K)``; otherwise, and
-    without ``trained_on``, it fits the confidence gate.
+    without ``trained_on``, it returns no gate (``used="mixture"``): the caller then runs every
+    parent on every node with equal weights.
     """
     if target not in TARGETS:
         raise MergeError(f"routing target {target!r} is unknown; choose from {list(TARGETS)}")
@@ -181,6 +198,8 @@ def fit_routing_gate(x: torch.Tensor, ops: GraphOps, target: str, trained_on: to
         decision.update(owner_cv_error=gate.cv_error, chance=chance)
         if target == "owner" or gate.cv_error <= AUTO_CHANCE_FRACTION * chance:
             return gate, dict(decision, used="owner")
+    if target == "auto":
+        return None, dict(decision, used="mixture")
     nodes = anchors
     if nodes is None:
         nodes = torch.arange(x.size(0))

@@ -61,10 +61,22 @@ def quiet_sparse():
         yield
 
 
+_CSR_MADE = False
+
+
 def sparse_csr(*args, **kwargs) -> torch.Tensor:
-    """``torch.sparse_csr_tensor``, quietly (:func:`quiet_sparse`)."""
-    with quiet_sparse():
+    """``torch.sparse_csr_tensor``, quietly (:func:`quiet_sparse`).
+
+    torch warns once per process, so only the first tensor needs the filter: entering
+    ``warnings.catch_warnings`` costs ~0.1 ms, a tenth of a small graph's sparse product.
+    """
+    global _CSR_MADE
+    if _CSR_MADE:
         return torch.sparse_csr_tensor(*args, **kwargs)
+    with quiet_sparse():
+        matrix = torch.sparse_csr_tensor(*args, **kwargs)
+        _CSR_MADE = True
+        return matrix
 
 
 def _is_sorted(index: torch.Tensor) -> bool:
@@ -151,7 +163,7 @@ class GraphOps:
         local[support] = torch.arange(support.numel())
         row_local = torch.repeat_interleave(torch.arange(rows.numel()), counts, output_size=total)
         return Block(self, rows, support, crow, local.index_select(0, col), row_local,
-                     rows_first=True)
+                     rows_first=True, position=local)
 
 
 @dataclasses.dataclass
@@ -169,8 +181,8 @@ class Block:
     col: torch.Tensor
     row: torch.Tensor
     rows_first: bool = False
+    position: torch.Tensor | None = None  # [N] index of each node in the support, -1 outside
     _vec: dict = dataclasses.field(default_factory=dict)
-    _ones: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -203,13 +215,23 @@ class Block:
         """Rows of a support-indexed tensor that belong to this block's rows."""
         return u[:self.n_rows] if self.rows_first else u
 
-    def spmm(self, u: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        """``A[rows, support] @ u`` (binary adjacency, or ``values`` per stored entry)."""
+    def spmm(self, u: torch.Tensor, values: torch.Tensor | None = None,
+             key: str | None = None) -> torch.Tensor:
+        """``A[rows, support] @ u`` (binary adjacency, or ``values`` per stored entry).
+
+        The sparse matrix of the binary adjacency, or of ``values`` named by ``key``, is made
+        once per block and reused by every later product.
+        """
         if values is None:
-            if self._ones is None:
-                self._ones = torch.ones(self.col.numel(), dtype=u.dtype)
-            values = self._ones
+            key = "binary"
+        cached = self._vec.get(("csr", key, u.dtype)) if key is not None else None
+        if cached is not None:
+            return cached @ u
+        if values is None:
+            values = torch.ones(self.col.numel(), dtype=u.dtype)
         matrix = sparse_csr(self.crow, self.col, values, (self.n_rows, self.n_support), dtype=u.dtype)
+        if key is not None:
+            self._vec[("csr", key, u.dtype)] = matrix
         return matrix @ u
 
 
@@ -271,7 +293,7 @@ def _propagate_one(block: Block, kind: str, u: torch.Tensor) -> torch.Tensor:
         else:
             values = None
         block._vec[key] = values
-    y = block.spmm(u, block._vec[key])
+    y = block.spmm(u, block._vec[key], key=kind)
     if kind == "gcn":
         return torch.addcmul(y, block.on_rows(u), block.column("deg_hat", _inv))
     loops = block.vec("loops")
@@ -509,6 +531,24 @@ class UMPMNet:
     __call__ = forward
 
 
+#: a BatchNorm's eval-mode tensors, in :func:`fold_batch_norm`'s argument order
+BATCH_NORM = ("weight", "bias", "running_mean", "running_var")
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear map ``x W + b`` followed by an eval-mode BatchNorm, as one linear map.
+
+    :math:`\\mathrm{BN}(z) = \\gamma (z - \\mu) / \\sqrt{\\sigma^2 + \\epsilon} + \\beta`
+    is affine per channel, so with :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`:
+    :math:`W' = W \\operatorname{diag}(s)`, :math:`b' = (b - \\mu) s + \\beta` (exact; ``eps`` is
+    ``torch.nn.BatchNorm1d``'s default). ``weight`` is ``[in, out]``.
+    """
+    scale = gamma / (var + eps).sqrt()
+    return weight * scale, (bias - mean) * scale + beta
+
+
 def from_pyg(spec, state_dict: dict, name: str = "") -> UMPMNet:
     """Convert a trained :class:`hpcsoup.models.GNN` (its ``ModelSpec`` and ``state_dict``) to UMPM.
 
@@ -544,12 +584,16 @@ def from_pyg(spec, state_dict: dict, name: str = "") -> UMPMNet:
                               get(p + "bias"), heads=heads, concat=not last,
                               att_src=att_src.contiguous(), att_dst=att_dst.contiguous(), act=act)
         else:
-            w1 = get(p + "nn.0.weight").t()
+            w1, b1 = get(p + "nn.0.weight").t(), get(p + "nn.0.bias")
+            tail = p + "nn.2."
+            if spec.norm == "batch":  # eval-mode BatchNorm is affine: folded into W_1, b_1
+                w1, b1 = fold_batch_norm(w1, b1, *(get(p + f"nn.1.{n}") for n in BATCH_NORM))
+                tail = p + "nn.3."
             eps = float(get(p + "eps").reshape(-1)[0])
             w = torch.cat([(1.0 + eps) * w1, w1], 1)
-            layer = UMPMLayer("gin", "sum", din, dout, w.contiguous(), get(p + "nn.0.bias"),
-                              has_self=True, tail_weight=get(p + "nn.2.weight").t().contiguous(),
-                              tail_bias=get(p + "nn.2.bias"), act=act)
+            layer = UMPMLayer("gin", "sum", din, dout, w.contiguous(), b1.contiguous(),
+                              has_self=True, tail_weight=get(tail + "weight").t().contiguous(),
+                              tail_bias=get(tail + "bias"), act=act)
         if layer.weight.size(0) != din:
             raise MergeError(f"expert {name or spec.arch!r}: layer {i} takes "
                              f"{layer.weight.size(0)} inputs, its spec says {din}")

@@ -13,7 +13,12 @@ which outputs class logits. The convolutions:
 - ``gat``: ``GATConv`` (Veličković et al., ICLR 2018), ``heads`` concatenated heads of width
   ``hidden // heads`` on hidden layers, one head on the output layer;
 - ``gin``: ``GINConv`` with a learnable eps (Xu et al., ICLR 2019),
-  :math:`\\mathrm{MLP}((1+\\epsilon)H + A H)`, a two-layer MLP per layer.
+  :math:`\\mathrm{MLP}((1+\\epsilon)H + A H)`, a two-layer MLP per layer; with
+  ``norm="batch"`` the MLP is ``Linear -> BatchNorm -> ReLU -> Linear`` (the GIN paper's MLP;
+  Ioffe & Szegedy, ICML 2015). Unnormalised sum aggregation lets activations grow with the degree
+  at every layer: a 3-layer GIN without it did not train on Cora (benchmarks/RESULTS.md, merge).
+  Off by default: the soups' ``functional_call`` path takes floating-point parameters only, and
+  a BatchNorm's ``num_batches_tracked`` counter is an integer.
 
 Construction is deterministic for a seed: the shared initialisation that makes
 experts soupable rests on this.
@@ -30,6 +35,8 @@ from hpcsoup.errors import ModelError
 
 #: the architectures an expert can have
 ARCHS = ("gcn", "sage", "gat", "gin")
+#: normalisation inside GIN's MLP (see the module docstring)
+NORMS = ("none", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ModelSpec:
     hidden: int = 64
     heads: int = 1
     dropout: float = 0.5
+    norm: str = "none"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -52,6 +60,9 @@ class ModelSpec:
         if self.arch == "gat" and self.layers > 1 and self.hidden % self.heads:
             raise ModelError(f"GAT hidden={self.hidden} is not divisible by heads={self.heads}; "
                              f"pick hidden as a multiple of heads")
+        if self.norm not in NORMS or (self.norm != "none" and self.arch != "gin"):
+            raise ModelError(f"model {self.arch}: norm={self.norm!r} is not supported; "
+                             f"norm='batch' is for gin only, every architecture takes 'none'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,7 +95,7 @@ class MeanSAGEConv(SAGEConv):
         return out + self.lin_r(x)
 
 
-def _conv(arch: str, cin: int, cout: int, heads: int, last: bool) -> nn.Module:
+def _conv(arch: str, cin: int, cout: int, heads: int, last: bool, norm: str = "none") -> nn.Module:
     if arch == "gcn":
         return GCNConv(cin, cout)
     if arch == "sage":
@@ -93,7 +104,11 @@ def _conv(arch: str, cin: int, cout: int, heads: int, last: bool) -> nn.Module:
         if last:
             return GATConv(cin, cout, heads=1, concat=False)
         return GATConv(cin, cout // heads, heads=heads, concat=True)
-    mlp = nn.Sequential(nn.Linear(cin, cout), nn.ReLU(), nn.Linear(cout, cout))
+    if norm == "batch":
+        mlp = nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(),
+                            nn.Linear(cout, cout))
+    else:
+        mlp = nn.Sequential(nn.Linear(cin, cout), nn.ReLU(), nn.Linear(cout, cout))
     return GINConv(mlp, train_eps=True)
 
 
@@ -105,7 +120,8 @@ class GNN(nn.Module):
         self.spec = spec
         widths = [spec.in_channels] + [spec.hidden] * (spec.layers - 1) + [spec.out_channels]
         self.convs = nn.ModuleList(
-            _conv(spec.arch, widths[i], widths[i + 1], spec.heads, last=i == spec.layers - 1)
+            _conv(spec.arch, widths[i], widths[i + 1], spec.heads, last=i == spec.layers - 1,
+                  norm=spec.norm)
             for i in range(spec.layers))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:

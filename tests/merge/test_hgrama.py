@@ -61,28 +61,16 @@ def test_merging_with_a_permuted_copy_gives_back_the_original(cora, cora_regions
     data = cora.data
     for threshold in (0.0, 0.5):  # dense mixture, and hard routing (mixed neighbourhoods)
         child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
-                      settings=HGramaSettings(alignment=alignment, threshold=threshold))
+                      settings=HGramaSettings(alignment=alignment, threshold=threshold,
+                                              route_target="owner"))
         got = child(data.x, data.edge_index)
         assert (got - expected).abs().max() <= 1e-4, (alignment, threshold)
-    # without alignment the same merge is not the original function: the test can fail
+    # without alignment the same merge is not the original function: the test can fail (hard
+    # routing, where a parent reads the other's rows; with every parent everywhere each reads
+    # itself and the child is their ensemble, exact without alignment)
     child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
-                  settings=HGramaSettings(alignment="none", threshold=0.0))
+                  settings=HGramaSettings(alignment="none", threshold=0.5, route_target="owner"))
     assert (child(data.x, data.edge_index) - expected).abs().max() > 1e-2
-
-
-def test_merge_uses_no_labels(cora, cora_regions, specialists):
-    parents = [from_pyg(*_spec_state(specialists, "gcn"), "gcn"),
-               from_pyg(*_spec_state(specialists, "gat"), "gat")]
-    owners = trained_on(cora, cora_regions)
-    data = cora.data
-    child = merge(parents, data.x, data.edge_index, trained_on=owners)
-    unlabelled = copy.copy(data)
-    del unlabelled.y
-    assert "y" not in unlabelled
-    again = merge(parents, unlabelled.x, unlabelled.edge_index, trained_on=owners)
-    for name, tensor in child.tensors().items():
-        assert torch.equal(tensor, again.tensors()[name]), name
-    assert torch.equal(child(data.x, data.edge_index), again(data.x, data.edge_index))
 
 
 def test_same_inputs_give_an_identical_child(cora, cora_regions, specialists):
@@ -106,7 +94,8 @@ def test_a_parent_routed_everywhere_is_reproduced_exactly_even_when_narrower(cor
     gat = train_specialist(cora, cora_regions, "gat", 1, hidden=32, epochs=5)
     parents = [from_pyg(*gcn, "gcn"), from_pyg(*gat, "gat")]
     data = cora.data
-    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions))
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                  settings=HGramaSettings(route_target="owner"))
     assert child.info["reference"] == 1
     for k, (spec, state) in enumerate((gcn, gat)):
         forced = MergedGNN.from_parts(child.structure(), child.tensors())
@@ -135,6 +124,41 @@ def test_ensemble_is_the_mean_of_the_pyg_experts(cora, specialists):
     assert (got - expected).abs().max() <= 1e-4
     cache = ensemble.make_cache(cora.data.x, cora.data.edge_index)
     assert torch.allclose(ensemble(cora.data.x, cache=cache), got, atol=1e-6)
+
+
+def test_every_parent_on_every_node_is_the_probability_ensemble(cora, cora_regions, specialists):
+    """Each parent reads its own rows from itself: with every parent on every node (uniform
+    weights, no sparsity) the child is the parents' probability mixture, whatever the alignment
+    does to the rows it would read from other parents."""
+    pairs = [_spec_state(specialists, a) for a in ("gcn", "gat", "sage")]
+    parents = [from_pyg(s, st, s.arch) for s, st in pairs]
+    expected = torch.stack([_pyg_logits(s, st, cora).softmax(-1) for s, st in pairs]).mean(0).log()
+    data = cora.data
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                  settings=HGramaSettings(routing="uniform", threshold=0.0))
+    assert (child(data.x, data.edge_index) - expected).abs().max() <= 1e-4
+
+
+def test_new_default_keeps_the_ensembles_accuracy_where_the_owner_gate_lost_it(
+        cora, cora_regions, specialists):
+    """Random halves: "which parent trained on this node" cannot be predicted from the features.
+    The old default (the owner gate, one parent per node) lost more than 2 points to the
+    ensemble here; the default (``route_target="auto"``) sees the gate at chance and runs the
+    parents' ensemble fused, so it loses nothing."""
+    parents = [from_pyg(*specialists[("gcn", 0)], "gcn"), from_pyg(*specialists[("gin", 1)], "gin")]
+    data = cora.data
+    owners = trained_on(cora, cora_regions)
+    ensemble = Ensemble(parents)(data.x, data.edge_index)
+    ens_test = cora.score(ensemble, "test")
+    old = merge(parents, data.x, data.edge_index, trained_on=owners,
+                settings=HGramaSettings(route_target="owner"))
+    assert cora.score(old(data.x, data.edge_index), "test") < ens_test - 0.02
+    new = merge(parents, data.x, data.edge_index, trained_on=owners)
+    assert new.info["gate"]["used"] == "mixture"
+    assert new.info["gate"]["owner_cv_error"] > 0.75 * new.info["gate"]["chance"]
+    got = new(data.x, data.edge_index)
+    assert cora.score(got, "test") >= ens_test - 0.005
+    assert (got - ensemble).abs().max() <= 1e-4  # the fused child is the ensemble
 
 
 def test_interpolation_is_for_homogeneous_pairs_only(cora, cora_regions, specialists):

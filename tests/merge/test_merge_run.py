@@ -84,6 +84,35 @@ def test_run_merge_stores_a_child_that_runs_alone(specialist_store):
         assert torch.equal(tensor, tensors[name]), name
 
 
+def test_merge_path_reads_no_labels(specialist_store, monkeypatch):
+    """Labels shuffled on the graph the whole ``run_merge`` path loads give a bit-identical child
+    (the merge reads features, edges, the train mask and the regions, never ``y``); the scores,
+    which do read the labels, change -- so the shuffled graph did reach the merge."""
+    from hpcsoup.data import load_from_config
+    from hpcsoup.merge import run
+    from hpcsoup.store import Store
+
+    cfg = load_config(specialist_store)
+    store = Store.open(cfg.store)
+    honest = run.run_merge(cfg)
+    tensors, _ = store.load_group("merges", honest["merge_id"])
+
+    def shuffled_labels(config):
+        graph = load_from_config(config)
+        order = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(0))
+        graph.data.y = graph.data.y[order]
+        return graph
+
+    monkeypatch.setattr(run, "load_from_config", shuffled_labels)
+    blind = run.run_merge(cfg)
+    assert blind["merge_id"] == honest["merge_id"]
+    again, _ = store.load_group("merges", blind["merge_id"])
+    assert tensors.keys() == again.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, again[name]), name
+    assert blind["metrics"]["test"] < honest["metrics"]["test"] - 0.2
+
+
 def test_cli_merge_prints_json(specialist_store, capsys):
     from hpcsoup.cli import main
 

@@ -62,6 +62,18 @@ def test_normalise_and_sparsify():
     assert torch.equal(sparsify(g, 0.0), g)
 
 
+def test_budget_caps_the_extra_parents_where_the_gate_is_least_sure():
+    g = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7], [0.48, 0.52], [1.0, 0.0]])
+    uncapped = sparsify(g, 0.3)  # three second weights reach 0.3
+    assert ((uncapped > 0).sum(1) == 2).nonzero().view(-1).tolist() == [1, 2, 3]
+    two = sparsify(g, 0.3, budget=0.4)  # 2 extra of 5 nodes: the two smallest margins
+    assert ((two > 0).sum(1) == 2).nonzero().view(-1).tolist() == [1, 3]
+    assert torch.allclose(two[1], g[1]) and torch.allclose(two.sum(1), torch.ones(5))
+    assert torch.equal((sparsify(g, 0.3, budget=0.0) > 0).sum(1), torch.ones(5, dtype=torch.long))
+    # a zero weight is never computed, whatever the threshold and budget
+    assert ((sparsify(g, 0.0, budget=1.0) > 0).sum(1) == 2).nonzero().view(-1).tolist() == [0, 1, 2, 3]
+
+
 def test_confidence_targets_are_normalised_over_parents():
     t = confidence_targets([torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 0.0]])])
     assert torch.allclose(t.sum(1), torch.ones(1)) and t[0, 0] > t[0, 1]
@@ -88,13 +100,15 @@ def test_auto_target_keeps_the_owner_gate_only_where_owners_are_predictable():
     random_owner = torch.where(trained_on >= 0, torch.randint(0, 2, side.shape, generator=g), -1)
     gate, decision = fit_routing_gate(x, ops, "auto", random_owner, logits)
     assert decision["owner_cv_error"] > AUTO_CHANCE_FRACTION * decision["chance"]
-    assert decision["used"] == "confidence" and gate.target == "confidence"
-    assert (gate(x, ops).argmax(1) == side).float().mean() > 0.9  # follows the confident parent
+    assert decision["used"] == "mixture" and gate is None  # every parent on every node
 
+    confident, decision = fit_routing_gate(x, ops, "confidence", random_owner, logits)
+    assert decision["used"] == "confidence" and confident.target == "confidence"
+    assert (confident(x, ops).argmax(1) == side).float().mean() > 0.9  # the confident parent
     forced, decision = fit_routing_gate(x, ops, "owner", random_owner, logits)
     assert decision["used"] == "owner" and forced.target == "owner"
-    _, decision = fit_routing_gate(x, ops, "auto", None, logits)  # no specialists: confidence
-    assert decision["used"] == "confidence" and "owner_cv_error" not in decision
+    gate, decision = fit_routing_gate(x, ops, "auto", None, logits)  # no specialists: mixture
+    assert decision["used"] == "mixture" and gate is None and "owner_cv_error" not in decision
     with pytest.raises(MergeError, match="needs trained_on"):
         fit_routing_gate(x, ops, "owner", None, logits)
     with pytest.raises(MergeError, match=r"routing target 'best' is unknown"):

@@ -41,6 +41,35 @@ def test_umpm_matches_pyg_with_self_loops_duplicates_and_unsorted_edges(arch):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_gin_with_batch_norm_converts_exactly(cora):
+    """The eval-mode BatchNorm inside GIN's MLP is folded into W_1, b_1: logits equal to 1e-5."""
+    spec = ModelSpec("gin", cora.num_features, cora.num_classes, layers=3, hidden=16, norm="batch")
+    model = build_model(spec, seed=0)
+    data = cora.data
+    model.train()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # dropout: the same running statistics on every run
+        for _ in range(3):  # running statistics of real activations, and a non-trivial affine
+            model(data.x, data.edge_index)
+        for conv in model.convs:
+            conv.nn[1].weight.uniform_(0.5, 2.0)
+            conv.nn[1].bias.uniform_(-0.5, 0.5)
+    model.eval()
+    with torch.no_grad():
+        expected = model(data.x, data.edge_index)
+    state = model.state_dict()
+    assert all(float(model.convs[i].nn[1].running_var.sub(1).abs().max()) > 1e-3 for i in range(3))
+    got = from_pyg(spec, state)(as_features(data.x), GraphOps(data.edge_index, cora.num_nodes))
+    # float32 rounding grows with the logits (measured: 3e-7..7e-7 of their largest magnitude)
+    scale = max(1.0, float(expected.abs().max()))
+    assert (got - expected).abs().max() <= 1e-5 * scale
+    # without the fold (the BatchNorm ignored) the logits are far off: the test can fail
+    plain = ModelSpec("gin", cora.num_features, cora.num_classes, layers=3, hidden=16)
+    unfolded = {k.replace("nn.3.", "nn.2."): v for k, v in state.items() if ".nn.1." not in k}
+    assert (from_pyg(plain, unfolded)(data.x, GraphOps(data.edge_index, cora.num_nodes))
+            - expected).abs().max() > 1e-2 * scale
+
+
 def test_gat_attention_is_stable_for_large_logits(cora):
     spec = ModelSpec("gat", cora.num_features, cora.num_classes, layers=2, hidden=16, heads=2)
     model = build_model(spec, seed=0).eval()

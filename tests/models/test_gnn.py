@@ -46,6 +46,18 @@ def test_forward_shapes(arch, layers):
     assert torch.equal(out, model(x, edge_index))          # eval mode: no dropout
 
 
+def test_gin_batch_norm_is_optional_and_normalises_in_training():
+    x, edge_index = tiny_graph()
+    plain = build_model(spec("gin", layers=2, hidden=16), seed=0)
+    normed = build_model(spec("gin", layers=2, hidden=16, norm="batch"), seed=0)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    norms = [conv.nn[1] for conv in normed.convs]
+    assert all(isinstance(m, torch.nn.BatchNorm1d) for m in norms)
+    normed.train()
+    normed(x * 100.0, edge_index)  # training mode: the batch statistics are tracked
+    assert float(norms[0].running_mean.abs().max()) > 1.0
+
+
 def test_spec_round_trips_through_a_dict():
     s = spec("gat", layers=3, hidden=32)
     assert ModelSpec.from_dict(s.to_dict() | {"ignored": 1}) == s
@@ -57,6 +69,8 @@ def test_spec_round_trips_through_a_dict():
     (dict(arch="sage", hidden=0), "layers, hidden and heads must be >= 1"),
     (dict(arch="gat", heads=0), "layers, hidden and heads must be >= 1"),
     (dict(arch="gat", hidden=10, heads=4), "GAT hidden=10 is not divisible by heads=4"),
+    (dict(arch="gcn", norm="batch"), "norm='batch' is for gin only"),
+    (dict(arch="gin", norm="layer"), "norm='layer' is not supported"),
 ])
 def test_bad_spec_is_a_model_error(kwargs, match):
     with pytest.raises(ModelError, match=match):
