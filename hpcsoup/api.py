@@ -260,10 +260,7 @@ def merge(models: Sequence[nn.Module], data, trained_on: Sequence[torch.Tensor] 
     from torch_geometric.utils import is_undirected
 
     models = _check_models(models, 2, "hpcsoup.merge", MergeError)
-    known = {f.name for f in dataclasses.fields(HGramaSettings)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise MergeError(f"H-GRAMA has no setting {unknown[0]!r}; valid settings: {sorted(known)}")
+    HGramaSettings(**settings)  # an unknown or bad setting fails here, before any work
     graph, _ = as_graph(data, metric)
     n = graph.num_nodes
     owners = None
@@ -274,7 +271,10 @@ def merge(models: Sequence[nn.Module], data, trained_on: Sequence[torch.Tensor] 
                          f"boolean node mask per model")
     if trained_on is not None:
         owners = _owners(trained_on, n, len(models))
-        routing = "ridge gate on which model was trained on each node (route_target='owner')"
+        target = settings.get("route_target", "auto")
+        routing = (f"route_target='{target}': a ridge gate on which model was trained on each "
+                   f"node" + (" where that is predictable from the features, else every model "
+                              "on every node (the ensemble, fused)" if target == "auto" else ""))
     elif settings.get("routing", "ridge") != "ridge":
         routing = f"routing={settings['routing']!r}: equal weights, no gate"
     elif settings.get("route_target", "confidence") != "confidence":

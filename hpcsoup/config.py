@@ -25,6 +25,7 @@ from hpcsoup.errors import ConfigError
 from hpcsoup.settings import Setting, nonnegative, positive
 
 from hpcsoup.models import ARCHS
+from hpcsoup.merge.hgrama import MERGE_SETTINGS
 from hpcsoup.soup.registry import METHODS
 
 SOUP_METHODS = tuple(METHODS)
@@ -110,27 +111,8 @@ SCHEMA: dict = {
     },
     "merge": {
         "parents": Field([], (list,), hint="expert ids; [] = the config's specialists"),
-        "alignment": Field("procrustes", (str,), choices=("none", "procrustes", "permutation")),
-        "routing": Field("ridge", (str,), choices=("none", "uniform", "ridge")),
-        "calibration": Field(True, (bool,)),
-        "anchors": Field(0, (int,), **_nonneg("anchor nodes for alignment; 0 = all nodes")),
-        "seed": Field(0, (int,)),
-        "threshold": Field(0.5, (float,), check=lambda v: 0 <= v <= 1,
-                           hint="gate sparsity in [0, 1]: 0 = every parent everywhere, "
-                                ">= 0.5 = top parent only (2 parents)"),
-        "budget": Field(-1.0, (float,), check=lambda v: v >= 0 or v == -1,
-                        hint="parents computed beyond each node's top one, per node on average "
-                             "(where the gate is least sure); -1 = no cap"),
-        "readout": Field("probs", (str,), choices=("probs", "logits")),
-        "route_target": Field("auto", (str,), choices=("owner", "confidence", "auto"),
-                              hint="the gate's target: which parent trained on a node (owner), "
-                                   "the parents' confidence, or auto (owner where predictable, "
-                                   "else every parent on every node)"),
-        "reference": Field("auto", (str,), hint="'auto' or a parent index such as '1'"),
-        "gate_hops": Field(2, (int,), **_nonneg("hops of smoothed features in the gate")),
-        "gate_smooth": Field(-1, (int,), check=lambda v: v >= -1,
-                             hint="gate smoothing steps; -1 = chosen by cross-validation"),
-        "calibrate_output": Field(False, (bool,)),
+        # H-GRAMA's settings, as the merge declares them (hpcsoup/merge/hgrama.py)
+        **MERGE_SETTINGS,
         "repeats": Field(15, (int,), **_pos("interleaved timing rounds, child vs ensemble")),
     },
     "slurm": {

@@ -205,10 +205,11 @@ def test_pyg_gcn_and_gat_merged(gcn_gat, data, with_regions):
     for name in result.names:  # without regions: on every test node
         assert result.metrics["retention"][name] == pytest.approx(
             result.metrics["test"] / result.metrics["parents"][name]["test"])
-    target = "owner" if with_regions else "confidence"
+    target = "auto" if with_regions else "confidence"  # auto: the owner gate where predictable
     assert f"route_target='{target}'" in result.routing
     assert result.settings["route_target"] == target
-    assert result.model.gate is not None and result.model.gate.target == target
+    gate = result.model.gate
+    assert (gate is None or gate.target == "owner") if with_regions else gate.target == target
     # better than chance, and at least as good as the worse parent less a margin
     parents = [result.metrics["parents"][n]["test"] for n in result.names]
     assert result.metrics["test"] > 0.4 and result.metrics["test"] >= min(parents) - 0.1

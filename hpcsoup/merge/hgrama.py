@@ -25,80 +25,90 @@ import time
 
 import torch
 
-from hpcsoup.errors import MergeError
+from hpcsoup.errors import ConfigError, MergeError
 from hpcsoup.merge import align, calibrate
 from hpcsoup.merge.child import READOUTS, MergedGNN
 from hpcsoup.merge.route import TARGETS, fit_routing_gate
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features
+from hpcsoup.settings import Setting, nonnegative
 
 ROUTINGS = ("ridge", "uniform", "none")
 
 
-@dataclasses.dataclass
-class HGramaSettings:
-    """Every choice of a merge (stored with the child). Defaults were chosen by measurement.
+#: every choice of a merge, declared once: HGramaSettings and the config's ``[merge]`` section
+#: (:mod:`hpcsoup.config`) are both built from this. Defaults were chosen by measurement
+#: (benchmarks/RESULTS.md, ``## merge``).
+MERGE_SETTINGS = {
+    "alignment": Setting("procrustes", (str,), choices=align.ALIGNMENTS,
+                         help="hidden-space alignment: procrustes, permutation or none (ablation)"),
+    "routing": Setting("ridge", (str,), choices=ROUTINGS,
+                       help="ridge (the gate), uniform or none (both: equal weights, the ablation)"),
+    "calibration": Setting(True, (bool,), help="fold label-free statistics matching into the weights"),
+    "anchors": Setting(0, (int,), **nonnegative(), help="anchor nodes for alignment (0 = all nodes)"),
+    "seed": Setting(0, (int,), help="seeds the anchor sample and the gate's cross-validation folds"),
+    "threshold": Setting(0.5, (float,), check=lambda v: 0 <= v <= 1, hint="must be in [0, 1]",
+                         help="gate sparsity: parents below it are not computed on a node (0 = "
+                              "every parent everywhere, >= 0.5 = top parent only with 2 parents)"),
+    "budget": Setting(-1.0, (float,), check=lambda v: v >= 0 or v == -1,
+                      hint="must be >= 0 (a fraction of the nodes) or -1 (no cap)",
+                      help="parents computed beyond each node's top one, where the gate is least "
+                           "sure, as a fraction of the nodes (-1 = no cap)"),
+    "readout": Setting("probs", (str,), choices=READOUTS,
+                       help="mixture of the parents' class probabilities (probs) or logits"),
+    "route_target": Setting("auto", (str,), choices=TARGETS,
+                            help="the gate's target: owner (which parent trained on a node), "
+                                 "confidence, or auto (owner where predictable, else every parent "
+                                 "on every node: the ensemble, fused)"),
+    "reference": Setting("auto", (str, int),
+                         help="the parent whose hidden basis is the stream's: auto or an index"),
+    "gate_hops": Setting(2, (int,), **nonnegative(), help="hops of smoothed features in the gate"),
+    "gate_standardize": Setting(False, (bool,),
+                                help="scale the gate's descriptors per column (else per hop block)"),
+    "gate_smooth": Setting(-1, (int,), check=lambda v: v >= -1, hint="must be >= -1",
+                           help="smoothing steps of the gate's scores (-1 = by cross-validation)"),
+    "calibrate_output": Setting(False, (bool,),
+                                help="calibrate the output layer too (per-class logit shifts; "
+                                     "measured to cost retention)"),
+}
 
-    Args:
-        alignment: ``procrustes``, ``permutation`` or ``none`` (ablation).
-        routing: ``ridge`` (the gate), ``uniform`` or ``none`` (both: equal weights, the ablation).
-        calibration: fold label-free statistics matching into the weights.
-        anchors: anchor nodes for alignment (``0`` = all nodes).
-        seed: seeds the anchor sample and the gate's cross-validation folds.
-        threshold: gate sparsity: parents with gate weight below it are not computed on a node
-            (``0`` = every parent everywhere; ``1`` = top parent only).
-        budget: parents computed beyond each node's top one, as a fraction of the nodes: the
-            weights above ``threshold`` where the gate is least sure
-            (:func:`~hpcsoup.merge.route.sparsify`; ``-1`` = no cap).
-        readout: ``probs`` (mixture of the parents' class probabilities) or ``logits``.
-        route_target: ``owner`` (which parent was trained on the node), ``confidence``, or
-            ``auto``: owner unless that cannot be predicted from the features (see
-            :data:`~hpcsoup.merge.route.AUTO_CHANCE_FRACTION`), then every parent on every node,
-            logits averaged (the ensemble, fused).
-        reference: ``auto`` or a parent index: the parent whose hidden basis is the stream's.
-        gate_hops: hops of smoothed features in the gate's descriptors.
-        gate_standardize: scale descriptors per column (else per hop block).
-        gate_smooth: smoothing steps of the gate's scores (``-1``: chosen by cross-validation).
-        calibrate_output: calibrate the output layer too (per-class shifts of the logits; off by
-            default: measured to cost retention, see benchmarks/RESULTS.md).
+
+@dataclasses.dataclass(frozen=True)
+class HGramaSettings:
+    """Every choice of a merge (stored with the child): the :data:`MERGE_SETTINGS`, validated.
+
+    ``HGramaSettings(**values)`` fills the defaults in; an unknown name or a bad value raises
+    :class:`MergeError` naming the setting and what is allowed.
     """
 
-    alignment: str = "procrustes"
-    routing: str = "ridge"
-    calibration: bool = True
-    anchors: int = 0
-    seed: int = 0
-    threshold: float = 0.5
-    budget: float = -1.0
-    readout: str = "probs"
-    route_target: str = "auto"
-    reference: str | int = "auto"
-    gate_hops: int = 2
-    gate_standardize: bool = False
-    gate_smooth: int = -1
-    calibrate_output: bool = False
+    values: dict
 
-    def __post_init__(self):
-        checks = [("alignment", self.alignment, align.ALIGNMENTS), ("routing", self.routing, ROUTINGS),
-                  ("readout", self.readout, READOUTS), ("route_target", self.route_target, TARGETS)]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise MergeError(f"H-GRAMA setting {name}={value!r} is unknown; "
-                                 f"choose from {list(allowed)}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise MergeError(f"H-GRAMA setting threshold={self.threshold!r} must be in [0, 1]")
-        if float(self.budget) < 0.0 and float(self.budget) != -1.0:
-            raise MergeError(f"H-GRAMA setting budget={self.budget!r} must be >= 0 (extra "
-                             f"parents per node, a fraction of the nodes) or -1 (no cap)")
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(MERGE_SETTINGS))
+        if unknown:
+            raise MergeError(f"H-GRAMA has no setting {unknown[0]!r}; valid settings: "
+                             f"{sorted(MERGE_SETTINGS)}")
+        checked = {name: setting.default for name, setting in MERGE_SETTINGS.items()}
+        for name, value in values.items():
+            try:
+                checked[name] = MERGE_SETTINGS[name].validate(f"merge.{name}", value)
+            except ConfigError as exc:
+                raise MergeError(str(exc).replace("config key", "H-GRAMA setting", 1)) from None
+        object.__setattr__(self, "values", checked)
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(f"H-GRAMA has no setting {name!r}") from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(self.values)
 
     @classmethod
     def from_config(cls, section) -> "HGramaSettings":
         """From a config's ``[merge]`` section (keys that are not settings are ignored)."""
         values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return cls(**{k: v for k, v in values.items() if k in MERGE_SETTINGS})
 
 
 def check_parents(parents: list[UMPMNet]) -> None:

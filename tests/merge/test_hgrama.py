@@ -182,7 +182,9 @@ def test_cached_child_equals_uncached(cora, cora_regions, specialists):
 
 
 def test_settings_errors_name_the_bad_value():
-    with pytest.raises(MergeError, match="alignment='rotate' is unknown"):
+    with pytest.raises(MergeError, match="'merge.alignment' = 'rotate': 'rotate' is not allowed"):
         HGramaSettings(alignment="rotate")
-    with pytest.raises(MergeError, match=r"threshold=2\.0 must be in \[0, 1\]"):
+    with pytest.raises(MergeError, match=r"'merge.threshold' = 2\.0: must be in \[0, 1\]"):
         HGramaSettings(threshold=2.0)
+    with pytest.raises(MergeError, match="no setting 'sharpness'"):
+        HGramaSettings(sharpness=2)
