@@ -22,7 +22,8 @@ Usage:
   python benchmarks/bench_merge.py --datasets CiteSeer --splits metis --depths 2   # a subset
   python benchmarks/bench_merge.py --report                            # tables + plot from JSON
 
-Parents are cached under benchmarks/out/merge_parents/, results in benchmarks/out/merge_*.json,
+Parents are cached under benchmarks/out/merge_parents/, results in benchmarks/out/merge_*.json
+(a subset run: merge_<part>_<dataset>_<splits>_d<depths>.json; --report reads them all),
 the trade-off plot in benchmarks/merge_tradeoff.png. Threads: 1 (fixed).
 """
 from __future__ import annotations
@@ -377,6 +378,10 @@ def main(argv=None):
     parser.add_argument("--depths", nargs="+", type=int, default=None, help="a subset of depths")
     args = parser.parse_args(argv)
 
+    # a subset run writes its own files (merge_main_Cora_d2.json), so subsets add up
+    subset = "".join(["_" + "-".join(args.splits) if args.splits else "",
+                      "_d" + "".join(map(str, args.depths)) if args.depths else ""])
+
     def keep(split, depth):
         return ((args.splits is None or split in args.splits)
                 and (args.depths is None or depth in args.depths))
@@ -398,7 +403,7 @@ def main(argv=None):
             fn = {"main": part_main, "tradeoff": part_tradeoff, "findings": part_findings}[part]
             rows = fn(graph, dataset, args.repeats if part == "main" else max(5, args.repeats // 2),
                       keep)
-            (OUT / f"merge_{part}_{dataset}.json").write_text(json.dumps(rows, indent=1))
+            (OUT / f"merge_{part}_{dataset}{subset}.json").write_text(json.dumps(rows, indent=1))
             say(f"{dataset} {part}: {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     print(report())
 
