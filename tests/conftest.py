@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ci_support import missing as _missing
 
 #: environment variables that MPI launchers (mpich/hydra, Open MPI, SLURM's PMI2) set in each rank
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -91,14 +92,6 @@ def pytest_unconfigure(config):
     code = getattr(config, "_hpcsoup_exitstatus", 0)
     if code not in (0, int(pytest.ExitCode.NO_TESTS_COLLECTED)):
         _abort_world(code)
-
-
-def _missing(reason: str):
-    """Skip a test whose infrastructure is missing; under ``HPCSOUP_CI=1`` (.ci/run) fail instead,
-    so that CI cannot pass by silently skipping its SLURM or MPI tests."""
-    if os.environ.get("HPCSOUP_CI", "") not in ("", "0"):
-        pytest.fail(f"{reason} -- HPCSOUP_CI=1 requires it", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

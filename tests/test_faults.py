@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import _missing  # skip, or fail under HPCSOUP_CI=1
+from ci_support import missing as _missing  # skip, or fail under HPCSOUP_CI=1
 from hpcsoup.cli import main
 from hpcsoup.config import load_config
 from hpcsoup.errors import ConfigError, StoreAccessError
