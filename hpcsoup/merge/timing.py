@@ -1,6 +1,6 @@
 """Full-graph inference time of a merged child against its ensemble, measured fairly.
 
-The 2 cores of a shared machine make absolute times noisy (ENVIRONMENT.md), so the child and the
+The 2 cores of a shared machine make absolute times noisy, so the child and the
 ensemble run **interleaved** in one process, each regime once per round, and the reported numbers
 are medians over rounds; speedups are medians of the per-round ratios (a child run and the
 ensemble run next to it share whatever load the machine has then). Three regimes:
