@@ -91,6 +91,7 @@ def test_rank_raising_before_collective_ends_the_job(mpiexec, tmp_path):
 def test_failed_pytest_rank_aborts_the_mpi_job(mpiexec, tmp_path):
     """conftest's rule: under ``mpiexec -n 2 pytest``, a rank failing before a collective aborts all."""
     shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    shutil.copy(TESTS / "ci_support.py", tmp_path / "ci_support.py")
     (tmp_path / "test_hang.py").write_text(textwrap.dedent("""
         from mpi4py import MPI
 

@@ -37,7 +37,7 @@ def test_sbatch_soup_sh_equals_mpiexec(slurm_cluster, cora_store, data_root, mpi
     assert by_sbatch["ranks"] == 2
     soup = by_sbatch["soups"][0]
     assert soup["id"] == by_mpiexec["id"] and soup["extras"]["ranks"] == 2
-    assert "partition: " in log  # the graph was partitioned in its own one-task step
+    assert '"partitioned": ' in log  # the graph was partitioned in its own one-task step (--json)
 
     a = torch.tensor(Store.open(tmp_path / "mpi.zarr").group_attrs("soups", soup["id"])["coefficients"])
     b = torch.tensor(Store.open(store).group_attrs("soups", soup["id"])["coefficients"])

@@ -38,7 +38,9 @@ def _config(tmp_path: Path, data_root: Path, store: str, **experts) -> Path:
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
-    return dict(env, HPCSOUP_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # progress lines every half second: the pre-emption test follows the epochs through them
+    return dict(env, HPCSOUP_PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                HPCSOUP_PROGRESS_SECONDS="0.5")
 
 
 def _sbatch(tmp_path: Path, *args: str, wait: bool = False) -> str:
@@ -142,12 +144,16 @@ def test_an_array_task_preempted_twice_resumes_to_the_uninterrupted_weights(
     def text() -> str:
         return log.read_text() if log.exists() else ""
 
-    _wait_for(lambda: "epoch 3/60" in text(), 300, "epoch 3 of the first run")
+    def epochs_done() -> int:  # the task's progress lines ("train sage-e000: 7/60 epochs ...")
+        found = re.findall(r"train sage-e000: (\d+)/60 epochs", text())
+        return int(found[-1]) if found else 0
+
+    _wait_for(lambda: epochs_done() >= 3, 300, "epoch 3 of the first run")
     subprocess.run(["scancel", "--signal=USR1", task], check=True)
     _wait_for(lambda: _restarts(task) == 1, 120, "SLURM to requeue the task")
     _wait_for(lambda: "resuming after epoch" in text(), 300, "the requeued run to resume")
     first_stop = int(re.findall(r"resuming after epoch (\d+)", text())[0])
-    _wait_for(lambda: f"epoch {first_stop + 3}/60" in text(), 300, "three more epochs")
+    _wait_for(lambda: epochs_done() >= first_stop + 3, 300, "three more epochs")
     subprocess.run(["scancel", "-b", "--signal=USR1", task], check=True)
     _wait_for(lambda: _restarts(task) == 2, 120, "the second requeue")
     _wait_gone(job, 600)
