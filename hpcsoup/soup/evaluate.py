@@ -111,7 +111,7 @@ class Evaluator:
         self.spec, self.graph, self.device = spec, graph, torch.device(device)
         self.template = make_template(spec, self.device)
         self.evaluations = 0
-        self._part_adjacency: dict[int, torch.Tensor] = {}
+        self._part_adjacency: dict[tuple, torch.Tensor] = {}
         self._metric = metric if graph is None else graph.metric
         if graph is None:
             self.adj = self.x = self.inverse = self.y = None
@@ -143,12 +143,14 @@ class Evaluator:
         """The adjacency :meth:`forward` expects for a partition's subgraph (PLS), with the
         full graph's degrees; ``keep`` holds it for the next call (when the partition itself
         is held in memory anyway, rebuilding it every step would only cost time)."""
-        if part.pid in self._part_adjacency:
-            return self._part_adjacency[part.pid]
+        # the id with the subgraph's size: one evaluator may see several partitionings (halos)
+        key = (part.pid, part.num_nodes, int(part.edge_index.size(1)))
+        if key in self._part_adjacency:
+            return self._part_adjacency[key]
         deg = part.deg.to(self.device) if part.deg.numel() else None
         adj = build_adjacency(self.spec.arch, part.edge_index.to(self.device), part.num_nodes, deg)
         if keep:
-            self._part_adjacency[part.pid] = adj
+            self._part_adjacency[key] = adj
         return adj
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | None = None,
