@@ -11,7 +11,7 @@ measured time (time / the measured time of one full-graph inference forward).
 Measurement:
 - one torch thread everywhere (``--threads``, default 1); the 2 cores are shared.
 - memory: every (dataset, method) runs in a fresh subprocess that loads the graph, the experts
-  and the shared evaluator, then souping runs inside :class:`hpcsoup.soup.run.PeakMemory`
+  and the shared evaluator, then souping runs inside :class:`hpcsoup.memory.PeakMemory`
   (a thread samples RSS from /proc/self/statm every 5 ms): peak RSS during souping minus the
   RSS right before it. ``ru_maxrss`` minus that RSS is reported as a cross-check. Workers run
   with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise glibc's
@@ -206,7 +206,7 @@ def run_method(method: str, ingredients, evaluator, settings: dict | None = None
     import gc
 
     from hpcsoup.soup import get_method
-    from hpcsoup.soup.run import PeakMemory
+    from hpcsoup.memory import PeakMemory
 
     soup = get_method(method, **(method_settings(method) if settings is None else settings))
     gc.collect()
@@ -259,7 +259,7 @@ def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
 def metis_worker(key: str, nodes: int | None) -> dict:
     """METIS (K of the benchmark's PLS, no cache): its own one-time cost, time and peak memory."""
     from hpcsoup.data.partition import partition
-    from hpcsoup.soup.run import PeakMemory
+    from hpcsoup.memory import PeakMemory
 
     spec_args = EXPERTS[key]
     graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))

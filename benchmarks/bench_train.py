@@ -97,7 +97,7 @@ def one_expert(nodes: int, epochs: int, data_root: str) -> dict:
     from hpcsoup.data import load_dataset
     from hpcsoup.data.partition import partition, partition_cache_dir
     from hpcsoup.models import ModelSpec, build_model
-    from hpcsoup.soup.run import PeakMemory
+    from hpcsoup.memory import PeakMemory
     from hpcsoup.train.loop import ClusterBatches, fit
 
     torch.set_num_threads(1)

@@ -263,6 +263,20 @@ def quality(result: dict | None) -> str:
     return f"{metrics['val']:.4f} / {metrics['test']:.4f}"
 
 
+def gpu_gib(result: dict | None) -> float | None:
+    """Peak CUDA memory (``torch.cuda.max_memory_allocated``) the stage reported, in GiB;
+    ``None`` when it ran on a CPU or reports none."""
+    value = None
+    if isinstance(result, dict):
+        if result.get("tasks"):
+            value = result["tasks"][0].get("peak_gpu_bytes")
+        elif result.get("soups"):
+            value = result["soups"][0].get("peak_gpu_bytes")
+        elif isinstance(result.get("metrics"), dict):
+            value = (result["metrics"].get("memory") or {}).get("peak_gpu_bytes")
+    return value / 2**30 if isinstance(value, (int, float)) else None
+
+
 def growth_exponent(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of ``log y`` against ``log x`` (``None`` below two distinct x)."""
     points = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
@@ -287,14 +301,16 @@ def exponents(rows: list[dict]) -> dict:
 
 def print_table(rows: list[dict], fits: dict) -> None:
     print("| stage | nodes | ranks | wall s | CPU s (user + sys) | sys s | stage's own s "
-          "| peak RSS GiB | val / test | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS GiB | peak GPU GiB | val / test | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         status = "" if r["ok"] else f" (failed, exit {r['exit']})"
         work = f"{r['work_s']:.1f}" if r["work_s"] is not None else "-"
+        gpu = gpu_gib(r["result"])
         print(f"| {r['stage']}{status} | {r['nodes']:,} | {r['ranks']} | {r['seconds']:.1f} | "
               f"{r['cpu_s']:.1f} | {r['sys_s']:.1f} | {work} | {r['peak_rss_gib']:.2f} | "
-              f"{quality(r['result'])} | {r['loadavg_1min']:.1f} |")
+              f"{'-' if gpu is None else f'{gpu:.2f}'} | {quality(r['result'])} | "
+              f"{r['loadavg_1min']:.1f} |")
     print("\n| stage | growth exponent: wall s | CPU s | peak memory |")
     print("|---|---|---|---|")
     for stage, fit in fits.items():
@@ -363,9 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-edges", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true",
                         help="print the table of benchmarks/out/scaling_study.json, run nothing")
+    parser.add_argument("--out", default=str(OUT),
+                        help="folder of scaling_study.json and .png (default: benchmarks/out)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     if args.report:
-        saved = json.loads((OUT / "scaling_study.json").read_text())
+        saved = json.loads((out / "scaling_study.json").read_text())
         print_table(saved["rows"], exponents(saved["rows"]))
         return
     if args.stage == "metis":
@@ -386,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ranks {args.ranks}: every rank count must be >= 1")
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     rows, commands = run_study(args), [command]
-    saved = OUT / "scaling_study.json"
+    saved = out / "scaling_study.json"
     if args.append and saved.is_file():         # earlier runs' rows, unless measured again now
         earlier = json.loads(saved.read_text())
         done = {(r["stage"], r["nodes"], r["ranks"]) for r in rows}
@@ -395,15 +414,15 @@ def main(argv: list[str] | None = None) -> None:
         commands = earlier.get("commands", []) + commands
     fits = exponents(rows)
     print_table(rows, fits)
-    OUT.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(
         {"commands": commands, "config": args.config,
          "overrides": args.set, "nodes": args.nodes, "ranks": args.ranks, "stages": args.stages,
          "rows": rows, "growth_exponents": fits, "cores": os.cpu_count(),
          "this_process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
         indent=2))
-    plot(rows, fits, OUT / "scaling_study.png")
-    print(f"\nwrote {OUT / 'scaling_study.json'} and {OUT / 'scaling_study.png'}", file=sys.stderr)
+    plot(rows, fits, out / "scaling_study.png")
+    print(f"\nwrote {saved} and {out / 'scaling_study.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,15 @@ def test_per_epoch_lines_only_with_verbose(tmp_path, data_root, capsys):
     assert main(args + ["--store", str(tmp_path / "b.zarr"), "-v"]) == 0
     loud = capsys.readouterr()
     assert all(f"[sage-e000] epoch {e}/3 " in loud.err for e in (1, 2, 3)), loud.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a GPU: device='cuda' is valid")
+@pytest.mark.parametrize("command", [["train", "--task-id", "0"], ["soup"], ["merge"]])
+def test_cuda_asked_for_without_a_gpu_is_a_one_line_config_error(command, tmp_path, capsys):
+    """Every stage checks ``device`` before any work: no traceback, the key and the fix named."""
+    code = main(command + ["--store", str(tmp_path / "s.zarr"), "--set", 'device="cuda"'])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "device='cuda'" in err and "sees no CUDA device" in err and "--set device=cpu" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "s.zarr").exists()

@@ -46,6 +46,7 @@ import torch
 from hpcsoup.distributed.mpi import Comm, abort_on_error, agree
 from hpcsoup.distributed.shards import Shard, graph_key, is_prepared, load_shard, prepare, shard_path
 from hpcsoup.errors import SoupError
+from hpcsoup.memory import PeakMemory
 from hpcsoup.soup.evaluate import Evaluator
 from hpcsoup.soup.learned import init_logits
 from hpcsoup.soup.pls import PartitionSource, keep_better_than_start, partition_scores
@@ -201,6 +202,7 @@ class RankRun:
     seconds: float
     shard_stats: list              # every rank's Shard.stats()
     peak_rss: list                 # every rank's peak RSS while it read its shard and ran PLS
+    peak_gpu: list                 # every rank's peak CUDA memory then (None on a CPU)
     start_rss: list                # every rank's RSS before it read its shard (bytes)
     step_bytes: int                # this rank's payload of one step's allreduce
     step_calls: int
@@ -220,7 +222,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         settings: PLS settings (default: :func:`hpcsoup.soup.run.method_settings` of ``cfg``).
     """
     from hpcsoup.soup.registry import get_method
-    from hpcsoup.soup.run import PeakMemory, load_ingredients, method_settings
+    from hpcsoup.soup.run import load_ingredients, method_settings
     from hpcsoup.store import Store
 
     threads = threads_per_rank(comm, cfg.threads)
@@ -248,7 +250,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
             gc.collect()  # the whole graph was needed to partition it: let it go
     agree(comm, _prepare, "partitioning the graph into the store")
 
-    with PeakMemory() as memory:
+    with PeakMemory(device=device) as memory:
         shard = agree(comm, lambda: load_shard(path, comm.rank, comm.size), "reading its partitions")
 
         def _fits():
@@ -287,7 +289,8 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                                    comm)
     step_bytes = 4 * (ingredients.num_tensors * ingredients.n + 1)  # the gradient and the loss
     return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
-                   comm.allgather(memory.peak), comm.allgather(memory.start),
+                   comm.allgather(memory.peak), comm.allgather(memory.gpu_peak),
+                   comm.allgather(memory.start),
                    step_bytes, result.extras["steps"], hook.bytes, threads, str(device),
                    ingredients, path)
 
@@ -337,7 +340,7 @@ class _Named:
 
 def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
     """Rank 0 writes the soup group (collective: a failed write is reported on every rank)."""
-    from hpcsoup.soup.run import PeakMemory, soup_attrs, soup_id, write_soup
+    from hpcsoup.soup.run import soup_attrs, soup_id, write_soup
     from hpcsoup.store import Store
 
     ingredients, result = run.ingredients, run.result
@@ -345,9 +348,12 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
                   graph_name(cfg), comm.size)
     memory = PeakMemory()
     memory.peak = max(run.peak_rss)
+    gpu = [p for p in run.peak_gpu if p is not None]
+    memory.gpu_peak = max(gpu) if gpu else None
     result.extras.update({
         "ranks": comm.size, "threads_per_rank": run.threads, "device": run.device,
-        "peak_rss_bytes_per_rank": run.peak_rss, "shards": str(run.shards),
+        "peak_rss_bytes_per_rank": run.peak_rss, "peak_gpu_bytes_per_rank": run.peak_gpu,
+        "shards": str(run.shards),
         "resident_nodes_per_rank": [s["resident_nodes"] for s in run.shard_stats],
         "core_nodes_per_rank": [s["core_nodes"] for s in run.shard_stats],
         "allreduce_bytes_per_step": run.step_bytes})
@@ -360,7 +366,8 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
     agree(comm, _write, "writing the soup (rank 0)")
     return {"id": gid, "method": "pls", "metrics": run.metrics, "seconds": run.seconds,
             "peak_rss_bytes": memory.peak, "rss_above_start_bytes": 0,
-            "extras": attrs["extras"], "coefficients": result.coefficients}
+            "peak_gpu_bytes": memory.gpu_peak, "extras": attrs["extras"],
+            "coefficients": result.coefficients}
 
 
 def run_soup_distributed(cfg, methods: list[str] | None, comm: Comm,

@@ -33,9 +33,11 @@ from hpcsoup.merge.child import ChildCache, MergedGNN
 from hpcsoup.merge.ensemble import Ensemble
 from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.timing import time_child_vs_ensemble
+from hpcsoup.memory import PeakMemory
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
 from hpcsoup.progress import Progress, duration, significant
+from hpcsoup.train.loop import check_device
 from hpcsoup.train.sweep import require_experts
 from hpcsoup.store import Store, provenance
 
@@ -100,17 +102,41 @@ def parent_regions(graph: Graph, attrs: list[dict], regions: list) -> list[torch
     return out
 
 
+def on_device(model, device: torch.device):
+    """A copy of a child or of a UMPM parent with its tensors on ``device`` (itself on a CPU)."""
+    if device.type == "cpu":
+        return model
+    if isinstance(model, MergedGNN):
+        moved = MergedGNN.from_parts(model.structure(),
+                                     {k: v.to(device) for k, v in model.tensors().items()})
+        moved.info = model.info
+        return moved
+    layers = [layer.replace(**{k: v.to(device) for k, v in layer.tensors().items()})
+              for layer in model.layers]
+    return UMPMNet(layers, model.arch, model.name)
+
+
 def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
                    regions: list[torch.Tensor], names: list[str], *, repeats: int = 15,
-                   timing: bool = True) -> dict:
+                   timing: bool = True, device: str | torch.device = "cpu") -> dict:
     """Scores of child, parents and ensemble; retention per parent; timing of child vs ensemble.
 
     ``regions[k]`` is a boolean node mask of parent ``k``'s region; retention is measured on its
-    test nodes: ``score(child) / score(parent k)``.
+    test nodes: ``score(child) / score(parent k)``. Child, parents and graph run on ``device``
+    (the merge itself, a one-time fit, ran on the CPU); tensors the kernels make without a
+    device go there too (``torch.device`` as the default device).
     """
+    device = torch.device(device)
+    with device:
+        return _evaluate(on_device(child, device), [on_device(p, device) for p in parents],
+                         graph, regions, names, repeats, timing, device)
+
+
+def _evaluate(child, parents, graph, regions, names, repeats, timing, device) -> dict:
     data = graph.data
-    x = as_features(data.x)
-    ops = GraphOps(data.edge_index, x.size(0), undirected=True)  # one set of graph operators
+    x = as_features(data.x.to(device))
+    edge_index = data.edge_index.to(device)
+    ops = GraphOps(edge_index, x.size(0), undirected=True)  # one set of graph operators
     routing = child.route(x, ops)
     ensemble = Ensemble(parents)
     out = child(x, cache=ChildCache(ops, routing))
@@ -137,7 +163,7 @@ def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
                           "share": {n: float((sparse[:, k] > 0).float().mean())
                                     for k, n in enumerate(names)}}
     if timing:
-        t = time_child_vs_ensemble(child, ensemble, x, data.edge_index, repeats=repeats)
+        t = time_child_vs_ensemble(child, ensemble, x, edge_index, repeats=repeats)
         metrics["timing"] = t
         metrics["speedup_vs_ensemble"] = t["speedup"]["cached"]
         metrics["speedup_uncached"] = t["speedup"]["uncached"]
@@ -157,6 +183,7 @@ def run_merge(cfg, parents: list[str] | None = None, allow_partial: bool = False
     A parent that is not complete is an error naming it, unless ``allow_partial`` (then the
     complete ones, at least 2, are merged; :func:`hpcsoup.train.sweep.require_experts`).
     """
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -196,7 +223,11 @@ def _run_merge(cfg, ids: list[str], store: Store, progress: Progress, start: flo
     merge_seconds = child.info["merge_seconds"]
     regions = parent_regions(graph, attrs, stored_regions)
     progress.set(2, PHASES[2])
-    metrics = evaluate_merge(child, nets, graph, regions, ids, repeats=cfg.merge.repeats)
+    with PeakMemory(device=cfg.device) as memory:
+        metrics = evaluate_merge(child, nets, graph, regions, ids, repeats=cfg.merge.repeats,
+                                 device=cfg.device)
+    metrics["memory"] = {"device": cfg.device, "peak_rss_bytes": memory.peak,
+                         "peak_gpu_bytes": memory.gpu_peak}
     gid = merge_id(ids, settings)
     attrs_out = {
         "method": "hgrama", "parents": ids, "dataset": graph.name, "settings": settings.to_dict(),

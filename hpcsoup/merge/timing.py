@@ -67,6 +67,8 @@ def _time(child, ensemble, x, edge_index, repeats, undirected, warmup) -> dict:
             run = runs[key]
             start = time.perf_counter()
             run()
+            if x.is_cuda:  # kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(x.device)
             if round_ >= warmup:
                 times[key].append(time.perf_counter() - start)
     med = {key: statistics.median(v) for key, v in times.items()}

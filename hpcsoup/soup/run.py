@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import resource
-import threading
 import time
 
 import torch
 
 from hpcsoup.errors import SoupError
+from hpcsoup.memory import PeakMemory
 from hpcsoup.soup.base import MERGE_HINT, Ingredients, SoupResult
 from hpcsoup.soup.evaluate import Evaluator
 from hpcsoup.soup.registry import get_method, method_class
@@ -90,52 +89,6 @@ def load_ingredients(cfg, store, graph=None) -> Ingredients:
     return Ingredients.from_store(store, expert_infos(cfg, store, graph))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
-class PeakMemory:
-    """Peak resident memory of this process while the block runs.
-
-    A thread samples RSS (``/proc/self/statm``) every ``interval`` seconds;
-    ``peak`` is the largest value seen, ``above_start`` the peak minus the RSS
-    when the block began (what the block itself added). Without ``/proc`` it falls
-    back to ``ru_maxrss`` (the process's lifetime peak).
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __enter__(self):
-        try:
-            self.start = self.peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        except OSError:
-            self._thread = None
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-        else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return False
-
-    @property
-    def above_start(self) -> int:
-        return max(0, self.peak - self.start)
-
-
 def soup_id(arch: str, method: str, ingredients: Ingredients, settings: dict, seed: int,
             graph: str = "", ranks: int = 1) -> str:
     """Deterministic id: the same experts, settings, seed, graph and rank count give the same
@@ -157,7 +110,8 @@ def soup_attrs(cfg, graph, ingredients: Ingredients, result: SoupResult, metrics
         "dataset": graph.name, "ingredients": list(ingredients.ids),
         "coefficients": result.coefficients, "metrics": metrics, "seconds": seconds,
         "peak_rss_bytes": memory.peak, "rss_above_start_bytes": memory.above_start,
-        "ranks": ranks, "settings": settings, "seed": cfg.soup.seed, "extras": extras,
+        "peak_gpu_bytes": memory.gpu_peak, "ranks": ranks, "settings": settings,
+        "seed": cfg.soup.seed, "extras": extras,
         "device": cfg.device, "versions": provenance(), "config": cfg.to_dict(),
     }
 
@@ -188,8 +142,10 @@ def run_soup(cfg, methods: list[str] | None = None, allow_partial: bool = False)
     """
     from hpcsoup.data import load_from_config
     from hpcsoup.store import Store
+    from hpcsoup.train.loop import check_device
     from hpcsoup.train.sweep import soup_experts_ready
 
+    check_device(cfg.device)
     soup_experts_ready(cfg, allow_partial)
     methods = list(methods or cfg.soup.methods)
     for name in methods:
@@ -218,7 +174,7 @@ def run_soup(cfg, methods: list[str] | None = None, allow_partial: bool = False)
         settings = method_settings(cfg, name)
         method = get_method(name, **settings)
         log.debug("%s: %s", name, settings)
-        with PeakMemory() as memory:
+        with PeakMemory(device=device) as memory:
             start = time.perf_counter()
             result = method.soup(ingredients, evaluator, seed=cfg.soup.seed,
                                  **method_inputs(cfg, name, graph))
@@ -234,5 +190,5 @@ def run_soup(cfg, methods: list[str] | None = None, allow_partial: bool = False)
         summary["soups"].append({"id": gid, "method": name, "metrics": metrics,
                                  "seconds": seconds, "peak_rss_bytes": memory.peak,
                                  "rss_above_start_bytes": memory.above_start,
-                                 "extras": attrs["extras"]})
+                                 "peak_gpu_bytes": memory.gpu_peak, "extras": attrs["extras"]})
     return summary

@@ -31,6 +31,7 @@ import torch
 from hpcsoup.config import build_config
 from hpcsoup.data import Graph, load_from_config
 from hpcsoup.errors import ConfigError, HpcsoupError
+from hpcsoup.memory import PeakMemory
 from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.progress import Progress, display, duration
 from hpcsoup.slurm import SlurmEnv
@@ -184,6 +185,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     ``report(epochs_done, line)`` is called after every epoch (see :func:`_on_epoch`; default:
     a :class:`~hpcsoup.progress.Progress` of the task's epochs in this process).
     """
+    check_device(cfg.device)
     store = store or open_store(cfg)
     if force and store.has_group("experts", task.expert_id):
         log.info("[%s] --force: retraining; the stored expert is replaced when done", task.expert_id)
@@ -191,7 +193,6 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         attrs = store.group_attrs("experts", task.expert_id)
         return {"task_id": task.task_id, "expert_id": task.expert_id, "status": "exists",
                 "metrics": attrs.get("metrics"), "train_seconds": attrs.get("train_seconds")}
-    check_device(cfg.device)
     graph = _graph(cfg)
     spec = task.model_spec(graph.num_features, graph.num_classes)
     iid, init_state = ensure_init(store, spec, task.init_seed)
@@ -211,11 +212,12 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
             task.expert_id, task.task_id, task.role, task.arch, graph.name, train_nodes["count"],
             task.seed, iid, torch.get_num_threads(), cfg.device)
     try:
-        result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
-                     weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
-                     on_epoch=_on_epoch(task, cfg.experts.progress_every, report),
-                     batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
-                     patience=cfg.experts.patience, checkpoint=checkpoint)
+        with PeakMemory(interval=0.05, device=cfg.device) as memory:
+            result = fit(model, graph, train_mask=train_mask, epochs=task.epochs, lr=task.lr,
+                         weight_decay=task.weight_decay, seed=task.seed, device=cfg.device,
+                         on_epoch=_on_epoch(task, cfg.experts.progress_every, report),
+                         batches=_batches(cfg, graph), eval_every=cfg.experts.eval_every,
+                         patience=cfg.experts.patience, checkpoint=checkpoint)
     finally:
         if progress is not None:
             progress.close()
@@ -231,6 +233,7 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
         "config": cfg.to_dict(), "metrics": metrics, "train_seconds": result.seconds,
         "resumed_from_epoch": None if result.resumed_from is None else result.resumed_from + 1,
         "threads": torch.get_num_threads(), "device": cfg.device, "versions": provenance(),
+        "peak_rss_bytes": memory.peak, "peak_gpu_bytes": memory.gpu_peak,
         "slurm": slurm.to_dict() if slurm.in_job else None,
     }
     try:
@@ -246,7 +249,8 @@ def train_task(cfg, task: sweep.Task, store: Store | None = None, stop: StopFlag
     checkpoint.remove()
     status = "resumed" if result.resumed_from is not None else "trained"
     return {"task_id": task.task_id, "expert_id": task.expert_id, "status": status,
-            "metrics": metrics, "train_seconds": result.seconds, "init_id": iid}
+            "metrics": metrics, "train_seconds": result.seconds, "init_id": iid,
+            "peak_rss_bytes": memory.peak, "peak_gpu_bytes": memory.gpu_peak}
 
 
 def _worker_signals(stop_file: str) -> bool:
@@ -407,6 +411,7 @@ def run_train(cfg, task_id: int | None = None, all_tasks: bool = False, force: b
     if not all_of_them:
         raise ConfigError("this config trains nothing: experts.count = 0 and specialists.archs = []; "
                           "set experts.count or list specialists.archs")
+    check_device(cfg.device)  # before the store is made: a config error leaves nothing behind
     store = open_store(cfg)
     if all_tasks:
         todo = [t for t in all_of_them if force or not store.has_group("experts", t.expert_id)]
