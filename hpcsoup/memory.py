@@ -45,6 +45,7 @@ class PeakMemory:
 
     def __enter__(self):
         if self._cuda:
+            torch.cuda.init()  # a rank may not have touched CUDA yet: the counters need it
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             self.start = self.peak = _rss_bytes()
