@@ -1,13 +1,15 @@
-"""Peak memory of a block of work: the process's resident memory and, on a GPU, CUDA's.
+"""Memory: the peak a block of work used, and the room a process has before it starts.
 
-Every stage records both beside its seconds (``peak_rss_bytes``; ``peak_gpu_bytes`` when it ran
-on a CUDA device, else ``None``), so a scaling study reads them from the store or the stage's
-JSON instead of guessing.
+Every stage records its peaks beside its seconds (``peak_rss_bytes``; ``peak_gpu_bytes`` when it
+ran on a CUDA device, else ``None``), so a scaling study reads them from the store or the stage's
+JSON instead of guessing. :func:`available_bytes` is what a config is checked against before a
+large graph is built (the smaller of the machine's free memory and a SLURM job's cgroup limit).
 """
 from __future__ import annotations
 
 import resource
 import threading
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,51 @@ import torch
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # absent, unreadable or "max" (no limit)
+
+
+def _cgroup_room() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1; a SLURM job's ``--mem``)."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            candidates += [(root / path.lstrip("/"), "memory.max", "memory.current"),
+                           (root, "memory.max", "memory.current")]
+        elif "memory" in controllers.split(","):
+            v1 = root / "memory"
+            candidates += [(v1 / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                           (v1, "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    for folder, limit_name, usage_name in candidates:
+        limit, usage = _read_int(folder / limit_name), _read_int(folder / usage_name)
+        if limit is not None and usage is not None:
+            return max(0, limit - usage) if limit < 2 ** 60 else None  # 2^63-ish means none
+    return None
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still get: the smaller of ``MemAvailable`` (``/proc/meminfo``)
+    and its cgroup's room; ``None`` where neither can be read."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    room = [v for v in (free, _cgroup_room()) if v is not None]
+    return min(room) if room else None
 
 
 class PeakMemory:

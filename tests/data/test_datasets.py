@@ -157,3 +157,23 @@ def test_partial_masks_are_an_error(tmp_path):
             load_dataset("pyg/HalfSplit", root=tmp_path)
     finally:
         del pyg_datasets.HalfSplit
+
+
+def test_a_synthetic_graph_that_cannot_fit_is_a_config_error_before_generation(monkeypatch, capsys):
+    """The room is mocked (1 GiB: a small SLURM --mem; this machine has more): the check must
+    refuse 2.45M nodes at once, naming the key, the estimate and the room, and exit 2 from the CLI."""
+    import time
+
+    from hpcsoup.cli import main
+    from hpcsoup.data import datasets
+    from hpcsoup.errors import ConfigError
+
+    monkeypatch.setattr(datasets, "available_bytes", lambda: 2**30)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"data.nodes = 2,450,000: generating synthetic-products "
+                                          r"needs about \d+\.\d GiB .* can get 1\.0 GiB; lower data.nodes"):
+        load_dataset("synthetic-products", nodes=2_450_000)
+    assert time.perf_counter() - start < 1.0  # refused, not generated
+    code = main(["data", "info", "synthetic-products", "--nodes", "2450000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.nodes = 2,450,000" in err and "Traceback" not in err

@@ -1,0 +1,24 @@
+"""PeakMemory (hpcsoup/memory.py): what every stage records beside its seconds."""
+import torch
+
+from hpcsoup.memory import PeakMemory
+
+
+def test_peak_rss_sees_a_block_allocation_and_no_gpu_figure_on_a_cpu():
+    with PeakMemory(device="cpu") as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block.add_(1)
+        del block
+    assert memory.above_start >= 48 * 2**20, memory.above_start
+    assert memory.peak >= memory.start > 0
+    assert memory.gpu_peak is None
+
+
+def test_available_memory_is_positive_and_below_the_machines():
+    from pathlib import Path
+
+    from hpcsoup.memory import available_bytes
+
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
+    assert 0 < available_bytes() <= total
