@@ -248,16 +248,20 @@ def run_study(args) -> list[dict]:
     return rows
 
 
+def stage_record(result: dict | None) -> dict:
+    """What a stage's JSON says about its product: the first expert, the first soup, or the
+    result itself (the merge); ``{}`` when there is no JSON."""
+    if not isinstance(result, dict):
+        return {}
+    for key in ("tasks", "soups"):
+        if result.get(key):
+            return result[key][0]
+    return result
+
+
 def quality(result: dict | None) -> str:
     """``val / test`` of what the stage produced (expert, soup, merged child), else ``-``."""
-    metrics = None
-    if isinstance(result, dict):
-        if result.get("tasks"):
-            metrics = result["tasks"][0].get("metrics")
-        elif result.get("soups"):
-            metrics = result["soups"][0].get("metrics")
-        else:
-            metrics = result.get("metrics")
+    metrics = stage_record(result).get("metrics")
     if not isinstance(metrics, dict) or not {"val", "test"} <= set(metrics):
         return "-"
     return f"{metrics['val']:.4f} / {metrics['test']:.4f}"
@@ -265,15 +269,10 @@ def quality(result: dict | None) -> str:
 
 def gpu_gib(result: dict | None) -> float | None:
     """Peak CUDA memory (``torch.cuda.max_memory_allocated``) the stage reported, in GiB;
-    ``None`` when it ran on a CPU or reports none."""
-    value = None
-    if isinstance(result, dict):
-        if result.get("tasks"):
-            value = result["tasks"][0].get("peak_gpu_bytes")
-        elif result.get("soups"):
-            value = result["soups"][0].get("peak_gpu_bytes")
-        elif isinstance(result.get("metrics"), dict):
-            value = (result["metrics"].get("memory") or {}).get("peak_gpu_bytes")
+    ``None`` when it ran on a CPU or reports none (the merge keeps it under metrics.memory)."""
+    record = stage_record(result)
+    memory = (record.get("metrics") or {}).get("memory") or {}
+    value = record.get("peak_gpu_bytes", memory.get("peak_gpu_bytes"))
     return value / 2**30 if isinstance(value, (int, float)) else None
 
 
