@@ -190,6 +190,20 @@ class Comm:
         if self._comm is not None and self.size > 1:
             self._comm.Barrier()
 
+    def wait_quietly(self, longest_sleep: float = 0.05) -> None:
+        """A barrier that sleeps while it waits (``Ibarrier`` polled with a growing sleep).
+
+        MPICH's blocking collectives spin a core while they wait; a rank waiting minutes for
+        rank 0 to partition the graph would burn a core another process on the node needs.
+        Costs at most ``longest_sleep`` seconds of latency: for setup steps, not per PLS step.
+        """
+        if self._comm is None or self.size == 1:
+            return
+        request, sleep = self._comm.Ibarrier(), 0.0005
+        while not request.Test():
+            time.sleep(sleep)
+            sleep = min(2 * sleep, longest_sleep)
+
     def abort(self, code: int = 1) -> None:
         """End the whole job now: ``MPI_Abort`` on the world, then leave this process.
 
@@ -265,6 +279,7 @@ def agree(comm: Comm, fn: Callable[[], T], what: str) -> T:
         result = fn()
     except HpcsoupError as exc:
         failure = (type(exc), str(exc))
+    comm.wait_quietly()  # ranks done first sleep while the others finish fn (no busy-wait)
     failures = comm.allgather(failure)
     failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
     if failed:

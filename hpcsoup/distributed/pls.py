@@ -277,7 +277,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         log.debug("rank %d/%d holds partitions %s: %d core + halo = %d node rows of %d",
                   comm.rank, comm.size, sorted(shard.parts), shard.core_nodes,
                   shard.resident_nodes, int(shard.attrs["num_nodes"]))
-        comm.barrier()  # time PLS itself, not the slowest rank's loading
+        comm.wait_quietly()  # time PLS itself, not the slowest rank's loading (sleeping, not spinning)
         start = time.perf_counter()
         result = method.soup(ingredients, evaluator, seed=cfg.soup.seed, source=source,
                              allreduce=hook)

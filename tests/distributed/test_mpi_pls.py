@@ -273,3 +273,16 @@ def test_launcher_detection(monkeypatch):
     monkeypatch.delenv("PMI_RANK")
     monkeypatch.setenv(MPI_SWITCH, "1")
     assert launched_under_mpi()
+
+
+def test_ranks_that_wait_in_agree_sleep_instead_of_spinning(comm):
+    """Rank 0 works 1.5 s (as when it partitions the graph); the others wait in ``agree``
+    without burning their core: their CPU time stays well below the wall time."""
+    import time
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    agree(comm, lambda: time.sleep(1.5) if comm.rank == 0 else None, "partitioning")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if comm.rank > 0:
+        assert wall > 1.4
+        assert cpu < 0.05 * wall, f"rank {comm.rank} used {cpu:.2f} s of CPU in {wall:.2f} s of waiting"
