@@ -54,8 +54,11 @@ def _soup_under_mpiexec(cfg: Section, ranks: int) -> dict:
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if done.returncode != 0:
+        killed = done.returncode in (9, 137, -9)  # SIGKILL: most often the out-of-memory killer
+        hint = ("a rank was killed (signal 9), most often for running out of memory: give each "
+                "rank more memory or run more ranks" if killed else "see the rank errors above")
         raise HpcsoupError(f"distributed PLS with {ranks} ranks failed (exit {done.returncode}); "
-                           f"see the rank errors above")
+                           f"{hint}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -91,6 +91,7 @@ class Comm:
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
         self.bytes_allreduced = 0
         self.allreduce_calls = 0
+        self.doing = "starting"  # the step under way, for the message of a rank that dies
 
     @property
     def is_mpi(self) -> bool:
@@ -275,6 +276,7 @@ def agree(comm: Comm, fn: Callable[[], T], what: str) -> T:
         what: what the step does, for the message ("reading the experts").
     """
     result, failure = None, None
+    comm.doing = what
     try:
         result = fn()
     except HpcsoupError as exc:
@@ -288,6 +290,10 @@ def agree(comm: Comm, fn: Callable[[], T], what: str) -> T:
         where = "" if comm.size == 1 else f" [failed on rank(s) {ranks} of {comm.size} while {what}]"
         raise _collective(exc_type, message + where)
     return result  # type: ignore[return-value]
+
+
+#: what running out of host or GPU memory raises
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 
 
 @contextlib.contextmanager
@@ -312,6 +318,10 @@ def abort_on_error(comm: Comm, stream=None) -> Iterator[None]:
         prefix = f"[rank {comm.rank}/{comm.size}] "
         print("".join(prefix + line + "\n" for line in text.rstrip().splitlines()),
               file=stream, end="", flush=True)
+        if isinstance(exc, OUT_OF_MEMORY):
+            print(f"{prefix}out of memory while {comm.doing} ({type(exc).__name__}); give each "
+                  f"rank more memory (SLURM: --mem-per-cpu) or run more ranks (a rank holds about "
+                  f"1/P of the graph)", file=stream, flush=True)
         print(f"{prefix}aborting the MPI job (MPI_Abort) so that no rank hangs", file=stream,
               flush=True)
         comm.abort(1)

@@ -278,6 +278,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
                   comm.rank, comm.size, sorted(shard.parts), shard.core_nodes,
                   shard.resident_nodes, int(shard.attrs["num_nodes"]))
         comm.wait_quietly()  # time PLS itself, not the slowest rank's loading (sleeping, not spinning)
+        comm.doing = "running the PLS steps"
         start = time.perf_counter()
         result = method.soup(ingredients, evaluator, seed=cfg.soup.seed, source=source,
                              allreduce=hook)
