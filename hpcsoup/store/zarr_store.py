@@ -369,8 +369,8 @@ class Store:
             return f"rerun `hpcsoup {kind[:-1]} --config <file>` (it replaces it) or remove it with {remove}"
         if kind == GRAPHS:
             where = "/".join(where.split("/")[:3])  # the shard set, not one of its shards
-            return (f"rerun `hpcsoup partition --config <file>` or the distributed soup (either "
-                    f"rebuilds it), or remove it with `hpcsoup store rm {self.path} {where}`")
+            return (f"remove it with `hpcsoup store rm {self.path} {where}`, then `hpcsoup "
+                    f"partition --config <file>` (or the distributed soup) rebuilds it")
         return f"remove it with `rm -r {self.path / where}`; the next `hpcsoup train` rewrites it"
 
     def _read_tensor(self, where: str, group: zarr.Group, name: str, meta: dict | None,

@@ -97,7 +97,7 @@ def test_a_half_written_or_stale_set_is_refused_clearly_and_rebuilt(store, damag
         assert [p.name for p in folder.iterdir()] == ["parts-2-halo1-seed0"]
 
 
-def test_the_partitioned_graph_is_rebuilt_when_left_incomplete(store):
+def test_the_partitioned_graph_is_rebuilt_when_incomplete_or_damaged(store):
     graph = make_graph(120)
     path = shard_path(store.path, "tiny", 3, 1, 0)
     prepare(path, graph, 3, 1)
@@ -111,6 +111,15 @@ def test_the_partitioned_graph_is_rebuilt_when_left_incomplete(store):
     prepare(path, graph, 3, 1)
     shard = load_shard(path, 1, 2)
     assert sorted(shard.parts) == [1] and shard.attrs == attrs | {"versions": shard.attrs["versions"]}
+    # a complete set that lost a partition: the error says how to rebuild it, and that works
+    shutil.rmtree(path / "p00002")
+    load_shard(path, 1, 2)  # rank 1 of 2 holds partition 1 only
+    fix = rf"hpcsoup store rm {store.path} graphs/tiny/parts-3-halo1-seed0`, then `hpcsoup partition"
+    with pytest.raises(StoreNotFoundError, match=rf"partition 2 is missing.*{fix}"):
+        load_shard(path, 0, 2)
+    assert cli_main(["store", "rm", str(store.path), "graphs/tiny/parts-3-halo1-seed0"]) == 0
+    prepare(path, graph, 3, 1)
+    assert sorted(load_shard(path, 0, 2).parts) == [0, 2]
 
 
 def test_store_ls_show_and_rm_see_graph_shard_sets(store, capsys):
