@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ls: every group; show: one group; rm: remove one group")
     p.add_argument("path", nargs="?", help="store path (or give --store PATH)")
     p.add_argument("group", nargs="?",
-                   help="with show / rm: a group such as experts/<id>, or a bare id (show)")
+                   help="with show / rm: a group such as experts/<id> or a graph's shard set "
+                        "graphs/<graph>/<set>, or a bare id (show)")
     p.add_argument("--store", metavar="PATH", help="store path (instead of the positional one)")
     add_output_options(p)
     p.set_defaults(func=cmd_store)

@@ -3,19 +3,22 @@
 Distributed partition learned souping (:mod:`hpcsoup.distributed.pls`) needs every
 rank to hold only the METIS partitions it computes, never the whole graph. The
 graph is therefore partitioned **once** and each partition's subgraph (its core
-nodes plus the halo the objective needs) is written to the Zarr store::
+nodes plus the halo the objective needs) is written to the store as a graph shard
+set (:meth:`hpcsoup.store.Store.write_graph`, which writes and reads every byte)::
 
     <store>/graphs/<graph>/parts-<K>-halo<h>-seed<s>/      attrs: partitions, halo, seed, sizes...
+        val_labels, test_labels                   int64  the labels in global val/test order
         p00000/ nodes        int64 [n_p]     global ids, the core_count core nodes first
                 edge_index   int64 [2, e_p]  local ids (the partition's subgraph)
                 x            float32 [n_p, F]
                 y            int64 [n_p]
-                train_mask, val_mask, test_mask   bool [n_p]
+                deg, val_mask, val_pos, test_mask, test_pos   (PLS's Part)
         p00001/ ...
 
-``<graph>`` is the dataset name (plus ``-split<i>`` for multi-split sets). The
-folder is built aside and renamed into place (atomic), so a reader sees either
-no partitioned graph or a complete one, and concurrent preparers cannot corrupt it.
+``<graph>`` is the dataset name (plus ``-split<i>`` for multi-split sets). The store
+builds the set aside and renames it into place (atomic), so a reader sees either no
+partitioned graph or a complete one, and concurrent preparers cannot corrupt it; a
+set left incomplete, or of another format, is rebuilt by the next :func:`prepare`.
 
 A :class:`Shard` is what one rank holds: the partitions assigned to it.
 **Assignment** (:func:`owner_of`): partition ``p`` belongs to rank ``p mod P``
@@ -31,25 +34,20 @@ about ``N / P`` core nodes plus their halos; :attr:`Shard.resident_nodes` and
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from hpcsoup.errors import StoreError, StoreNotFoundError
-from hpcsoup.store.zarr_store import remove_tree
 from hpcsoup.soup.pls import LocalPartitionSource, Part
+from hpcsoup.store import GRAPHS, Store, provenance
 
-GRAPHS = "graphs"
-FORMAT = 2  # 2: one Part for PLS and shards, val_positives (the AUC objective)
 #: the arrays each stored partition holds: PLS's own :class:`~hpcsoup.soup.pls.Part`
 ARRAYS = Part.TENSORS
+#: the set's own arrays, beside the partitions
+LABELS = ("val_labels", "test_labels")
 
 
 def graph_key(dataset: str, split: int = 0, data_seed: int = 0) -> str:
@@ -65,6 +63,11 @@ def graph_key(dataset: str, split: int = 0, data_seed: int = 0) -> str:
 
 def parts_key(partitions: int, halo: int, seed: int) -> str:
     return f"parts-{partitions}-halo{halo}-seed{seed}"
+
+
+def part_name(pid: int) -> str:
+    """The shard name of partition ``pid`` in the stored set: ``p00003``."""
+    return f"p{pid:05d}"
 
 
 def shard_path(store_path: str | Path, graph_id: str, partitions: int, halo: int,
@@ -99,71 +102,36 @@ def build_parts(graph, partitions: int, halo: int, seed: int = 0,
         yield source.part(pid)
 
 
-def _compressors():
-    return [ZstdCodec(level=1), Crc32cCodec()]
-
-
-def _write(group: zarr.Group, name: str, tensor: torch.Tensor) -> None:
-    array = tensor.detach().cpu().contiguous().numpy()
-    group.create_array(name, data=array, compressors=_compressors(),
-                       attributes={"torch_dtype": str(tensor.dtype).removeprefix("torch.")})
-
-
 def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
                 arrays: dict | None = None) -> Path:
-    """Write partitions (and small global ``arrays``) to ``path`` atomically.
+    """Write partitions (and small global ``arrays``) as the store's graph shard set at ``path``.
 
-    The folder is built aside and renamed into place. When another writer finished
-    first, its copy is kept and this one discarded (both hold the same graph).
+    :meth:`~hpcsoup.store.Store.write_graph` publishes it atomically; when another writer
+    finished first, its copy is kept and this one discarded (both hold the same graph).
+    The set's attrs get each partition's sizes and validation/test counts (every rank reads
+    them; no rank reads the others' partitions).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        root = zarr.create_group(store=str(tmp), zarr_format=3,
-                                 attributes={"hpcsoup_graph_parts": FORMAT, "complete": False})
-        for name, tensor in (arrays or {}).items():
-            _write(root, name, tensor)
-        sizes, cores, edges, val_counts, test_counts, val_positives = [], [], [], [], [], []
+    store, graph_id = Store.locate_graph(path)
+    totals: dict = {key: [] for key in ("sizes", "core", "edges", "val_counts", "test_counts",
+                                        "val_positives")}
+    with store.write_graph(graph_id, attrs, arrays) as writer:
         for part in parts:
-            group = root.create_group(f"p{part.pid:05d}", attributes={
+            edges = int(part.edge_index.size(1))
+            writer.add(part_name(part.pid), part.tensors(), {
                 "pid": part.pid, "core_count": part.core_count, "nodes": part.num_nodes,
-                "edges": int(part.edge_index.size(1))})
-            for name, tensor in part.tensors().items():
-                _write(group, name, tensor)
-            sizes.append(part.num_nodes)
-            cores.append(part.core_count)
-            edges.append(int(part.edge_index.size(1)))
-            val_counts.append(int(part.val_mask.sum()))
-            test_counts.append(int(part.test_mask.sum()))
-            val_positives.append(int((part.y[part.val_mask] == 1).sum()))
-        root.attrs.update({**attrs, "partitions": len(sizes), "sizes": sizes, "core": cores,
-                           "edges": edges, "val_counts": val_counts, "test_counts": test_counts,
-                           "val_positives": val_positives})
-        root.attrs.update({"complete": True})  # LAST
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not _complete(path):
-                raise
-    finally:
-        remove_tree(tmp)
-    return path
-
-
-def _complete(path: Path) -> bool:
-    if not (Path(path) / "zarr.json").is_file():
-        return False
-    try:
-        attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs
-        return attrs.get("complete") is True and attrs.get("hpcsoup_graph_parts") == FORMAT
-    except Exception:  # unreadable metadata: not a usable partitioned graph
-        return False
+                "edges": edges})
+            for key, value in zip(totals, (part.num_nodes, part.core_count, edges,
+                                           int(part.val_mask.sum()), int(part.test_mask.sum()),
+                                           int((part.y[part.val_mask] == 1).sum()))):
+                totals[key].append(value)
+        writer.attrs.update({"partitions": len(totals["sizes"]), **totals})
+    return Path(path)
 
 
 def is_prepared(path: str | Path) -> bool:
-    """Whether a complete partitioned graph is at ``path``."""
-    return _complete(Path(path))
+    """Whether a complete partitioned graph of this hpcsoup's format is at ``path``."""
+    store, graph_id = Store.locate_graph(path)
+    return store.has_group(GRAPHS, graph_id)
 
 
 def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
@@ -176,7 +144,7 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
     it needs the whole graph in memory.
     """
     path = Path(path)
-    if _complete(path):
+    if is_prepared(path):
         return path
     if not 1 <= partitions <= graph.num_nodes:
         raise StoreError(f"cannot cut '{graph.name}' ({graph.num_nodes} nodes) into {partitions} "
@@ -190,7 +158,7 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
     return write_parts(path, parts, {
         "dataset": graph.name, "halo": halo, "seed": seed, "num_nodes": graph.num_nodes,
         "num_features": graph.num_features, "num_classes": graph.num_classes,
-        "metric": graph.metric, "info": info}, arrays={
+        "metric": graph.metric, "info": info, "versions": provenance()}, arrays={
         "val_labels": data.y[graph.mask("val")], "test_labels": data.y[graph.mask("test")]})
 
 
@@ -254,62 +222,32 @@ class Shard:
                 "resident_bytes": self.resident_bytes, "graph_nodes": int(self.attrs["num_nodes"])}
 
 
-def _fix(path: Path) -> str:
-    return (f"delete '{path}' and run the soup again to rebuild it (or "
-            f"`hpcsoup partition --config <file>`)")
-
-
-def _read(group: zarr.Group, name: str, where: str, path: Path) -> torch.Tensor:
+def _read_part(store: Store, graph_id: str, pid: int) -> Part:
+    """Partition ``pid`` of the stored set ``graph_id`` (its arrays alone)."""
     try:
-        node = group[name]
-    except KeyError:
-        raise StoreError(f"partitioned graph '{where}' has no array '{name}'; {_fix(path)}") from None
-    try:
-        array = np.array(node[...], copy=True)
-    except Exception as exc:  # zstd / crc32c / file errors: a damaged chunk
-        raise StoreError(f"partitioned graph '{where}': array '{name}' cannot be read "
-                         f"({type(exc).__name__}: {exc}); {_fix(path)}") from exc
-    return torch.from_numpy(array)
-
-
-def read_part(path: str | Path, pid: int) -> Part:
-    """Partition ``pid`` of the partitioned graph at ``path``."""
-    path = Path(path)
-    name = f"p{pid:05d}"
-    where = f"{path}/{name}"
-    if not (path / name / "zarr.json").is_file():
+        t, attrs = store.read_graph_arrays(graph_id, ARRAYS, part_name(pid))
+    except StoreNotFoundError:
         raise StoreNotFoundError(f"partition {pid} is missing from the partitioned graph "
-                                 f"'{path}'; {_fix(path)}")
-    group = zarr.open_group(str(path), path=name, mode="r", zarr_format=3)
-    t = {name: _read(group, name, where, path) for name in ARRAYS}
+                                 f"'{store.graph_path(graph_id)}'; "
+                                 f"{store.repair_hint(f'{GRAPHS}/{graph_id}')}") from None
     return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["deg"], t["val_mask"].bool(),
                 t["val_pos"].long(), t["test_mask"].bool(), t["test_pos"].long(),
-                t["nodes"].long(), int(group.attrs["core_count"]), pid)
+                t["nodes"].long(), int(attrs["core_count"]), pid)
 
 
 def open_parts(path: str | Path) -> dict:
-    """The metadata of a partitioned graph; :class:`StoreNotFoundError` when it is not there."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreNotFoundError(f"partitioned graph '{path}' does not exist; rank 0 writes it on "
-                                 f"the first distributed soup, or run `hpcsoup partition "
-                                 f"--config <file>` first")
-    attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
-    if attrs.get("complete") is not True:
-        raise StoreError(f"partitioned graph '{path}' is incomplete (its writer was killed); "
-                         f"{_fix(path)}")
-    if attrs.get("hpcsoup_graph_parts") != FORMAT:
-        raise StoreError(f"partitioned graph '{path}' has format {attrs.get('hpcsoup_graph_parts')}, "
-                         f"this hpcsoup reads format {FORMAT}; {_fix(path)}")
-    return attrs
+    """The metadata of a partitioned graph; :class:`StoreNotFoundError` when it is not there,
+    :class:`StoreError` when it is incomplete or of another format."""
+    store, graph_id = Store.locate_graph(path)
+    return store.graph_attrs(graph_id)
 
 
 def load_shard(path: str | Path, rank: int, size: int) -> Shard:
     """Read the partitions of ``rank`` (of ``size`` ranks) from the store: only those."""
     path = Path(path)
-    attrs = open_parts(path)
-    root = zarr.open_group(str(path), mode="r", zarr_format=3)
-    labels = {name: _read(root, name, str(path), path).long() for name in ("val_labels", "test_labels")}
+    store, graph_id = Store.locate_graph(path)
+    attrs = store.graph_attrs(graph_id)
+    labels = store.read_graph_arrays(graph_id, LABELS)[0]
     mine = owned_partitions(int(attrs["partitions"]), rank, size)
-    return Shard(path, attrs, rank, size, {pid: read_part(path, pid) for pid in mine},
-                 labels["val_labels"], labels["test_labels"])
+    return Shard(path, attrs, rank, size, {pid: _read_part(store, graph_id, pid) for pid in mine},
+                 labels["val_labels"].long(), labels["test_labels"].long())

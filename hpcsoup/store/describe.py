@@ -5,12 +5,13 @@ import json
 import math
 
 from hpcsoup.errors import HpcsoupError, StoreError, StoreNotFoundError
-from hpcsoup.store.zarr_store import INITS, KINDS, PARAMS, Store
+from hpcsoup.store.zarr_store import GRAPH_FORMAT_ATTR, GRAPHS, INITS, KINDS, PARAMS, Store
 
 _COLUMNS = {
     "experts": ["id", "arch", "role", "init_id", "seed", "train", "metric", "val", "test", "seconds"],
     "soups": ["id", "method", "ingredients", "metric", "val", "test", "seconds", "ranks"],
     "merges": ["id", "method", "parents", "metric", "test", "speedup_vs_ensemble"],
+    GRAPHS: ["id", "dataset", "partitions", "halo", "seed", "nodes", "format"],
 }
 
 
@@ -32,6 +33,11 @@ def text_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _row(kind: str, gid: str, attrs: dict) -> dict:
+    if kind == GRAPHS:
+        return {"id": gid, "complete": attrs.get("complete") is True, "dataset": attrs.get("dataset"),
+                "partitions": attrs.get("partitions"), "halo": attrs.get("halo"),
+                "seed": attrs.get("seed"), "nodes": attrs.get("num_nodes"),
+                "format": attrs.get(GRAPH_FORMAT_ATTR)}
     metrics = attrs.get("metrics") or {}
     row = {"id": gid, "complete": attrs.get("complete") is True, "metric": metrics.get("metric"),
            "val": metrics.get("val"), "test": metrics.get("test")}
@@ -57,7 +63,7 @@ def _ls(store: Store, echo: bool) -> dict:
                  "inits": store.inits()}
     lines = [f"store {store.path}"]
     lines.append(f"inits ({len(out['inits'])}): {', '.join(out['inits']) or '-'}")
-    for kind in KINDS:
+    for kind in (*KINDS, GRAPHS):
         done = [_row(kind, g.id, g.attrs) for g in store.groups(kind)]
         pending = [g.id for g in store.incomplete(kind)]
         out[kind] = done
@@ -84,10 +90,13 @@ def resolve_group(store: Store, group: str) -> tuple[str, str]:
             raise StoreNotFoundError(f"no group '{gid}' in store '{store.path}'; "
                                      f"`hpcsoup store ls {store.path}` lists them")
         kind = found[0]
-    if kind not in (*KINDS, INITS):
+    if kind not in (*KINDS, GRAPHS, INITS):
         raise StoreNotFoundError(f"group '{group}': kind '{kind}' is unknown; use one of "
-                                 f"{[*KINDS, INITS]}, e.g. experts/<id>")
-    Store._check_id(kind[:-1], gid)
+                                 f"{[*KINDS, GRAPHS, INITS]}, e.g. experts/<id>")
+    if kind == INITS:
+        Store._check_id("init", gid)
+    else:
+        store._check(kind, gid)
     return kind, gid
 
 
@@ -99,9 +108,11 @@ def _show(store: Store, group: str, echo: bool) -> dict:
                                  f"`hpcsoup store ls {store.path}` lists them")
     params = (store._node_attrs(kind, gid, PARAMS) or {}).get("manifest", {})
     arrays = store.array_names(kind, gid) if kind != INITS else []
-    try:  # full validation: checksums, missing arrays, NaN
+    try:  # full validation: checksums, missing arrays, NaN (a graph: its attrs and format)
         if kind == INITS:
             store.read_init(gid)
+        elif kind == GRAPHS:
+            store.graph_attrs(gid)
         else:
             store.load_group(kind, gid)
         valid, problem = True, None

@@ -7,6 +7,9 @@ Layout (zarr v3, one directory per node on a local or shared file system)::
       experts/<id>/params/<name>           one array per state_dict tensor
       experts/<id>/<name>                  extra arrays (e.g. a specialist's region)
       soups/<id>/params/<name>, merges/<id>/...
+      graphs/<graph>/<set>/<array>         a graph cut into shards (format GRAPH_FORMAT in its
+      graphs/<graph>/<set>/<shard>/<array>   attrs): small arrays of the whole, then one group per
+                                           shard, read back one shard at a time
 
 Rules that make many concurrent writers safe without locks (zarr has none):
 
@@ -23,6 +26,9 @@ Rules that make many concurrent writers safe without locks (zarr has none):
   rename wins.
 - Inits may be written by any array task that finds none, the same way; the
   losers of the rename discard their copy.
+- A graph's shard set (:meth:`Store.write_graph`) is written the same way; when
+  another writer published it first, its copy stands (both hold the same graph),
+  and an incomplete one or one of another format is replaced.
 
 Every array stores its torch dtype (``torch_dtype`` attr; bfloat16 and float8 have
 no numpy dtype, so their bits are stored) and every params group a manifest with
@@ -31,6 +37,7 @@ chunk, a missing array or NaN weights are reported naming the group and the arra
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -44,7 +51,7 @@ import time
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +65,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("experts", "soups", "merges")
 INITS = "inits"
+GRAPHS = "graphs"
+#: the format of a graph's shard set, in its ``hpcsoup_graph_parts`` attr: another one is rebuilt
+GRAPH_FORMAT = 2
+GRAPH_FORMAT_ATTR = "hpcsoup_graph_parts"
 PARAMS = "params"
 FORMAT = 1
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
@@ -159,7 +170,7 @@ def _check_not_a_file(path: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GroupInfo:
-    """One group of the store: ``kind`` (experts/soups/merges), ``id`` and its attrs."""
+    """One group of the store: ``kind`` (experts/soups/merges/graphs), ``id`` and its attrs."""
 
     kind: str
     id: str
@@ -258,8 +269,8 @@ class Store:
 
     @staticmethod
     def _check_kind(kind: str) -> None:
-        if kind not in KINDS:
-            raise StoreError(f"group kind {kind!r} is unknown; choose from {list(KINDS)}")
+        if kind not in (*KINDS, GRAPHS):
+            raise StoreError(f"group kind {kind!r} is unknown; choose from {[*KINDS, GRAPHS]}")
 
     @staticmethod
     def _check_id(what: str, gid: str) -> None:
@@ -270,10 +281,55 @@ class Store:
 
     def _check(self, kind: str, gid: str) -> None:
         self._check_kind(kind)
-        self._check_id(kind[:-1], gid)
+        if kind != GRAPHS:
+            self._check_id(kind[:-1], gid)
+            return
+        graph, _, name = gid.partition("/")  # graphs/<graph>/<set>: two components
+        if not name:
+            raise StoreError(f"graph shard set id {gid!r} is not allowed: give '<graph>/<set>', "
+                             f"e.g. 'Cora/parts-8-halo1-seed0' (`hpcsoup store ls` lists them)")
+        self._check_id("graph", graph)
+        self._check_id("graph shard set", name)
 
     def _dir(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
+
+    def _slot(self, kind: str, gid: str) -> tuple[Path, str]:
+        """``(folder, name)`` of ``kind/gid``: its temporary copies live beside it in ``folder``."""
+        target = self._dir(kind, gid)
+        return target.parent, target.name
+
+    def _folders(self, kind: str) -> list[tuple[str, Path]]:
+        """The folders that hold ``kind``'s groups, each with the id prefix of its groups:
+        ``kind/`` itself, or ``graphs/<graph>/`` for each graph."""
+        folder = self._dir(kind)
+        if not folder.is_dir():
+            return []
+        if kind != GRAPHS:
+            return [("", folder)]
+        graphs = sorted(os.scandir(folder), key=lambda e: e.name)
+        return [(f"{entry.name}/", Path(entry.path)) for entry in graphs
+                if entry.is_dir() and not entry.name.startswith(".")]
+
+    @staticmethod
+    def _valid(kind: str, attrs: dict) -> bool:
+        """Complete, and for a graph's shard set of this hpcsoup's format."""
+        return attrs.get("complete") is True and (
+            kind != GRAPHS or attrs.get(GRAPH_FORMAT_ATTR) == GRAPH_FORMAT)
+
+    @contextlib.contextmanager
+    def _aside(self, kind: str, group_id: str, action: str) -> Iterator[Path]:
+        """A private temporary path to build ``kind/group_id`` in (dead writers' copies are
+        removed first); an OS error in the block becomes one
+        :class:`~hpcsoup.errors.StoreAccessError`, and the path is gone afterwards."""
+        self._remove_stale_temps(kind, group_id)
+        folder, name = self._slot(kind, group_id)
+        tmp = folder / _temp_name(name)
+        try:
+            with store_os_errors(self.path, action):
+                yield tmp
+        finally:
+            remove_tree(tmp)
 
     def _node_attrs(self, *parts: str) -> dict | None:
         """Attrs of a node read from its ``zarr.json``; ``None`` if it is absent or unreadable."""
@@ -311,6 +367,10 @@ class Store:
                     f"or remove it with {remove}")
         if kind in ("soups", "merges"):
             return f"rerun `hpcsoup {kind[:-1]} --config <file>` (it replaces it) or remove it with {remove}"
+        if kind == GRAPHS:
+            where = "/".join(where.split("/")[:3])  # the shard set, not one of its shards
+            return (f"remove it with `hpcsoup store rm {self.path} {where}`, then `hpcsoup "
+                    f"partition --config <file>` (or the distributed soup) rebuilds it")
         return f"remove it with `rm -r {self.path / where}`; the next `hpcsoup train` rewrites it"
 
     def _read_tensor(self, where: str, group: zarr.Group, name: str, meta: dict | None,
@@ -377,22 +437,17 @@ class Store:
         self._check_id("init", init_id)
         if self.has_init(init_id):
             return False
-        self._remove_stale_temps(INITS, init_id)
-        tmp_name = _temp_name(init_id)
-        try:
-            with store_os_errors(self.path, f"write '{INITS}/{init_id}'"):
-                tmp = zarr.create_group(store=str(self._dir(INITS, tmp_name)), zarr_format=3,
-                                        attributes=_jsonable({**(attrs or {}), "complete": False}))
-                self._write_params(tmp, state_dict)
-                tmp.attrs.update({"complete": True})
-                try:
-                    os.rename(self._dir(INITS, tmp_name), self._dir(INITS, init_id))
-                except OSError:
-                    if not self.has_init(init_id):
-                        raise
-                    return False
-        finally:
-            remove_tree(self._dir(INITS, tmp_name))
+        with self._aside(INITS, init_id, f"write '{INITS}/{init_id}'") as tmp:
+            group = zarr.create_group(store=str(tmp), zarr_format=3,
+                                      attributes=_jsonable({**(attrs or {}), "complete": False}))
+            self._write_params(group, state_dict)
+            group.attrs.update({"complete": True})
+            try:
+                os.rename(tmp, self._dir(INITS, init_id))
+            except OSError:
+                if not self.has_init(init_id):
+                    raise
+                return False
         return True
 
     def read_init(self, init_id: str) -> dict:
@@ -439,31 +494,33 @@ class Store:
         if self.has_group(kind, group_id) and not overwrite:
             raise self._exists_error(kind, group_id)
         attrs = {k: v for k, v in _jsonable(dict(attrs)).items() if k != "complete"}
-        self._remove_stale_temps(kind, group_id)
-        tmp = self._dir(kind, _temp_name(group_id))
-        try:
-            with store_os_errors(self.path, f"write '{kind}/{group_id}'"):
-                group = zarr.create_group(store=str(tmp), zarr_format=3,
-                                          attributes={**attrs, "complete": False})
-                self._write_params(group, state_dict)
-                for name, tensor in (arrays or {}).items():
-                    self._write_tensor(group, name, tensor)
-                group.attrs.update({"complete": True})  # LAST, then one rename makes it visible
-                if not self._publish(kind, group_id, tmp, overwrite):
-                    winner = self._node_attrs(kind, group_id) or {}
-                    log.warning("store %s: another process wrote '%s/%s' at the same moment; its "
-                                "copy was kept and this one discarded", self.path, kind, group_id)
-                    return GroupInfo(kind, group_id, winner)
-        finally:
-            remove_tree(tmp)
+        with self._aside(kind, group_id, f"write '{kind}/{group_id}'") as tmp:
+            group = zarr.create_group(store=str(tmp), zarr_format=3,
+                                      attributes={**attrs, "complete": False})
+            self._write_params(group, state_dict)
+            for name, tensor in (arrays or {}).items():
+                self._write_tensor(group, name, tensor)
+            group.attrs.update({"complete": True})  # LAST, then one rename makes it visible
+            if not self._publish(kind, group_id, tmp, "replace" if overwrite else "raise"):
+                winner = self._node_attrs(kind, group_id) or {}
+                log.warning("store %s: another process wrote '%s/%s' at the same moment; its "
+                            "copy was kept and this one discarded", self.path, kind, group_id)
+                return GroupInfo(kind, group_id, winner)
         return GroupInfo(kind, group_id, {**attrs, "complete": True})
 
-    def _publish(self, kind: str, group_id: str, tmp: Path, overwrite: bool) -> bool:
-        """Rename the written ``tmp`` to ``kind/group_id``; False when another writer's copy won."""
+    def _publish(self, kind: str, group_id: str, tmp: Path, existing: str) -> bool:
+        """Rename the written ``tmp`` to ``kind/group_id``; False when another writer's copy won.
+
+        ``existing`` says what becomes of a valid group already there (an invalid one, e.g. a
+        killed writer's, is always replaced): ``"raise"`` an error, ``"replace"`` it, or
+        ``"keep"`` it (this copy is discarded).
+        """
         target = self._dir(kind, group_id)
         for _ in range(3):
             if target.exists():
-                if self.has_group(kind, group_id) and not overwrite:  # completed meanwhile
+                if existing != "replace" and self.has_group(kind, group_id):  # completed meanwhile
+                    if existing == "keep":
+                        return False
                     raise self._exists_error(kind, group_id)
                 log.info("store %s: replacing '%s/%s'", self.path, kind, group_id)
                 self._discard(kind, group_id)
@@ -474,17 +531,16 @@ class Store:
                 # ENOTEMPTY / EEXIST: another writer published between our discard and our rename
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                if overwrite:  # groups reach their final name complete: theirs stands
+                if existing == "replace":  # groups reach their final name complete: theirs stands
                     return False
-                if self.has_group(kind, group_id):
-                    raise self._exists_error(kind, group_id) from None
-                # else an incomplete copy (a killed writer's) appeared: replace it, try again
+                # else look again: a valid copy is kept or refused, a killed writer's is replaced
         raise StoreError(f"'{kind}/{group_id}' in store '{self.path}' kept changing while this "
                          f"writer published it; is a crashed writer looping? rerun the task")
 
     def _discard(self, kind: str, group_id: str) -> None:
         """Move ``kind/group_id`` aside (atomic: readers see it or nothing) and delete it."""
-        trash = self._dir(kind, _temp_name(group_id))
+        folder, name = self._slot(kind, group_id)
+        trash = folder / _temp_name(name)
         try:
             os.rename(self._dir(kind, group_id), trash)
         except FileNotFoundError:  # another writer moved it first
@@ -500,6 +556,9 @@ class Store:
                                      f"{kind} there: {known or 'none'}")
         with store_os_errors(self.path, f"remove '{kind}/{group_id}'"):
             self._discard(kind, group_id)
+            if kind == GRAPHS:  # the graph's folder goes with its last shard set
+                with contextlib.suppress(OSError):
+                    self._slot(kind, group_id)[0].rmdir()
 
     def _exists_error(self, kind: str, group_id: str) -> StoreError:
         return StoreError(f"'{kind}/{group_id}' already exists and is complete in store "
@@ -507,12 +566,12 @@ class Store:
 
     def _remove_stale_temps(self, kind: str, group_id: str) -> None:
         """Delete temporary copies of ``group_id`` whose writer (on this host) is dead."""
-        folder = self._dir(kind)
+        folder, name = self._slot(kind, group_id)
         if not folder.is_dir():
             return
         for entry in folder.iterdir():
             parsed = _parse_temp(entry.name)
-            if parsed and parsed[0] == group_id and parsed[1] == _HOST and not _alive(parsed[2]):
+            if parsed and parsed[0] == name and parsed[1] == _HOST and not _alive(parsed[2]):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _check_array_name(self, kind: str, group_id: str, name: str) -> None:
@@ -521,41 +580,42 @@ class Store:
                              f"(not '{PARAMS}'; letters, digits and _.+=-)")
 
     def groups(self, kind: str, **attr_filters) -> list[GroupInfo]:
-        """Complete groups of ``kind`` whose attrs equal every ``attr_filters`` item, by id."""
-        return [g for g in self._all_groups(kind)
-                if g.complete and all(g.attrs.get(k) == v for k, v in attr_filters.items())]
+        """Complete groups of ``kind`` whose attrs equal every ``attr_filters`` item, by id
+        (graphs: ``<graph>/<set>`` ids, of this hpcsoup's format)."""
+        return [g for g in self._all_groups(kind) if self._valid(kind, g.attrs)
+                and all(g.attrs.get(k) == v for k, v in attr_filters.items())]
 
     def incomplete(self, kind: str) -> list[GroupInfo]:
-        """Groups being written, or left by killed writers (invisible to :meth:`groups`).
+        """Groups being written, or left by killed writers (invisible to :meth:`groups`); for
+        graphs also shard sets of another format.
 
         Temporary copies appear under their group id with a ``writer`` attr ``host:pid``.
         """
-        out = [g for g in self._all_groups(kind) if not g.complete]
-        folder = self._dir(kind)
-        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-            parsed = _parse_temp(entry.name)
-            if parsed:
-                attrs = self._node_attrs(kind, entry.name) or {}
-                out.append(GroupInfo(kind, parsed[0], {**attrs, "writer": f"{parsed[1]}:{parsed[2]}"}))
+        out = [g for g in self._all_groups(kind) if not self._valid(kind, g.attrs)]
+        for prefix, folder in self._folders(kind):
+            for entry in sorted(folder.iterdir()):
+                parsed = _parse_temp(entry.name)
+                if parsed:
+                    attrs = self._node_attrs(kind, prefix + entry.name) or {}
+                    out.append(GroupInfo(kind, prefix + parsed[0],
+                                         {**attrs, "writer": f"{parsed[1]}:{parsed[2]}"}))
         return out
 
     def _all_groups(self, kind: str) -> list[GroupInfo]:
         self._check_kind(kind)
-        folder = self._dir(kind)
-        if not folder.is_dir():
-            return []
         out = []
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            attrs = self._node_attrs(kind, entry.name)
-            out.append(GroupInfo(kind, entry.name, attrs if attrs is not None else {}))
+        for prefix, folder in self._folders(kind):
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.name.startswith(".") or not entry.is_dir():
+                    continue
+                attrs = self._node_attrs(kind, prefix + entry.name)
+                out.append(GroupInfo(kind, prefix + entry.name, attrs if attrs is not None else {}))
         return out
 
     def has_group(self, kind: str, group_id: str) -> bool:
-        """True when ``kind/group_id`` exists and is complete."""
+        """True when ``kind/group_id`` exists and is complete (graphs: and of this format)."""
         self._check(kind, group_id)
-        return (self._node_attrs(kind, group_id) or {}).get("complete") is True
+        return self._valid(kind, self._node_attrs(kind, group_id) or {})
 
     def group_attrs(self, kind: str, group_id: str) -> dict:
         """Attrs of a complete group."""
@@ -566,12 +626,18 @@ class Store:
         attrs = self._node_attrs(kind, group_id)
         if attrs is None:
             known = [g.id for g in self.groups(kind)]
+            how = ("; `hpcsoup partition --config <file>` (or the first distributed soup) writes "
+                   "it" if kind == GRAPHS else "")
             raise StoreNotFoundError(f"'{kind}/{group_id}' is not in store '{self.path}'; complete "
-                                     f"{kind}: {known or 'none'}")
+                                     f"{kind}: {known or 'none'}{how}")
         if attrs.get("complete") is not True:
             raise StoreError(f"'{kind}/{group_id}' in store '{self.path}' is incomplete (complete=true "
                              f"was never written: its writer was killed or is still running); "
-                             f"rerun its task")
+                             f"{self.repair_hint(f'{kind}/{group_id}')}")
+        if not self._valid(kind, attrs):
+            raise StoreError(f"'{kind}/{group_id}' in store '{self.path}' has format "
+                             f"{attrs.get(GRAPH_FORMAT_ATTR)}, this hpcsoup reads format "
+                             f"{GRAPH_FORMAT}; {self.repair_hint(f'{kind}/{group_id}')}")
         return attrs
 
     def load_group(self, kind: str, group_id: str) -> tuple[dict, dict]:
@@ -616,3 +682,90 @@ class Store:
         self._check(kind, group_id)
         attrs = self._node_attrs(kind, group_id, PARAMS) or {}
         return attrs.get("manifest", {})
+
+    # ---------------------------------------------------------------- graphs
+
+    def graph_path(self, graph_id: str) -> Path:
+        """The folder of the graph shard set ``graph_id`` (``<graph>/<set>``)."""
+        self._check(GRAPHS, graph_id)
+        return self._dir(GRAPHS, graph_id)
+
+    @classmethod
+    def locate_graph(cls, path: str | Path) -> tuple["Store", str]:
+        """``(store, graph_id)`` of a graph shard set's folder ``<store>/graphs/<graph>/<set>``."""
+        path = Path(path)
+        if path.parent.parent.name != GRAPHS:
+            raise StoreError(f"'{path}' is not a graph shard set of a store: its path must end in "
+                             f"<store>/{GRAPHS}/<graph>/<set> (`hpcsoup store ls` lists them)")
+        store = cls.open(path.parent.parent.parent)
+        graph_id = f"{path.parent.name}/{path.name}"
+        store._check(GRAPHS, graph_id)
+        return store, graph_id
+
+    @contextlib.contextmanager
+    def write_graph(self, graph_id: str, attrs: dict,
+                    arrays: dict | None = None) -> Iterator["GraphWriter"]:
+        """Write the graph shard set ``graphs/<graph_id>``: ``with store.write_graph(...) as w:``,
+        then ``w.add(shard, tensors, attrs)`` per shard and ``w.attrs.update(...)``.
+
+        ``arrays`` are small arrays of the whole graph, beside the shards. The set is built
+        under a private temporary name, gets its format and ``complete=True`` last and is
+        renamed into place when the block ends (nothing is published when it raises), like
+        :meth:`write_group`. A valid set that another writer published first is kept (this
+        copy is discarded: both hold the same graph); an incomplete set, or one of another
+        format, is replaced.
+        """
+        self._check(GRAPHS, graph_id)
+        for name in arrays or {}:
+            self._check_array_name(GRAPHS, graph_id, name)
+        with self._aside(GRAPHS, graph_id, f"write '{GRAPHS}/{graph_id}'") as tmp:
+            root = zarr.create_group(store=str(tmp), zarr_format=3, attributes=_jsonable(
+                {**attrs, GRAPH_FORMAT_ATTR: GRAPH_FORMAT, "complete": False}))
+            for name, tensor in (arrays or {}).items():
+                self._write_tensor(root, name, tensor)
+            writer = GraphWriter(self, graph_id, root)
+            yield writer
+            root.attrs.update({**_jsonable(writer.attrs), GRAPH_FORMAT_ATTR: GRAPH_FORMAT,
+                               "complete": True})  # LAST
+            if not self._publish(GRAPHS, graph_id, tmp, "keep"):
+                log.info("store %s: another process wrote '%s/%s' first; its copy was kept",
+                         self.path, GRAPHS, graph_id)
+
+    def graph_attrs(self, graph_id: str) -> dict:
+        """Attrs of a valid graph shard set; a clear error when it is missing, incomplete or of
+        another format."""
+        return self._complete_attrs(GRAPHS, graph_id)
+
+    def read_graph_arrays(self, graph_id: str, names, shard: str | None = None) -> tuple[dict, dict]:
+        """``({name: tensor}, attrs)`` of shard ``shard`` of a graph shard set (of the set's own
+        arrays when ``None``): only these arrays are read, not the other shards'.
+
+        Raises :class:`StoreNotFoundError` when the shard is missing and :class:`StoreError`
+        naming the shard and the array for a missing array or a corrupt chunk.
+        """
+        self._check(GRAPHS, graph_id)
+        parts = (GRAPHS, graph_id) if shard is None else (GRAPHS, graph_id, shard)
+        where = "/".join(parts)
+        attrs = self._node_attrs(*parts)
+        if attrs is None:
+            raise StoreNotFoundError(f"'{where}' is not in store '{self.path}'; "
+                                     f"{self.repair_hint(where)}")
+        group = zarr.open_group(store=str(self._dir(*parts)), mode="r", zarr_format=3)
+        return {name: self._read_tensor(where, group, name, None, check_finite=False)
+                for name in names}, attrs
+
+
+class GraphWriter:
+    """The open graph shard set of :meth:`Store.write_graph`: :meth:`add` writes one shard;
+    :attr:`attrs` is what the set's attrs get when the block ends (e.g. totals over the shards)."""
+
+    def __init__(self, store: Store, graph_id: str, root: zarr.Group):
+        self.store, self.graph_id, self._root = store, graph_id, root
+        self.attrs: dict = {}
+
+    def add(self, shard: str, tensors: dict, attrs: dict | None = None) -> None:
+        """Write the shard ``shard``: its ``tensors`` (compressed, checksummed) and ``attrs``."""
+        self.store._check_array_name(GRAPHS, self.graph_id, shard)
+        group = self._root.create_group(shard, attributes=_jsonable(dict(attrs or {})))
+        for name, tensor in tensors.items():
+            self.store._write_tensor(group, name, tensor)

@@ -82,11 +82,14 @@ def shared_dir(tmp_path):
 
 
 def _prepared(comm, shared_dir, graph, partitions, halo):
-    """Rank 0 partitions ``graph`` into ``shared_dir`` while the others wait (as in a real run)."""
-    from hpcsoup.distributed.shards import prepare
+    """Rank 0 partitions ``graph`` into a store in ``shared_dir`` while the others wait (as in a
+    real run)."""
+    from hpcsoup.distributed.shards import prepare, shard_path
+    from hpcsoup.store import Store
 
-    path = shared_dir / f"{graph.name}-{partitions}-{halo}-{comm.size}"
+    path = shard_path(shared_dir / "s.zarr", f"{graph.name}-{comm.size}", partitions, halo, 0)
     if comm.rank == 0:
+        Store.create(shared_dir / "s.zarr")
         prepare(path, graph, partitions, halo)
     comm.barrier()
     return path
@@ -118,15 +121,17 @@ def test_a_missing_partition_names_itself(shared_dir):
     import shutil
 
     from distributed_support import tiny_graph
-    from hpcsoup.distributed.shards import load_shard, prepare
+    from hpcsoup.distributed.shards import load_shard, prepare, shard_path
+    from hpcsoup.store import Store
 
     comm = self_comm()
-    path = prepare(shared_dir / f"own-{world().rank}", tiny_graph(), 4, 0)
+    store = Store.create(shared_dir / f"own-{world().rank}.zarr")
+    path = prepare(shard_path(store.path, "tiny", 4, 0, 0), tiny_graph(), 4, 0)
     shutil.rmtree(path / "p00002")
-    with pytest.raises(StoreNotFoundError, match="partition 2 is missing"):
+    with pytest.raises(StoreNotFoundError, match="partition 2 is missing.*hpcsoup partition"):
         load_shard(path, 0, 1)
-    with pytest.raises(StoreNotFoundError, match="does not exist"):
-        load_shard(shared_dir / "nowhere", comm.rank, comm.size)
+    with pytest.raises(StoreNotFoundError, match="'graphs/tiny/parts-4-halo1-seed0' is not in store"):
+        load_shard(shard_path(store.path, "tiny", 4, 1, 0), comm.rank, comm.size)
 
 
 def _distributed_pls(comm, path, ingredients, settings, seed=5):
