@@ -235,19 +235,24 @@ def setup(key: str, nodes: int | None):
     return setup_from(spec_args, saved, nodes)
 
 
-def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
-    """Graph, the saved experts as ingredients, and the shared (partition-ordered) evaluator."""
+def shared_evaluator(graph, spec, **options):
+    """The evaluator every method shares, storing the graph partition-contiguous (as `hpcsoup
+    soup` does: full-graph methods get the memory locality PLS has by construction);
+    ``options``: :class:`hpcsoup.soup.Evaluator` keywords (``receptive_field``)."""
     from hpcsoup.data.partition import partition
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.evaluate import locality_order
 
-    graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
-    ingredients = ingredients_of(saved)
-    # the shared evaluator stores the graph partition-contiguous (as `hpcsoup soup` does):
-    # full-graph methods get the memory locality PLS has by construction
     parts = partition(graph.data.edge_index, graph.num_nodes, SETTINGS["pls"]["partitions"],
                       seed=0, cache_dir=OUT / "parts")
-    evaluator = Evaluator(ingredients.spec, graph, order=locality_order(parts))
+    return Evaluator(spec, graph, order=locality_order(parts), **options)
+
+
+def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
+    """Graph, the saved experts as ingredients, and the shared (partition-ordered) evaluator."""
+    graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
+    ingredients = ingredients_of(saved)
+    evaluator = shared_evaluator(graph, ingredients.spec)
     if nodes and nodes != spec_args.get("nodes"):
         # experts trained at another size of the same generator: re-score them on this graph
         ingredients.val_scores = [evaluator.evaluate(ingredients.expert(i))
@@ -532,7 +537,9 @@ def quality(keys: list[str], seeds: int, variants: dict) -> dict:
 
     Per row: val/test, their gains over the uniform soup and over the best expert (by val),
     ``moved`` = max |c - 1/n| over the coefficients (0: the soup is the uniform soup), CPU
-    and wall seconds, and the CPU ratio GIS / method. ``variants`` adds LS/PLS settings rows.
+    and wall seconds, and the CPU ratio GIS / method. ``variants`` adds rows: ``name ->
+    (method, settings)`` or ``(method, settings, evaluator options)``; a row's CPU ratio is to
+    the GIS row run on an evaluator with the same options (e.g. ``receptive_field=False``).
     """
     runs = []
     for key in keys:
@@ -540,18 +547,28 @@ def quality(keys: list[str], seeds: int, variants: dict) -> dict:
             spec_args = dict(EXPERTS[key], init_seed=seed)
             saved = train_experts(f"{key}-s{seed}" if seed else key, spec_args)
             graph, ingredients, evaluator, _ = setup_from(spec_args, saved)
+            evaluators = {"{}": evaluator}
             best = max(range(ingredients.n), key=lambda i: saved["metrics"][i]["val"])
-            rows = {}
+            rows, gis_of = {}, {}
             for name in METHODS + list(variants):
-                method, settings = variants.get(name, (name, SETTINGS.get(name, {})))
-                row = run_method(method, ingredients, evaluator, settings)
-                row["moved"] = moved(row)
+                method, settings, *options = variants.get(name, (name, SETTINGS.get(name, {})))
+                options = options[0] if options else {}
+                if "objective" in settings and graph.metric != "rocauc":
+                    continue  # the objective's variant is for ROC-AUC graphs only
+                tag = json.dumps(options, sort_keys=True)
+                if tag not in evaluators:
+                    evaluators[tag] = shared_evaluator(graph, ingredients.spec, **options)
+                row = run_method(method, ingredients, evaluators[tag], settings)
+                row["moved"], row["evaluator"] = moved(row), options
                 rows[name] = row
+                if method == "gis":
+                    gis_of.setdefault(tag, name)
             for row in rows.values():
                 for split in ("val", "test"):
                     row[f"{split}_vs_uniform"] = row[split] - rows["uniform"][split]
                     row[f"{split}_vs_best_expert"] = row[split] - saved["metrics"][best][split]
-                row["gis_cpu_ratio"] = rows["gis"]["cpu_seconds"] / max(row["cpu_seconds"], 1e-9)
+                gis = rows[gis_of[json.dumps(row["evaluator"], sort_keys=True)]]
+                row["gis_cpu_ratio"] = gis["cpu_seconds"] / max(row["cpu_seconds"], 1e-9)
             runs.append({"key": key, "seed": seed, "dataset": graph.name, "metric": graph.metric,
                          "best_expert": saved["metrics"][best], "rows": rows})
             log(f"{key} seed {seed}: " + ", ".join(
@@ -627,11 +644,18 @@ def main(argv=None) -> int:
         print(tune(args.tune or ["cora-sage", "cora-gcn"]))
         return 0
     if args.quality is not None:
-        variants = {"learned init=validation": ("learned", {"init": "validation"}),
-                    "pls init=validation": ("pls", dict(SETTINGS["pls"], init="validation")),
-                    "pls check=full": ("pls", dict(SETTINGS["pls"], check="full"))}
-        if any("tolokers" in k for k in (args.quality or ["tolokers"])):
-            variants["learned objective=ce"] = ("learned", {"objective": "ce"})
+        # the old defaults (LS: uniform start, lr 0.3, 100 steps; PLS: partition check), the
+        # other starts, and both methods without the receptive field (GIS too: its ratio is
+        # to GIS on the same evaluator)
+        off = {"receptive_field": False}
+        variants = {"gis receptive_field=off": ("gis", {}, off),
+                    "learned receptive_field=off": ("learned", {}, off),
+                    "learned init=uniform lr=0.3 steps=100": (
+                        "learned", {"init": "uniform", "lr": 0.3, "steps": 100}),
+                    "learned init=validation": ("learned", {"init": "validation"}),
+                    "pls check=partitions": ("pls", dict(SETTINGS["pls"], check="partitions")),
+                    "pls init=greedy": ("pls", dict(SETTINGS["pls"], init="greedy")),
+                    "learned objective=ce": ("learned", {"objective": "ce"})}
         result = quality(args.quality or ["cora-sage", "citeseer-sage", "tolokers-sage"],
                          args.seeds, variants)
         OUT.mkdir(parents=True, exist_ok=True)

@@ -231,9 +231,11 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
 
     def _settings():
         chosen = dict(method_settings(cfg, "pls") if settings is None else settings)
-        if chosen.get("check", "partitions") != "partitions":
-            raise SoupError(f"pls check={chosen['check']!r} needs the whole graph, which no rank "
-                            f"holds; distributed PLS supports --set soup.pls.check=\"partitions\"")
+        if chosen.get("check") == "full" or chosen.get("init") == "greedy":
+            key, value = ("check", "full") if chosen.get("check") == "full" else ("init", "greedy")
+            raise SoupError(f"pls {key}={value!r} needs the whole graph, which no rank holds; "
+                            f"distributed PLS supports --set soup.pls.check=\"partitions\" "
+                            f"(or \"auto\") and init=\"uniform\" or \"validation\"")
         get_method("pls", **chosen)  # unknown settings fail here, on every rank alike
         return chosen
     settings = agree(comm, _settings, "checking the PLS settings")

@@ -85,6 +85,7 @@ class ModuleEvaluator(Evaluator):
         self.x, self.inverse = data.x.to(self.device), None
         self.adj = data.edge_index.to(self.device)
         self.evaluations = 0
+        self.receptive_field, self._field = False, None  # the module's depth is unknown
         self.buffers = {name for name, _ in self.template.named_buffers()}
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | None = None,

@@ -32,7 +32,9 @@ Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds o
 - the stopping check is :func:`partition_scores`: per-node validation results
   (and loss terms) gathered partition by partition (with the source's halo:
   exact when ``halo >= layers``) through the same ``allreduce``;
-  ``check="full"`` scores the full graph instead. Either way the check only
+  ``check="full"`` scores the full graph's validation nodes instead (``auto``, the
+  default: full on graphs of at most :data:`FULL_CHECK_NODES` nodes held in this
+  process, where it is cheaper and exact). Either way the check only
   steers stopping and selection (as in LS: the kept logits have the best
   checked metric, stopping follows the checked loss); the scores a runner
   *records* are computed exactly afterwards (:mod:`hpcsoup.soup.run`).
@@ -318,9 +320,35 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+CHECKS = ("auto", "partitions", "full")
+#: ``check = "auto"`` scores the full graph's validation nodes up to this many nodes. Measured
+#: (benchmarks/RESULTS.md, ``## soup``): on Cora, CiteSeer and Tolokers the full check is both
+#: cheaper (a pass over K partitions costs about one forward plus K subgraph builds) and
+#: better (it scores the graph with its cut edges); it needs the whole graph in this process.
+FULL_CHECK_NODES = 100_000
+
+
+def resolve_check(check: str, evaluator) -> str:
+    """``partitions`` or ``full`` for ``check`` (``auto``: full when this process holds a graph
+    of at most :data:`FULL_CHECK_NODES` nodes). Distributed ranks hold no graph, so ``auto``
+    checks partitions there: for coefficients that do not depend on the rank count, from one
+    rank up, set ``partitions``."""
+    if check not in CHECKS:
+        raise SoupError(f"pls check={check!r} is unknown; choose from {list(CHECKS)}")
+    if check != "auto":
+        return check
+    graph = evaluator.graph
+    return "full" if graph is not None and graph.num_nodes <= FULL_CHECK_NODES else "partitions"
+
+
 #: PLS's settings: LS's with PLS's own defaults, and the partitioning
 PLS_SETTINGS = {
     **OPTIM_SETTINGS,
+    # PLS's own: it starts uniform (the greedy start needs full-graph evaluations, which
+    # distributed ranks cannot make) and takes more, cheaper steps
+    "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=100),
+    "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.3),
+    "init": dataclasses.replace(OPTIM_SETTINGS["init"], default="uniform"),
     "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=5),
     "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=4),
     "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=20),
@@ -329,8 +357,9 @@ PLS_SETTINGS = {
                         help="R, the partitions each step draws (at most partitions)"),
     "halo": Setting(0, (int,), **nonnegative(),
                     help="hops of halo around each partition (layers: exact predictions)"),
-    "check": Setting("partitions", (str,), choices=("partitions", "full"),
-                     help="stopping check: per partition (memory of one) or on the full graph"),
+    "check": Setting("auto", (str,), choices=CHECKS,
+                     help="stopping check: per partition (memory of one), on the full graph's "
+                          "validation nodes, or auto (full up to FULL_CHECK_NODES nodes)"),
     "partition_seed": Setting(0, (int,), help="METIS seed (one partition per graph, K and seed)"),
     "cache": Setting(False, (bool,),
                      help="keep the K subgraphs in memory (faster; about the graph's size more)"),
@@ -375,24 +404,23 @@ class PartitionLearnedSoup(SoupMethod):
         terms = source.loss_terms(objective)
         keep = bool(s["cache"]) or source.keeps_parts
 
-        if s["check"] == "full":
+        how = resolve_check(s["check"], evaluator)
+        if how == "full":
             def check(weights):
-                params = ingredients.mix(weights)
+                evaluator.evaluations += 1
                 with torch.no_grad():
-                    out = evaluator.logits(params)
-                val = evaluator.masks["val"]
-                loss = float(validation_loss(out[val], evaluator.y[val], objective))
-                return evaluator.score(out, "val"), loss
-        elif s["check"] == "partitions":
+                    out = evaluator.val_logits(ingredients.mix(weights))
+                loss = float(validation_loss(out, evaluator.y[evaluator.masks["val"]], objective))
+                return evaluator.score_val(out), loss
+        else:
             def check(weights):
                 scores = partition_scores(ingredients.mix(weights), evaluator, source, allreduce,
                                           splits=("val",), objective=objective, keep=keep)
                 return scores["val"], scores["val_loss"]
-        else:
-            raise SoupError(f"pls check={s['check']!r} is unknown; choose 'partitions' or 'full'")
 
         start_evals = evaluator.evaluations
-        logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device)
+        logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device,
+                             evaluator)
         start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
         stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
@@ -438,12 +466,13 @@ class PartitionLearnedSoup(SoupMethod):
             updates += 1
         progress.close()
         result = learned_result(self.name, ingredients, stopper, start, {
-            "steps": updates, "partition_forwards": part_forwards, "stopped_early": stopped,
+            "init": s["init"], "steps": updates, "partition_forwards": part_forwards,
+            "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,
             "partitions": num_parts, "per_step": per_step, "halo": source.halo,
-            "check": s["check"]})
+            "check": how})
         depth = getattr(evaluator.spec, "layers", None)  # unknown for a user's own module
-        exact_check = s["check"] == "full" or (depth is not None and source.halo >= depth)
+        exact_check = how == "full" or (depth is not None and source.halo >= depth)
         if not exact_check and evaluator.graph is not None:
             start_val = evaluator.evaluate(ingredients.mix(start.softmax(-1)), "val")
             result = keep_better_than_start(result, ingredients, start, start_val,

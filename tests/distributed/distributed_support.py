@@ -23,8 +23,9 @@ from hpcsoup.train import fit
 REPO = Path(__file__).resolve().parents[2]
 
 #: a quick PLS: 8 METIS parts of Cora, 4 per step, 1-hop halo; the real stopping rule
+#: check "partitions": "auto" would check the full graph in the one-rank run, the shards' on more
 PLS = {"partitions": 8, "per_step": 4, "halo": 1, "steps": 60, "lr": 0.5, "patience": 3,
-       "min_steps": 10, "eval_every": 5}
+       "min_steps": 10, "eval_every": 5, "check": "partitions"}
 
 
 def write_expert_store(store: Path, data_root: Path, n: int = 3, epochs: int = 20,

@@ -160,8 +160,9 @@ def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metri
     ingredients = tiny_experts(graph, arch)
     # SGD: Adam divides by the gradient's running norm, which magnifies float summation
     # order on near-zero gradient entries (seen: 2e-3 on 2 ranks); SGD keeps it at rounding
+    # check "partitions" in both: "auto" would check the single process's small full graph
     settings = {"partitions": 8, "per_step": 4, "halo": halo, "steps": 25, "lr": 20.0,
-                "optimizer": "sgd", "eval_every": 5, "patience": 1000}
+                "optimizer": "sgd", "eval_every": 5, "patience": 1000, "check": "partitions"}
     single = PartitionLearnedSoup(**settings).soup(ingredients, Evaluator(ingredients.spec, graph),
                                                    seed=5)
     path = _prepared(comm, shared_dir, graph, 8, halo)
@@ -254,12 +255,13 @@ def test_stratified_draw_balances_round_robin_ranks():
         draw_partitions(0, 0, 8, 2, "blocks")
 
 
-def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
+@pytest.mark.parametrize("setting", [{"check": "full"}, {"init": "greedy"}])
+def test_a_full_graph_check_or_start_is_refused_alike_on_every_rank(comm, setting):
     from hpcsoup.config import build_config
     from hpcsoup.distributed.pls import run_pls_ranks
     from hpcsoup.errors import SoupError
 
-    cfg = build_config({"threads": 1, "soup": {"pls": {"check": "full"}}})
+    cfg = build_config({"threads": 1, "soup": {"pls": setting}})
     with pytest.raises(SoupError, match="needs the whole graph") as info:
         run_pls_ranks(cfg, comm)
     assert isinstance(info.value, CollectiveError)

@@ -13,7 +13,7 @@ def _close(a: dict, b: dict, atol=1e-6):
 def test_frozen_uniform_logits_equal_the_uniform_soup(tiny_graph, tiny_experts, frozen):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     uniform = get_method("uniform").soup(tiny_experts, evaluator)
-    method = get_method("learned", optimizer="sgd", momentum=0.0, **frozen)
+    method = get_method("learned", optimizer="sgd", momentum=0.0, init="uniform", **frozen)
     learned = method.soup(tiny_experts, evaluator)
     assert _close(learned.state_dict, uniform.state_dict)
     assert torch.allclose(torch.tensor(learned.coefficients), torch.tensor(uniform.coefficients))
@@ -89,7 +89,7 @@ def test_stopper_selects_by_metric_and_stops_on_the_loss():
 
 def test_a_soup_that_ends_on_its_start_says_so(tiny_graph, tiny_experts, caplog):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
-    result = get_method("learned", steps=1, lr=1e-12).soup(tiny_experts, evaluator)
+    result = get_method("learned", steps=1, lr=1e-12, init="uniform").soup(tiny_experts, evaluator)
     assert result.extras["moved"] is False and result.extras["shift_from_uniform"] < 1e-6
     assert "did not move" in caplog.text
 
@@ -98,3 +98,23 @@ def test_a_soup_that_ends_on_its_start_says_so(tiny_graph, tiny_experts, caplog)
 def test_settings_that_cannot_learn_are_errors_naming_the_key(setting, value):
     with pytest.raises(SoupError, match=f"soup.learned.{setting}"):
         get_method("learned", **{setting: value})
+
+
+def test_the_greedy_start_is_the_greedy_soup(tiny_graph, tiny_experts):
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    greedy = get_method("greedy").soup(tiny_experts, evaluator)
+    start = get_method("learned", steps=1, lr=1e-12).soup(tiny_experts, evaluator)  # the default
+    assert start.extras["init"] == "greedy" and start.extras["best_step"] == 0
+    # the experts greedy left out weigh e^-8 each: the greedy soup to float rounding
+    assert torch.allclose(torch.tensor(start.coefficients), torch.tensor(greedy.coefficients),
+                          atol=1e-3)
+    assert _close(start.state_dict, greedy.state_dict, atol=1e-3)
+    learned = get_method("learned").soup(tiny_experts, evaluator)
+    assert learned.extras["moved"] and evaluator.evaluate(learned.state_dict) >= \
+        evaluator.evaluate(greedy.state_dict)
+
+
+def test_the_greedy_start_needs_the_graph(tiny_experts):
+    with pytest.raises(SoupError, match="init='greedy' needs the full graph"):
+        get_method("learned").soup(tiny_experts, Evaluator(tiny_experts.spec, None,
+                                                           metric="accuracy"))

@@ -7,7 +7,7 @@ from hpcsoup.errors import SoupError
 from hpcsoup.soup import Evaluator, get_method
 from hpcsoup.soup.pls import LocalPartitionSource, draw_partitions, partition_scores
 
-SAME = dict(optimizer="adam", lr=0.3, steps=8, patience=100, eval_every=1)
+SAME = dict(optimizer="adam", lr=0.3, steps=8, patience=100, eval_every=1, init="uniform")
 
 
 def test_draws_depend_on_seed_and_step_only():
@@ -57,7 +57,7 @@ def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_exper
 
 def test_pls_step_for_step_with_sgd_and_early_stopping(tiny_graph, tiny_experts):
     settings = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=40, patience=3, eval_every=2,
-                    min_steps=4)
+                    min_steps=4, init="uniform")
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     ls = get_method("learned", **settings).soup(tiny_experts, evaluator)
     pls = get_method("pls", partitions=4, per_step=4, halo=2, check="full",
@@ -198,6 +198,20 @@ def test_an_inexact_check_never_keeps_a_soup_worse_than_its_start():
     experts = train_experts(graph, n=4, epochs=30)
     evaluator = Evaluator(experts.spec, graph)
     uniform = evaluator.evaluate(experts.mean())
-    result = get_method("pls", partitions=8, per_step=2).soup(experts, evaluator)
+    result = get_method("pls", partitions=8, per_step=2, check="partitions").soup(experts, evaluator)
     assert result.extras["exact_choice"] == "start" and not result.extras["moved"]
     assert evaluator.evaluate(result.state_dict) >= uniform
+
+
+def test_check_auto_is_the_full_graph_on_small_graphs_only(tiny_graph, tiny_experts, monkeypatch):
+    from hpcsoup.soup import pls
+
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    shard_only = Evaluator(tiny_experts.spec, None, metric="accuracy")  # an MPI rank's
+    assert pls.resolve_check("auto", evaluator) == "full"
+    assert pls.resolve_check("auto", shard_only) == "partitions"
+    assert pls.resolve_check("partitions", evaluator) == "partitions"
+    method = get_method("pls", partitions=4, per_step=2, steps=2)
+    assert method.soup(tiny_experts, evaluator).extras["check"] == "full"
+    monkeypatch.setattr(pls, "FULL_CHECK_NODES", tiny_graph.num_nodes - 1)
+    assert method.soup(tiny_experts, evaluator).extras["check"] == "partitions"

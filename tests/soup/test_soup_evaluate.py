@@ -40,3 +40,53 @@ def test_a_locality_order_changes_nothing_but_speed(tiny_graph):
         evaluator.forward(params)[evaluator.masks["val"]].logsumexp(1).sum().backward()
         grads.append({k: p.grad for k, p in params.items()})
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5) for k in state)
+
+
+def _directed_few_validation_nodes(graph, keep: int = 6):
+    """``graph`` with every other edge dropped (directed: the in-neighbourhood matters) and
+    only ``keep`` validation nodes, so their receptive field is a small part of the graph."""
+    data = graph.data.clone()
+    data.edge_index = data.edge_index[:, ::2]
+    val = data.val_mask.nonzero().view(-1)
+    data.val_mask = torch.zeros_like(data.val_mask)
+    data.val_mask[val[:keep]] = True
+    return type(graph)(graph.name, data, graph.num_classes, graph.metric)
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gat", "gin"])
+def test_the_receptive_field_gives_the_full_graphs_validation_logits_and_gradients(
+        tiny_graph, arch):
+    graph = _directed_few_validation_nodes(tiny_graph)
+    spec = ModelSpec(arch, graph.num_features, graph.num_classes, 2, 16, heads=2)
+    state = build_model(spec, seed=3).state_dict()
+    field, full = Evaluator(spec, graph), Evaluator(spec, graph, receptive_field=False)
+    assert full.field() is None and field.field()[0].size(0) < graph.num_nodes // 2
+    outs, grads = [], []
+    for evaluator in (field, full):
+        params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+        out = evaluator.val_logits(params)
+        out.logsumexp(1).sum().backward()
+        outs.append(out.detach())
+        grads.append([params[k].grad for k in state])
+    assert torch.allclose(outs[0], full.logits(state)[full.masks["val"]], atol=1e-5)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert field.evaluate(state) == full.score(full.logits(state), "val")
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
+def test_the_kept_transpose_gives_torchs_gradients(tiny_graph, arch):
+    from hpcsoup.soup.evaluate import build_adjacency, keep_transposes, make_template
+
+    graph = _directed_few_validation_nodes(tiny_graph)
+    data = graph.data
+    spec = ModelSpec(arch, graph.num_features, graph.num_classes, 2, 16)
+    state = build_model(spec, seed=3).state_dict()
+    grads = []
+    for template in (make_template(spec), keep_transposes(make_template(spec))):
+        adj = build_adjacency(arch, data.edge_index, data.num_nodes)
+        params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+        x = data.x.clone().requires_grad_(True)  # through the first aggregation too
+        torch.func.functional_call(template, params, (x, adj)).logsumexp(1).sum().backward()
+        grads.append([x.grad] + [params[k].grad for k in state])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
