@@ -77,7 +77,11 @@ nodes  SAGE test  MLP test   epochs    homophily   mean deg  build s      SAGE s
 
 (epochs: SAGE / MLP; 10^4 and 10^5 from ``tests/data/test_synthetic.py``; build seconds on 2
 cores shared with other jobs, load 6 - 12; 2 * 10^5 trained on an H200 GPU, where the same loop
-gives 0.751 / 0.622 with :math:`\beta = 5` against 0.754 / 0.621 on the CPU.)
+gives 0.751 / 0.622 with :math:`\beta = 5` against 0.754 / 0.621 on the CPU.) Experts that
+differ: 4 SAGE experts from one init, seeds 0 - 3, 10 epochs of Cluster-GCN batches, at 10^5
+nodes reach test 0.721 - 0.731 (spread 0.010; with :math:`\beta = 5` 0.007) and val 0.734 -
+0.746; their uniform soup scores 0.726 test and 0.742 val, below three of the four experts'
+val, so soups that weigh the experts can differ from it.
 
 Before this calibration (:math:`\beta = 5`) the same models reached SAGE 0.754 / MLP 0.621 at
 2 * 10^5 nodes; before that (Beta node homophilies, :math:`\sigma_x = 3`, :math:`\sigma_d = 1`,
