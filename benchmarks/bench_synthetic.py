@@ -46,7 +46,7 @@ def rss_gib() -> float:
     return _status_kib("VmRSS") * 1024 / GIB
 
 
-def child_build(nodes: int, seed: int, metis_k: int, graph: dict) -> dict:
+def child_build(nodes: int, seed: int, metis_k: int, knobs: dict) -> dict:
     import torch
 
     from hpcsoup.data.synthetic import edge_homophily, synthetic_products
@@ -54,7 +54,7 @@ def child_build(nodes: int, seed: int, metis_k: int, graph: dict) -> dict:
     torch.set_num_threads(1)
     baseline = rss_gib()
     start = time.perf_counter()
-    data, classes = synthetic_products(nodes, seed=seed, **graph)
+    data, classes = synthetic_products(nodes, seed=seed, **knobs)
     build = time.perf_counter() - start
     peak_build = peak_rss_gib()
     ei = data.edge_index
@@ -85,7 +85,7 @@ def child_build(nodes: int, seed: int, metis_k: int, graph: dict) -> dict:
     return row
 
 
-def child_learn(nodes: int, seed: int, epochs: int, graph: dict) -> dict:
+def child_learn(nodes: int, seed: int, epochs: int, knobs: dict) -> dict:
     import torch
     from torch_geometric.utils import to_torch_csr_tensor
 
@@ -94,7 +94,7 @@ def child_learn(nodes: int, seed: int, epochs: int, graph: dict) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    data, classes = synthetic_products(nodes, seed=seed, **graph)
+    data, classes = synthetic_products(nodes, seed=seed, **knobs)
     # the same aggregation as edge_index, several times faster on CPU (CSR sparse-dense product)
     adj_t = to_torch_csr_tensor(data.edge_index.flip(0), size=(nodes, nodes))
 
@@ -121,7 +121,7 @@ def child_learn(nodes: int, seed: int, epochs: int, graph: dict) -> dict:
     sage = build_model(ModelSpec("sage", data.x.size(1), classes, layers=2, hidden=64), seed=seed)
     mlp = torch.nn.Sequential(torch.nn.Linear(data.x.size(1), 64), torch.nn.ReLU(),
                               torch.nn.Dropout(0.5), torch.nn.Linear(64, classes))
-    return {"nodes": nodes, "seed": seed, "epochs": epochs, "graph": graph,
+    return {"nodes": nodes, "seed": seed, "epochs": epochs, "graph": knobs,
             "sage": fit(sage, lambda m: m(data.x, adj_t)),
             "mlp": fit(mlp, lambda m: m(data.x))}
 

@@ -30,11 +30,11 @@ related classes, class :math:`c` in group :math:`g(c) = c \bmod G`):
    two kinds. An *in-class* edge picks :math:`u \propto a_u` among all nodes and
    :math:`v \propto a_v` among the nodes of class :math:`y_u`. A *cross* edge picks
    :math:`u \propto b_u` among all nodes and :math:`v \propto b_v` among the nodes of
-   :math:`u`'s group with probability :math:`q` = ``group_edge_prob`` (confusable, related classes, as related
-   product categories), else among all nodes. A node's expected degree is thus proportional to
-   :math:`\theta_i` and the fraction of its edges inside its class is about :math:`h_i`. With
-   :math:`\pi_c` the share of weight in class :math:`c` and :math:`\Pi_g` that of group
-   :math:`g`, a cross edge joins one class by chance with probability
+   :math:`u`'s group with probability :math:`q` = ``group_edge_prob`` (confusable, related
+   classes, as related product categories), else among all nodes. A node's expected degree is
+   thus proportional to :math:`\theta_i` and the fraction of its edges inside its class is about
+   :math:`h_i`. With :math:`\pi_c` the share of weight in class :math:`c` and :math:`\Pi_g` that
+   of group :math:`g`, a cross edge joins one class by chance with probability
    :math:`\chi = \sum_c \pi_c (q\,\pi_c / \Pi_{g(c)} + (1 - q)\,\pi_c)`, so the edge homophily is
    :math:`H = \bar h + (1 - \bar h)\chi`; :math:`\bar h = (H - \chi) / (1 - \chi)` is solved
    from ``homophily``. The first round draws :math:`\mathrm{round}(M \bar a)` in-class and the
