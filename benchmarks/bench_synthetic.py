@@ -8,10 +8,15 @@ parent prints a table and writes ``benchmarks/out/synthetic.json``. One torch th
     python benchmarks/bench_synthetic.py                      # 1e5, 1e6, 2.4e6 + learning at 2e5
     python benchmarks/bench_synthetic.py --sizes 100000 --learn 0
     python benchmarks/bench_synthetic.py --sizes --learn 0 --experts 100000   # expert spread, soup
+    python benchmarks/bench_synthetic.py --sizes --learn 100000 --graph homophily_slope=3   # a knob
+
+``--graph NAME=VALUE`` (repeatable) passes a keyword argument of
+:func:`hpcsoup.data.synthetic.synthetic_products` to every part: a calibration sweep.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -41,7 +46,7 @@ def rss_gib() -> float:
     return _status_kib("VmRSS") * 1024 / GIB
 
 
-def child_build(nodes: int, seed: int, metis_k: int) -> dict:
+def child_build(nodes: int, seed: int, metis_k: int, knobs: dict) -> dict:
     import torch
 
     from hpcsoup.data.synthetic import edge_homophily, synthetic_products
@@ -49,7 +54,7 @@ def child_build(nodes: int, seed: int, metis_k: int) -> dict:
     torch.set_num_threads(1)
     baseline = rss_gib()
     start = time.perf_counter()
-    data, classes = synthetic_products(nodes, seed=seed)
+    data, classes = synthetic_products(nodes, seed=seed, **knobs)
     build = time.perf_counter() - start
     peak_build = peak_rss_gib()
     ei = data.edge_index
@@ -80,7 +85,7 @@ def child_build(nodes: int, seed: int, metis_k: int) -> dict:
     return row
 
 
-def child_learn(nodes: int, seed: int, epochs: int) -> dict:
+def child_learn(nodes: int, seed: int, epochs: int, knobs: dict) -> dict:
     import torch
     from torch_geometric.utils import to_torch_csr_tensor
 
@@ -89,7 +94,7 @@ def child_learn(nodes: int, seed: int, epochs: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    data, classes = synthetic_products(nodes, seed=seed)
+    data, classes = synthetic_products(nodes, seed=seed, **knobs)
     # the same aggregation as edge_index, several times faster on CPU (CSR sparse-dense product)
     adj_t = to_torch_csr_tensor(data.edge_index.flip(0), size=(nodes, nodes))
 
@@ -116,12 +121,12 @@ def child_learn(nodes: int, seed: int, epochs: int) -> dict:
     sage = build_model(ModelSpec("sage", data.x.size(1), classes, layers=2, hidden=64), seed=seed)
     mlp = torch.nn.Sequential(torch.nn.Linear(data.x.size(1), 64), torch.nn.ReLU(),
                               torch.nn.Dropout(0.5), torch.nn.Linear(64, classes))
-    return {"nodes": nodes, "seed": seed, "epochs": epochs,
+    return {"nodes": nodes, "seed": seed, "epochs": epochs, "graph": knobs,
             "sage": fit(sage, lambda m: m(data.x, adj_t)),
             "mlp": fit(mlp, lambda m: m(data.x))}
 
 
-def child_experts(nodes: int, seed: int, epochs: int, count: int) -> dict:
+def child_experts(nodes: int, seed: int, epochs: int, count: int, knobs: dict) -> dict:
     """``count`` SAGE experts from one shared init, trained with seeds 0..count-1 on Cluster-GCN
     batches (32 METIS parts, 4 per batch, as ``experts.batching = "partitions"``), and their
     uniform soup: do the experts differ enough for soups to differ?"""
@@ -136,7 +141,7 @@ def child_experts(nodes: int, seed: int, epochs: int, count: int) -> dict:
     from hpcsoup.train.loop import ClusterBatches, fit
 
     torch.set_num_threads(1)
-    data, classes = synthetic_products(nodes, seed=seed)
+    data, classes = synthetic_products(nodes, seed=seed, **knobs)
     graph = Graph(f"synthetic-products-{nodes}", data, classes, "accuracy")
     start = time.perf_counter()
     batches = ClusterBatches(data.edge_index, partition(graph, None, 32, seed=0), 4)
@@ -153,7 +158,7 @@ def child_experts(nodes: int, seed: int, epochs: int, count: int) -> dict:
                         "best_epoch": result.metrics["best_epoch"], "seconds": round(result.seconds, 1)})
     soup = Evaluator(spec, graph).metrics(Ingredients.from_state_dicts(spec, states).mean())
     tests = [e["test"] for e in experts]
-    return {"nodes": nodes, "seed": seed, "epochs": epochs, "metis_seconds": round(metis, 1),
+    return {"nodes": nodes, "seed": seed, "epochs": epochs, "graph": knobs, "metis_seconds": round(metis, 1),
             "experts": experts, "test_spread": round(max(tests) - min(tests), 4),
             "uniform_soup": {"val": round(soup["val"], 4), "test": round(soup["test"], 4)}}
 
@@ -165,6 +170,26 @@ def run_child(args: list[str]) -> dict:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"child {args} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _knobs(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``["homophily_slope=2.5", "classes=10"]`` -> ``{"homophily_slope": 2.5, "classes": 10}``;
+    a malformed item or an unknown name is a usage error."""
+    from hpcsoup.data.synthetic import synthetic_products
+
+    allowed = set(inspect.signature(synthetic_products).parameters) - {"nodes", "seed"}
+    knobs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in allowed:
+            parser.error(f"--graph {item!r}: {name!r} is not an argument of synthetic_products; "
+                         f"use one of {', '.join(sorted(allowed))}")
+        try:
+            number = float(value)
+        except ValueError:
+            parser.error(f"--graph {item!r}: expected NAME=NUMBER, e.g. homophily_slope=2.5")
+        knobs[name] = int(number) if value.strip().lstrip("-").isdigit() else number
+    return knobs
 
 
 def main() -> None:
@@ -179,25 +204,30 @@ def main() -> None:
                         help="nodes for 4 Cluster-GCN SAGE experts and their uniform soup; 0 = skip")
     parser.add_argument("--expert-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--graph", action="append", default=[], metavar="NAME=VALUE",
+                        help="a numeric keyword argument of synthetic_products, e.g. "
+                             "homophily_slope=3 (repeatable; default: the generator's defaults)")
     parser.add_argument("--child", choices=("build", "learn", "experts"), help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    knobs = _knobs(parser, args.graph)
+    passed = [flag for item in args.graph for flag in ("--graph", item)]
 
     if args.child == "build":
-        print(json.dumps(child_build(args.nodes, args.seed, args.metis_k)))
+        print(json.dumps(child_build(args.nodes, args.seed, args.metis_k, knobs)))
         return
     if args.child == "learn":
-        print(json.dumps(child_learn(args.nodes, args.seed, args.epochs)))
+        print(json.dumps(child_learn(args.nodes, args.seed, args.epochs, knobs)))
         return
     if args.child == "experts":
-        print(json.dumps(child_experts(args.nodes, args.seed, args.expert_epochs, EXPERTS)))
+        print(json.dumps(child_experts(args.nodes, args.seed, args.expert_epochs, EXPERTS, knobs)))
         return
 
     rows = []
     for n in args.sizes:
         k = args.metis_k if n <= args.metis_max else 0
         rows.append(run_child(["--child", "build", "--nodes", str(n), "--seed", str(args.seed),
-                               "--metis-k", str(k)]))
+                               "--metis-k", str(k), *passed]))
         print(f"built {n:,} nodes: {rows[-1]['build_seconds']} s", file=sys.stderr, flush=True)
     print("| nodes | directed edges | build s | peak RSS GiB | homophily | mean degree | "
           "median / max degree | METIS K | METIS s | edge cut | peak RSS GiB w/ METIS |")
@@ -211,20 +241,20 @@ def main() -> None:
     learn = None
     if args.learn:
         learn = run_child(["--child", "learn", "--nodes", str(args.learn), "--seed", str(args.seed),
-                           "--epochs", str(args.epochs)])
+                           "--epochs", str(args.epochs), *passed])
         print(f"\nnodes {learn['nodes']:,}, {learn['epochs']} epochs, test accuracy at best val: "
               f"2-layer GraphSAGE {learn['sage']['test']} ({learn['sage']['seconds']} s), "
               f"MLP {learn['mlp']['test']} ({learn['mlp']['seconds']} s)")
     experts = None
     if args.experts:
         experts = run_child(["--child", "experts", "--nodes", str(args.experts), "--seed",
-                             str(args.seed), "--expert-epochs", str(args.expert_epochs)])
+                             str(args.seed), "--expert-epochs", str(args.expert_epochs), *passed])
         print(f"\nnodes {experts['nodes']:,}, {EXPERTS} Cluster-GCN SAGE experts, "
               f"{experts['epochs']} epochs: test {[e['test'] for e in experts['experts']]} "
               f"(spread {experts['test_spread']}), uniform soup test {experts['uniform_soup']['test']}")
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "synthetic", "torch_threads": 1, "python": platform.python_version(),
-              "machine": f"{os.cpu_count()} cores, {platform.machine()}", "builds": rows,
+              "machine": f"{os.cpu_count()} cores, {platform.machine()}", "graph": knobs, "builds": rows,
               "learn": learn, "experts": experts}
     (OUT / "synthetic.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / 'synthetic.json'}", file=sys.stderr)

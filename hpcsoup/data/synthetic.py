@@ -16,24 +16,25 @@ related classes, class :math:`c` in group :math:`g(c) = c \bmod G`):
    heavy-tailed degrees) and a homophily whose log-odds rise with its standardised log propensity
    :math:`z_i = (\log\theta_i - \overline{\log\theta}) / \mathrm{sd}(\log\theta)`:
    :math:`h_i = \sigma(\alpha + \beta z_i + \tau \xi_i)`, :math:`\xi_i \sim \mathcal N(0, 1)`,
-   :math:`\beta` = :data:`HOMOPHILY_DEGREE_SLOPE`, :math:`\tau` = :data:`HOMOPHILY_SPREAD`, and
+   :math:`\beta` = ``homophily_slope``, :math:`\tau` = :data:`HOMOPHILY_SPREAD`, and
    :math:`\alpha` bisected so that the degree-weighted mean
    :math:`\sum_i \theta_i h_i / \sum_i \theta_i` is :math:`\bar h`. Popular nodes mostly link
    inside their class, rare ones mostly outside it (as popular products are co-purchased with
-   their own category and niche ones more at random): the edges stay 80% homophilous while about
-   a third of the nodes have mostly other-class neighbours, which is what keeps a GNN far from
-   perfect (in products, 79%). Its integer in-class and cross-class weights are
+   their own category and niche ones more at random): the edges stay 80% homophilous while 45%
+   of the nodes have mostly other-class neighbours (10^5 nodes, :math:`\beta = 2.5`; 55% with
+   :math:`\beta = 5`), which is what keeps a GNN far from perfect (in products, 79%). Its
+   integer in-class and cross-class weights are
    :math:`a_i = \mathrm{round}(16\,\theta_i h_i / \bar\theta)` and
    :math:`b_i = \mathrm{round}(16\,\theta_i (1 - h_i) / \bar\theta)` (at least one is >= 1).
 3. **Edges** -- :math:`M = N \bar d / 2` undirected edges (:math:`\bar d` = ``avg_degree``), of
    two kinds. An *in-class* edge picks :math:`u \propto a_u` among all nodes and
    :math:`v \propto a_v` among the nodes of class :math:`y_u`. A *cross* edge picks
    :math:`u \propto b_u` among all nodes and :math:`v \propto b_v` among the nodes of
-   :math:`u`'s group with probability :math:`q = 0.5` (confusable, related classes, as related
-   product categories), else among all nodes. A node's expected degree is thus proportional to
-   :math:`\theta_i` and the fraction of its edges inside its class is about :math:`h_i`. With
-   :math:`\pi_c` the share of weight in class :math:`c` and :math:`\Pi_g` that of group
-   :math:`g`, a cross edge joins one class by chance with probability
+   :math:`u`'s group with probability :math:`q` = ``group_edge_prob`` (confusable, related
+   classes, as related product categories), else among all nodes. A node's expected degree is
+   thus proportional to :math:`\theta_i` and the fraction of its edges inside its class is about
+   :math:`h_i`. With :math:`\pi_c` the share of weight in class :math:`c` and :math:`\Pi_g` that
+   of group :math:`g`, a cross edge joins one class by chance with probability
    :math:`\chi = \sum_c \pi_c (q\,\pi_c / \Pi_{g(c)} + (1 - q)\,\pi_c)`, so the edge homophily is
    :math:`H = \bar h + (1 - \bar h)\chi`; :math:`\bar h = (H - \chi) / (1 - \chi)` is solved
    from ``homophily``. The first round draws :math:`\mathrm{round}(M \bar a)` in-class and the
@@ -42,7 +43,7 @@ related classes, class :math:`c` in group :math:`g(c) = c \bmod G`):
    :math:`\mathrm{round}(M H)` same-class and :math:`M - \mathrm{round}(M H)` other edges.
    Measured: homophily 0.800 and mean degree 50.0 from 10^5 nodes up; below that the popular,
    homophilous nodes of small classes cannot hold their in-class edges (2 * 10^4 nodes: mean
-   degree 48.0, homophily 0.790; 10^4: 43.7, 0.771; 10^3: 21.4, 0.53). About 0.7% of the nodes
+   degree 49.2, homophily 0.794; 10^4: 46.5, 0.784; 10^3: 25.2, 0.60). About 0.7% of the nodes
    are isolated (tiny :math:`\theta_i`).
 4. **Features** -- class means :math:`\mu_c = \rho\, m_{g(c)} + \sqrt{1 - \rho^2}\, \nu_c` with
    :math:`m_g, \nu_c \sim \mathcal N(0, I_F)` and :math:`\rho = 0.6` (related classes look alike);
@@ -52,28 +53,39 @@ related classes, class :math:`c` in group :math:`g(c) = c \bmod G`):
    products' split; products' own split is by sales rank).
 
 **Calibration.** The defaults (:math:`\sigma_x = 3.6`, :math:`\sigma_d = 1.4`, :math:`q = 0.5`,
-:math:`\beta = 5`, :math:`\tau = 1`) aim at ogbn-products' difficulty (leaderboard: MLP 0.611,
-full-batch GraphSAGE 0.785 - 0.795). Measured: test accuracy at the best validation epoch of a
-full-batch 2-layer GraphSAGE and of a feature-only MLP (hidden 64, Adam lr 0.01, weight decay
-5e-4, dropout 0.5, seed 0; ``benchmarks/bench_synthetic.py``, ``benchmarks/RESULTS.md``), build
-seconds and seconds of the SAGE training, 1 thread:
+:math:`\beta = 2.5`, :math:`\tau = 1`) aim at ogbn-products' difficulty (leaderboard: MLP 0.611,
+full-batch GraphSAGE 0.785 - 0.795). The feature-only MLP sees none of :math:`\beta, q,
+\sigma_d, \tau`: they move the GraphSAGE alone. A sweep at 2 * 10^5 nodes (100 epochs, MLP
+0.622 throughout; ``benchmarks/RESULTS.md``) gave SAGE test 0.751, 0.764, 0.780, 0.794, 0.811
+for :math:`\beta` = 5, 4, 3, 2.5, 2 (:math:`\sigma_d = 1.4`, :math:`q = 0.5`);
+:math:`\sigma_d` 1.4 -> 1.2 adds about 4 points, :math:`q` 0.5 -> 0 takes 3 - 5 points (cross
+edges to related classes carry the group's signal, random ones only dilute it), :math:`\tau`
+1 -> 0.5 moves it by under a point. :math:`\beta = 2.5` (was 5) alone brings the GraphSAGE to
+the target and leaves the degree propensities, the edge counts and the cost of a build as they
+were.
+Measured: test accuracy at the best validation epoch of a full-batch 2-layer GraphSAGE and of a
+feature-only MLP (hidden 64, Adam lr 0.01, weight decay 5e-4, dropout 0.5, seed 0;
+``benchmarks/bench_synthetic.py``), build seconds and seconds of the SAGE training, 1 thread:
 
 ====== ========== ========== ========= =========== ========= ============ ==========
 nodes  SAGE test  MLP test   epochs    homophily   mean deg  build s      SAGE s
 ====== ========== ========== ========= =========== ========= ============ ==========
-10^4   0.624      0.490      30 / 60   0.771       43.7      \-           (test)
-10^5   0.684      0.599      25 / 100  0.799       50.0      6.8          (test)
-2*10^5 0.754      0.621      100 / 100 0.800       50.0      14.9         3193
+10^4   0.681      0.490      30 / 60   0.784       46.5      \-           (test)
+10^5   0.714      0.599      25 / 100  0.799       50.1      1.9          (test)
+2*10^5 0.794      0.622      100 / 100 0.799       50.0      9.3          (H200)
 ====== ========== ========== ========= =========== ========= ============ ==========
 
-(epochs: SAGE / MLP; 10^4 and 10^5 from ``tests/data/test_synthetic.py``; seconds at load 6 - 18
-on 2 cores.) At 2 * 10^5 nodes the MLP is on ogbn-products' figure; the GraphSAGE is 3 points
-short of it (still rising at epoch 92 of 100). Uniform soup of 4 Cluster-GCN experts from one
-init (10^5 nodes, 10 epochs): experts 0.693 - 0.700 test, soup 0.694, its validation score
-below every expert's, so soups can differ.
+(epochs: SAGE / MLP; 10^4 and 10^5 from ``tests/data/test_synthetic.py``; build seconds on 2
+cores shared with other jobs, load 6 - 12; 2 * 10^5 trained on an H200 GPU, where the same loop
+gives 0.751 / 0.622 with :math:`\beta = 5` against 0.754 / 0.621 on the CPU.) Experts that
+differ: 4 SAGE experts from one init, seeds 0 - 3, 10 epochs of Cluster-GCN batches, at 10^5
+nodes reach test 0.721 - 0.731 (spread 0.010; with :math:`\beta = 5` 0.007) and val 0.734 -
+0.746; their uniform soup scores 0.726 test and 0.742 val, below three of the four experts'
+val, so soups that weigh the experts can differ from it.
 
-Before this calibration (Beta node homophilies, :math:`\sigma_x = 3`, :math:`\sigma_d = 1`,
-:math:`q = 0.9`) the same models reached 0.93 / 0.71 at 10^5 nodes: the graph was saturated.
+Before this calibration (:math:`\beta = 5`) the same models reached SAGE 0.754 / MLP 0.621 at
+2 * 10^5 nodes; before that (Beta node homophilies, :math:`\sigma_x = 3`, :math:`\sigma_d = 1`,
+:math:`q = 0.9`) 0.93 / 0.71 at 10^5 nodes: the graph was saturated.
 
 Every random draw comes from a NumPy PCG64 stream seeded by ``[seed, stream, chunk]`` with fixed
 chunk sizes, so the graph depends on the arguments alone (identical on any machine).
@@ -82,8 +94,10 @@ Memory: edges are drawn in chunks of :data:`CHUNK` as int64 keys
 :math:`\min(u,v) N + \max(u,v)` and deduplicated by an in-place sort; the returned ``edge_index``
 is int64 (:math:`32 M` bytes). The peak is about :math:`48 M + 4 N F` bytes plus the
 interpreter: measured 3.6 GiB in all at 2.4M nodes (120M directed edges), 259 s on a shared
-2-core machine at load 6 - 18 (``benchmarks/RESULTS.md``; the build costs about 1.9x the CPU
-time of the generator before the calibration).
+2-core machine at load 6 - 18, with :math:`\beta = 5` (``benchmarks/RESULTS.md``; the build
+costs about 1.9x the CPU time of the generator before the Beta homophilies were replaced).
+:math:`\beta` changes no array and no pass: a build at 10^5 nodes takes the same CPU time with
+:math:`\beta` = 5 and 2.5 (0.64 s and 0.63 s, interleaved).
 """
 from __future__ import annotations
 
@@ -101,10 +115,6 @@ MAX_NODES = 2_500_000
 CHUNK = 1 << 22
 #: classes per group of related classes
 GROUP_SIZE = 6
-#: probability that a cross-class edge stays inside the class's group
-GROUP_EDGE_PROB = 0.5
-#: log-odds of a node's homophily per standard deviation of its log degree propensity
-HOMOPHILY_DEGREE_SLOPE = 5.0
 #: standard deviation of the node homophilies' log-odds around that trend
 HOMOPHILY_SPREAD = 1.0
 #: correlation of the feature means of classes in one group
@@ -158,14 +168,14 @@ class _Sampler:
         return self.stubs[idx]
 
 
-def _node_homophily(theta: np.ndarray, h_mean: float, seed: int) -> np.ndarray:
+def _node_homophily(theta: np.ndarray, h_mean: float, slope: float, seed: int) -> np.ndarray:
     """Node homophilies, logit-normal with log-odds rising with the log degree propensity;
     the offset is bisected so that their degree-weighted mean is ``h_mean``."""
     if not 0 < h_mean < 1:
         return np.full(theta.size, h_mean)
     log_theta = np.log(theta)
     spread = log_theta.std()
-    trend = HOMOPHILY_DEGREE_SLOPE * (log_theta - log_theta.mean()) / (spread if spread > 0 else 1.0)
+    trend = slope * (log_theta - log_theta.mean()) / (spread if spread > 0 else 1.0)
     del log_theta
     trend += HOMOPHILY_SPREAD * _rng(seed, _HOMOPHILY).standard_normal(theta.size)
     weight = theta / theta.sum()
@@ -212,6 +222,7 @@ def edge_homophily(edge_index: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 
 def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: int = 100,
                        avg_degree: float = 50.0, homophily: float = 0.8, feature_noise: float = 3.6,
                        class_skew: float = 1.0, degree_spread: float = 1.4,
+                       homophily_slope: float = 2.5, group_edge_prob: float = 0.5,
                        train_frac: float = 0.08, val_frac: float = 0.02) -> tuple[Data, int]:
     """Build an ogbn-products-like graph (see the module docstring for the model and formulas).
 
@@ -224,9 +235,14 @@ def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: i
         homophily: target edge homophily, the fraction of edges joining same-class nodes
             (default: ``0.8``; ogbn-products: 0.81).
         feature_noise: :math:`\\sigma_x`, noise scale of the features around their class mean
-            (default: ``3.0``).
+            (default: ``3.6``).
         class_skew: Zipf exponent of the class sizes (default: ``1.0``).
-        degree_spread: log-normal sigma of the degree propensities (default: ``1.0``).
+        degree_spread: :math:`\\sigma_d`, log-normal sigma of the degree propensities
+            (default: ``1.4``).
+        homophily_slope: :math:`\\beta`, log-odds of a node's homophily per standard deviation
+            of its log degree propensity (default: ``2.5``; 0 = homophily independent of degree).
+        group_edge_prob: :math:`q`, probability that a cross-class edge stays inside the class's
+            group of related classes (default: ``0.5``).
         train_frac, val_frac: random split fractions; the rest is test
             (default: ``0.08`` / ``0.02``).
 
@@ -235,7 +251,8 @@ def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: i
         undirected, coalesced (sorted by row, then column), self-loop-free ``edge_index`` [2, E]
         and boolean ``train_mask`` / ``val_mask`` / ``test_mask``.
     """
-    _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise, train_frac, val_frac)
+    _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise, homophily_slope,
+           group_edge_prob, train_frac, val_frac)
     n = int(nodes)
     groups = math.ceil(classes / GROUP_SIZE)
 
@@ -256,13 +273,13 @@ def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: i
     theta *= WEIGHT_SCALE / theta.mean()
     class_w = np.bincount(pos_class, weights=theta, minlength=classes) / theta.sum()
     group_w = np.bincount(group_of, weights=class_w, minlength=groups)
-    q = GROUP_EDGE_PROB
+    q = group_edge_prob
     chance = float(np.sum(class_w * (q * class_w / group_w[group_of] + (1 - q) * class_w)))
     if homophily < chance:
         raise DatasetError(f"synthetic-products: homophily={homophily} is below the chance level "
                            f"{chance:.3f} of this class distribution; pick a value in [{chance:.3f}, 1]")
     h_mean = (homophily - chance) / (1 - chance)
-    node_h = _node_homophily(theta, h_mean, seed)
+    node_h = _node_homophily(theta, h_mean, homophily_slope, seed)
     w_in = np.rint(theta * node_h).astype(np.int64)
     w_out = np.rint(theta * (1 - node_h)).astype(np.int64)
     lonely = (w_in + w_out) == 0                        # keep every node reachable
@@ -279,7 +296,7 @@ def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: i
     y[perm] = pos_class                                 # labels by node id
     target = int(round(n * avg_degree / 2))
     want_same = int(round(target * homophily))
-    ctx = _EdgeContext(inside, across, pos_class, group_of, perm, n, seed,
+    ctx = _EdgeContext(inside, across, q, pos_class, group_of, perm, n, seed,
                        inside.stub_range(class_first, class_last),
                        across.stub_range(group_first, group_last))
     n_in = int(round(target * p_inside))
@@ -323,7 +340,8 @@ def synthetic_products(nodes: int, seed: int = 0, classes: int = 47, features: i
     return data, classes
 
 
-def _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise, train_frac, val_frac):
+def _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise, homophily_slope,
+           group_edge_prob, train_frac, val_frac):
     if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) \
             or not MIN_NODES <= nodes <= MAX_NODES:
         raise DatasetError(f"synthetic-products: nodes={nodes!r} is not supported; "
@@ -341,6 +359,11 @@ def _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise,
         raise DatasetError(f"synthetic-products: homophily={homophily} must be in [0, 1]")
     if feature_noise < 0:
         raise DatasetError(f"synthetic-products: feature_noise={feature_noise} must be >= 0")
+    if not math.isfinite(homophily_slope):
+        raise DatasetError(f"synthetic-products: homophily_slope={homophily_slope} must be a finite "
+                           f"number")
+    if not 0 <= group_edge_prob <= 1:
+        raise DatasetError(f"synthetic-products: group_edge_prob={group_edge_prob} must be in [0, 1]")
     if not (0 < train_frac and 0 < val_frac and train_frac + val_frac < 1):
         raise DatasetError(f"synthetic-products: train_frac={train_frac}, val_frac={val_frac} "
                            f"must be > 0 with a sum below 1")
@@ -349,9 +372,9 @@ def _check(nodes, seed, classes, features, avg_degree, homophily, feature_noise,
 class _EdgeContext:
     """Draws edges of one kind in fixed-size chunks, one random stream per chunk."""
 
-    def __init__(self, inside, across, pos_class, group_of, perm, n, seed, class_ranges,
-                 group_ranges):
-        self.inside, self.across = inside, across
+    def __init__(self, inside, across, group_edge_prob, pos_class, group_of, perm, n, seed,
+                 class_ranges, group_ranges):
+        self.inside, self.across, self.group_edge_prob = inside, across, group_edge_prob
         self.pos_class, self.group_of, self.perm, self.n, self.seed = pos_class, group_of, perm, n, seed
         self.class_ranges, self.group_ranges = class_ranges, group_ranges
         self.chunk_id = 0
@@ -370,7 +393,7 @@ class _EdgeContext:
             else:            # both ends by cross weight, v inside u's group with probability q
                 u = self.across.draw(rng, 0, self.across.total, size)
                 g = self.group_of[self.pos_class[u]]
-                in_group = rng.random(size) < GROUP_EDGE_PROB
+                in_group = rng.random(size) < self.group_edge_prob
                 lo = np.where(in_group, self.group_ranges[0][g], 0)
                 hi = np.where(in_group, self.group_ranges[1][g], self.across.total)
                 v = self.across.draw(rng, lo, hi, size)
