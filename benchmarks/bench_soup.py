@@ -69,7 +69,7 @@ EXPERTS = {
     "citeseer-sage": dict(dataset="CiteSeer", arch="sage", n=8, layers=2, hidden=64, epochs=40,
                           lr=0.01, eval_every=2),
     "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=8, layers=2,
-                          hidden=64, epochs=12, lr=0.02, eval_every=3),
+                          hidden=64, epochs=24, lr=0.02, eval_every=3),
 }
 EXPERTS_FULL = dict(EXPERTS)
 QUICK_EXPERTS = {
@@ -94,13 +94,25 @@ def data_root() -> Path:
     return OUT / "data"
 
 
+def generator_version(dataset: str) -> str:
+    """A digest of the synthetic generator's source ('' for real datasets): cached graphs and
+    the experts trained on them are reused only while the generator is unchanged."""
+    if dataset != "synthetic-products":
+        return ""
+    import hashlib
+    import inspect
+
+    from hpcsoup.data import synthetic
+    return hashlib.sha1(inspect.getsource(synthetic).encode()).hexdigest()[:10]
+
+
 def load_graph(dataset: str, nodes: int | None = None):
     """The dataset; synthetic-products graphs are cached as .pt (generation takes seconds)."""
     from hpcsoup.data import Graph, load_dataset
 
     if dataset != "synthetic-products":
         return load_dataset(dataset, data_root())
-    path = OUT / "graphs" / f"synthetic-products-{nodes}.pt"
+    path = OUT / "graphs" / f"synthetic-products-{nodes}-{generator_version(dataset)}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=False)
         return Graph(saved["name"], saved["data"], saved["num_classes"], saved["metric"])
@@ -124,9 +136,10 @@ def train_experts(key: str, spec_args: dict) -> dict:
     path = OUT / "experts" / f"{key}.pt"
     if spec_args != EXPERTS_FULL.get(key):  # --quick experts never replace the real ones
         path = path.with_name(f"{key}-quick.pt")
+    version = generator_version(spec_args["dataset"])
     if path.is_file():
         cached = torch.load(path, weights_only=False)
-        if cached["config"] == spec_args:
+        if cached["config"] == spec_args and cached.get("generator", "") == version:
             return cached
     graph = load_graph(spec_args["dataset"], spec_args.get("nodes"))
     spec = ModelSpec(spec_args["arch"], graph.num_features, graph.num_classes,
@@ -167,7 +180,7 @@ def train_experts(key: str, spec_args: dict) -> dict:
         metrics.append({"val": best, "test": test})
         log(f"{key}: expert {i} val {best:.4f} test {test:.4f} ({seconds[-1]:.1f} s)")
     saved = {"config": spec_args, "spec": spec.to_dict(), "states": states, "metrics": metrics,
-             "train_seconds": seconds}
+             "train_seconds": seconds, "generator": version}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(saved, path)
     return saved
