@@ -68,7 +68,7 @@ EXPERTS = {
                           lr=0.01, eval_every=2),
     "citeseer-sage": dict(dataset="CiteSeer", arch="sage", n=8, layers=2, hidden=64, epochs=40,
                           lr=0.01, eval_every=2),
-    "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=8, layers=2,
+    "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=4, layers=2,
                           hidden=64, epochs=24, lr=0.02, eval_every=3),
 }
 EXPERTS_FULL = dict(EXPERTS)
