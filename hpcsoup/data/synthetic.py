@@ -81,8 +81,9 @@ gave 0.751 / 0.622 with :math:`\beta = 5` (CPU: 0.754 / 0.621) and 0.794 / 0.622
 :math:`\beta = 2.5` (CPU: 0.793 / 0.621). Experts that differ: 4 SAGE experts from one init,
 seeds 0 - 3, 10 epochs of Cluster-GCN batches, at 10^5 nodes reach test 0.721 - 0.731 (spread
 0.010; with :math:`\beta = 5` 0.007) and val 0.734 - 0.746; their uniform soup scores 0.726 test
-and 0.742 val, below three of the four experts' val, so soups that weigh the experts can differ
-from it.
+and 0.742 val, below three of the four experts' val; at 2 * 10^5 nodes test 0.723 - 0.742
+(spread 0.019) and val 0.713 - 0.746, soup 0.736 test and 0.730 val, below two of the four. So
+soups that weigh the experts can differ from the uniform one.
 
 Before this calibration (:math:`\beta = 5`) the same models reached SAGE 0.754 / MLP 0.621 at
 2 * 10^5 nodes; before that (Beta node homophilies, :math:`\sigma_x = 3`, :math:`\sigma_d = 1`,
