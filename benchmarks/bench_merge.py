@@ -291,6 +291,9 @@ def report() -> str:
                      "/ min | retention mean |")
         lines.append("|" + "---|" * 8)
         groups = [(split, lambda r, s=split: r["split"] == s) for split in ("metis", "random", "class")]
+        # by what the default decided: a gate that routes, or every parent on every node
+        for used in ("owner", "mixture"):
+            groups.append((f"gate: {used}", lambda r, u=used: (r.get("gate") or {}).get("used") == u))
         groups.append(("all", lambda r: True))
         for name, pred in groups:
             rs = [r for r in main if pred(r)]
