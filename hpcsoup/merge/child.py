@@ -216,8 +216,9 @@ class MergedGNN(nn.Module):
         """``[W_0 of every parent | the gate's projection]`` and the parents' column counts.
 
         Layer 0 reads the input features with the parents' own weights and the gate reads them
-        through its narrow projection: one product over ``X`` serves all of them (on Cora's
-        bag of words a second pass costs as much as 20 more columns in the first).
+        through its narrow projection: one product over ``X`` serves all of them. On Cora's bag
+        of words the gate's 6 extra columns cost about what its own pass did (0.13-0.19 ms under
+        load, benchmarks/RESULTS.md, merge): one pass fewer, no measurable time on its own.
         """
         weights = [self.layer(j, 0).weight for j in range(self.num_parents)]
         sources = weights + [self.gate]
