@@ -163,7 +163,7 @@ ABLATIONS = [("no_alignment", HGramaSettings(alignment="none")),
              ("owner_target", HGramaSettings(route_target="owner"))]
 
 
-def part_main(graph, dataset, repeats, keep):
+def part_main(graph, dataset, repeats, keep, ablations=None):
     rows = []
     for split, depth, archs in cases(dataset, keep):
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
@@ -174,14 +174,17 @@ def part_main(graph, dataset, repeats, keep):
                                                           "retention_min")},
                "merge_seconds": m["merge_seconds"], "gate": m["gate"], "ablations": {}}
         for name, settings in ABLATIONS:
+            if ablations is not None and name not in ablations:
+                continue
             a = run_merge_case(graph, nets, trained_on, masks, settings, repeats, timing=False)
             row["ablations"][name] = summary(a)
         rows.append(row)
         c, ab = row["child"], row["ablations"]
         gap = lambda t: 100 * (t - row["ensemble"]["test"])  # noqa: E731
+        owner = ab.get("owner_target", {"test": float("nan")})["test"]
         say(f"{dataset:11s} {split:6s} d{depth} {'+'.join(archs):13s} test {c['test']:.3f} vs "
             f"ens {row['ensemble']['test']:.3f} ({gap(c['test']):+.1f} pt; owner target "
-            f"{gap(ab['owner_target']['test']):+.1f}) ret {c['retention_mean']:.3f} speedup "
+            f"{gap(owner):+.1f}) ret {c['retention_mean']:.3f} speedup "
             f"{c['speedup']['cached']:.2f}x (uncached {c['speedup']['uncached']:.2f}x, "
             f"att {c['speedup']['cached_attention']:.2f}x)")
     return rows
@@ -246,6 +249,13 @@ def _gap(test: float, ensemble: float) -> float:
     return 100.0 * (test - ensemble)
 
 
+class _Missing(dict):
+    """Ablations of a row; one that was not run (``--ablations``) reads as NaN, printed "nan"."""
+
+    def __missing__(self, key):
+        return {"test": float("nan"), "retention_mean": float("nan")}
+
+
 def _rows(part: str) -> list[dict]:
     return [r for f in sorted(OUT.glob(f"merge_{part}_*.json")) for r in json.loads(f.read_text())]
 
@@ -260,7 +270,7 @@ def report() -> str:
                      "| -calib |")
         lines.append("|" + "---|" * 16)
         for r in main:
-            c, e, a = r["child"], r["ensemble"], r["ablations"]
+            c, e, a = r["child"], r["ensemble"], _Missing(r["ablations"])
             allt = " / ".join(f"{p['test']:.3f}" for p in r["parents_scores"].values())
             sp = c["speedup"]
             used = (r.get("gate") or {}).get("used", "-")
@@ -281,13 +291,18 @@ def report() -> str:
                      "/ min | retention mean |")
         lines.append("|" + "---|" * 8)
         groups = [(split, lambda r, s=split: r["split"] == s) for split in ("metis", "random", "class")]
+        # by what the default decided: a gate that routes, or every parent on every node
+        for used in ("owner", "mixture"):
+            groups.append((f"gate: {used}", lambda r, u=used: (r.get("gate") or {}).get("used") == u))
         groups.append(("all", lambda r: True))
         for name, pred in groups:
             rs = [r for r in main if pred(r)]
             if not rs:
                 continue
             gaps = [_gap(r["child"]["test"], r["ensemble"]["test"]) for r in rs]
-            old = [_gap(r["ablations"]["owner_target"]["test"], r["ensemble"]["test"]) for r in rs]
+            old = [_gap(_Missing(r["ablations"])["owner_target"]["test"], r["ensemble"]["test"])
+                   for r in rs]
+            old = [v for v in old if v == v] or [float("nan")]
             two = [r["child"]["speedup"]["cached"] for r in rs if len(r["parents"]) == 2]
             three = [r["child"]["speedup"]["cached"] for r in rs if len(r["parents"]) == 3]
             unc = [r["child"]["speedup"]["uncached"] for r in rs]
@@ -376,6 +391,9 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--splits", nargs="+", default=None, help="a subset of the grid's splits")
     parser.add_argument("--depths", nargs="+", type=int, default=None, help="a subset of depths")
+    parser.add_argument("--ablations", nargs="+", default=None, choices=[n for n, _ in ABLATIONS],
+                        help="main part: only these ablations (default: all; each is one more "
+                             "merge per case, minutes per case on Tolokers)")
     args = parser.parse_args(argv)
 
     # a subset run writes its own files (merge_main_Cora_d2.json), so subsets add up
@@ -400,9 +418,11 @@ def main(argv=None):
             say(f"{dataset}: parents ready in {time.perf_counter() - start:.0f} s")
             continue
         for part in args.parts:
-            fn = {"main": part_main, "tradeoff": part_tradeoff, "findings": part_findings}[part]
-            rows = fn(graph, dataset, args.repeats if part == "main" else max(5, args.repeats // 2),
-                      keep)
+            if part == "main":
+                rows = part_main(graph, dataset, args.repeats, keep, args.ablations)
+            else:
+                fn = {"tradeoff": part_tradeoff, "findings": part_findings}[part]
+                rows = fn(graph, dataset, max(5, args.repeats // 2), keep)
             (OUT / f"merge_{part}_{dataset}{subset}.json").write_text(json.dumps(rows, indent=1))
             say(f"{dataset} {part}: {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     print(report())

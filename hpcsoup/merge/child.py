@@ -53,6 +53,7 @@ class Routing:
     weights: list[torch.Tensor]         # [n_k, 1] gate weight of each of its rows
     blocks: list[Block]
     hard: bool = False                  # every node on exactly one parent (weights all 1)
+    dense: bool = False                 # every parent on every node with equal weights
     pairs: dict = dataclasses.field(default_factory=dict)  # (k, j) -> (src_pos, dst_pos) | None
     inputs: dict | None = None          # cached support rows of the input features, per parent
 
@@ -178,22 +179,59 @@ class MergedGNN(nn.Module):
                    budget=structure.get("budget", -1.0))  # stored before budgets: no cap
 
     # ----------------------------------------------------------------------------- routing
-    def gate_weights(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
-        """The dense gate ``[N, K]`` before sparsification (equal weights without a router)."""
+    def gate_weights(self, x: torch.Tensor, ops: GraphOps,
+                     proj: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense gate ``[N, K]`` before sparsification (equal weights without a router).
+
+        ``proj``: the gate's input projection ``X B``, when the caller computed it together with
+        the parents' layer-0 projections (one pass over ``X`` for both).
+        """
         if self.gate is None:
             return torch.full((x.size(0), self.num_parents), 1.0 / self.num_parents)
-        return normalise(self.gate.scores(x, ops))
+        return normalise(self.gate.scores(x, ops, proj))
 
-    def route(self, x: torch.Tensor, ops: GraphOps) -> Routing:
-        gate = sparsify(self.gate_weights(x, ops), self.threshold, self.budget)
+    @property
+    def dense(self) -> bool:
+        """Every parent on every node with equal weights (no gate, no sparsity): the ensemble."""
+        return self.gate is None and self.threshold <= 0.0
+
+    def route(self, x: torch.Tensor, ops: GraphOps, proj: torch.Tensor | None = None) -> Routing:
+        n, k = x.size(0), self.num_parents
+        if self.dense:  # nothing to decide: no gate, no row sets, no restricted operators
+            rows = torch.arange(n)
+            weights = torch.full((n, 1), 1.0 / k)
+            return Routing(torch.full((n, k), 1.0 / k), [rows] * k, [weights] * k,
+                           [ops.full()] * k, dense=True)
+        gate = sparsify(self.gate_weights(x, ops, proj), self.threshold, self.budget)
         rows, weights, blocks = [], [], []
-        for k in range(self.num_parents):
-            r = (gate[:, k] > 0).nonzero().view(-1)
+        for j in range(k):
+            r = (gate[:, j] > 0).nonzero().view(-1)
             rows.append(r)
-            weights.append(gate[r, k].unsqueeze(1).contiguous())
+            weights.append(gate[r, j].unsqueeze(1).contiguous())
             blocks.append(ops.restrict(r))
         hard = bool((gate > 0).sum(1).eq(1).all())
         return Routing(gate, rows, weights, blocks, hard)
+
+    def _input_weight(self) -> tuple[torch.Tensor, list[int]]:
+        """``[W_0 of every parent | the gate's projection]`` and the parents' column counts.
+
+        Layer 0 reads the input features with the parents' own weights and the gate reads them
+        through its narrow projection: one product over ``X`` serves all of them. On Cora's bag
+        of words the gate's 6 extra columns cost about what its own pass did (0.13-0.19 ms under
+        load, benchmarks/RESULTS.md, merge): one pass fewer, no measurable time on its own.
+        """
+        weights = [self.layer(j, 0).weight for j in range(self.num_parents)]
+        sources = weights + [self.gate]
+        cached = getattr(self, "_input_sources", None)
+        stale = cached is None or len(cached) != len(sources) \
+            or any(a is not b for a, b in zip(cached, sources))
+        if stale:
+            parts = list(weights)
+            if self.gate is not None:
+                parts.append(self.gate.projection())
+            self._input_cat = torch.cat(parts, 1).contiguous()
+            self._input_sources = sources
+        return self._input_cat, [w.size(1) for w in weights]
 
     def make_cache(self, x: torch.Tensor, edge_index: torch.Tensor, undirected: bool = False,
                    attention: bool = True) -> ChildCache:
@@ -222,8 +260,12 @@ class MergedGNN(nn.Module):
                 raise MergeError("MergedGNN.forward needs edge_index (or a cache from make_cache)")
             ops = GraphOps(edge_index, x.size(0), undirected=undirected)
         x = as_features(x)
-        routing = cache.routing if cache is not None and cache.routing is not None \
-            else self.route(x, ops)
+        shared = None
+        if cache is not None and cache.routing is not None:
+            routing = cache.routing
+        else:
+            shared = self._shared_projection(x)
+            routing = self.route(x, ops, shared[-1] if self.gate is not None else None)
         attention = cache.attention if cache is not None else None
         k_all = range(self.num_parents)
         trace = []
@@ -231,7 +273,7 @@ class MergedGNN(nn.Module):
         for li in range(self.depth):
             layers = [self.layer(j, li) for j in k_all]
             if li == 0:
-                proj = self._project_input(x, layers, routing)
+                proj = self._project_input(x, layers, routing, shared)
             else:
                 proj = [self._project_stream(acts, li, j, routing) for j in k_all]
             z = self._propagate(layers, proj, routing, attention, li)
@@ -246,31 +288,36 @@ class MergedGNN(nn.Module):
                 acts.append((a, None if routing.hard else routing.weights[j]))
         raise MergeError("a merged child needs at least one layer")
 
-    def _project_input(self, x, layers, routing: Routing) -> list[torch.Tensor]:
+    def _shared_projection(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``X [W_0 ... | B]`` split per parent (and the gate's projection last)."""
+        weight, widths = self._input_weight()
+        full = x @ weight
+        parts, start = [], 0
+        for w in widths + ([weight.size(1) - sum(widths)] if self.gate is not None else []):
+            parts.append(full[:, start:start + w])
+            start += w
+        return parts
+
+    def _project_input(self, x, layers, routing: Routing, shared=None) -> list[torch.Tensor]:
         """Layer-0 projections on each parent's support.
 
-        One shared product over every node, then each parent's support rows, when the supports
-        add up to the whole graph or more: gathering rows of a sparse ``X`` for each parent would
-        then copy more than ``X`` itself (on Cora's halves the supports cover 60-90% of the nodes
-        each). Otherwise, or when the support rows are cached, each parent projects its own
-        support rows.
+        Without cached support rows (``routing.inputs``): one shared product over every node
+        (``shared``, made before routing, which it also serves), then each parent's support
+        rows -- gathering the rows of a sparse ``X`` for each parent would copy more than the
+        product costs (on Cora's halves the supports cover 60-90% of the nodes each). With them,
+        each parent projects its own support rows.
         """
-        if routing.inputs is None and sum(b.n_support for b in routing.blocks) >= x.size(0):
-            weights = [layer.weight for layer in layers]
-            full = x @ (torch.cat(weights, 1) if len(weights) > 1 else weights[0])
-            out, start = [], 0
-            for w, b in zip(weights, routing.blocks):
-                part = full[:, start:start + w.size(1)]
-                out.append(part if b.support is None else part.index_select(0, b.support))
-                start += w.size(1)
-            return out
+        if routing.inputs is None:
+            if shared is None:
+                shared = self._shared_projection(x)
+            return [part if b.support is None else part.index_select(0, b.support)
+                    for part, b in zip(shared, routing.blocks)]
         out = []
         for j, (layer, b) in enumerate(zip(layers, routing.blocks)):
-            rows = routing.inputs.get(j) if routing.inputs is not None else None
+            rows = routing.inputs.get(j)
             if rows is None:
                 rows = csr_rows(x, b.support)
-                if routing.inputs is not None:
-                    routing.inputs[j] = rows
+                routing.inputs[j] = rows
             out.append(rows @ layer.weight)
         return out
 
@@ -288,11 +335,10 @@ class MergedGNN(nn.Module):
         mats = self.mix[li][j]
         a, _ = acts[j]
         m = mats[j]
+        own = torch.addmm(m[-1], a, m[:-1])
         if block.support is None:
-            return torch.addmm(m[-1], a, m[:-1])
-        out = torch.empty(block.n_support, m.size(1))
-        torch.addmm(m[-1], a, m[:-1], out=out[:block.n_rows])
-        out[block.n_rows:] = 0.0
+            return own
+        parts = []  # (positions in j's support, projected rows) of the rows read from others
         for k, (a, w) in enumerate(acts):
             if k == j:
                 continue
@@ -304,9 +350,16 @@ class MergedGNN(nn.Module):
                 w = None if w is None else w.index_select(0, src)
             m = mats[k]
             if w is None:
-                part = torch.addmm(m[-1], a, m[:-1])
+                parts.append((dst, torch.addmm(m[-1], a, m[:-1])))
             else:
-                part = torch.addmm(w * m[-1], a * w, m[:-1])
+                parts.append((dst, torch.addmm(w * m[-1], a * w, m[:-1])))
+        if routing.hard and len(parts) == 1 and parts[0][1].size(0) == block.n_support - block.n_rows:
+            # one other parent fills the rest of the support, in support order (both are sorted
+            # node ids): the rows simply follow j's own
+            return torch.cat([own, parts[0][1]])
+        out = torch.zeros(block.n_support, own.size(1))
+        out[:block.n_rows] = own
+        for dst, part in parts:
             out.index_add_(0, dst, part)
         return out
 
@@ -339,6 +392,8 @@ class MergedGNN(nn.Module):
         parents do not underflow.
         """
         if self.readout == "logits":
+            if routing.dense:  # the ensemble's mean of logits
+                return torch.stack(z).mean(0) if len(z) > 1 else z[0]
             out = torch.zeros(n, z[0].size(1))
             for j, zj in enumerate(z):
                 part = zj if routing.hard else zj * routing.weights[j]
@@ -348,13 +403,21 @@ class MergedGNN(nn.Module):
                 else:
                     out.index_add_(0, rows, part)
             return out
+        if routing.hard:  # one parent per node: its log-probabilities, in one pass over all rows
+            rows = torch.cat(routing.rows)
+            return torch.empty(n, z[0].size(1)).index_copy_(0, rows, _log_softmax(torch.cat(z)))
         out = torch.full((n, z[0].size(1)), float("-inf"))
         for j, zj in enumerate(z):
-            part = zj.log_softmax(-1)
+            part = _log_softmax(zj) + routing.weights[j].log()
             rows = routing.rows[j]
-            if routing.hard:
-                out.index_copy_(0, rows, part)
-                continue
-            part = part + routing.weights[j].log()
-            out.index_copy_(0, rows, torch.logaddexp(out.index_select(0, rows), part))
+            if rows.numel() == n:
+                out = torch.logaddexp(out, part)
+            else:
+                out.index_copy_(0, rows, torch.logaddexp(out.index_select(0, rows), part))
         return out
+
+
+def _log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over classes as ``z - logsumexp(z)``: on a few classes (Cora's 7) torch's
+    ``log_softmax`` kernel took 2.4x as long (156 vs 65 us on 1354 x 7, one thread)."""
+    return z - z.logsumexp(-1, keepdim=True)

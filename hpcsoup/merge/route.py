@@ -96,11 +96,18 @@ class RidgeGate:
     def num_parents(self) -> int:
         return self.coef.size(2)
 
-    def scores(self, x: torch.Tensor, ops: GraphOps) -> torch.Tensor:
-        """Raw gate scores ``[N, K]`` (one narrow projection, Horner's rule over the hops)."""
+    def projection(self) -> torch.Tensor:
+        """``[B_0 | ... | B_hops]``, ``[F, (hops + 1) K]``: what :meth:`scores` multiplies ``X`` by."""
+        return self.coef.permute(1, 0, 2).reshape(self.coef.size(1), -1)
+
+    def scores(self, x: torch.Tensor, ops: GraphOps, proj: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw gate scores ``[N, K]`` (one narrow projection, Horner's rule over the hops).
+
+        ``proj``: ``x @ self.projection()``, if the caller computed it with other columns.
+        """
         hops, k = self.hops, self.num_parents
-        flat = self.coef.permute(1, 0, 2).reshape(self.coef.size(1), (hops + 1) * k)
-        proj = x @ flat
+        if proj is None:
+            proj = x @ self.projection()
         out = proj[:, hops * k:]
         for h in range(hops - 1, -1, -1):
             out = smooth(ops, out.contiguous(), 1) + proj[:, h * k:(h + 1) * k]
@@ -141,6 +148,8 @@ def sparsify(gate: torch.Tensor, threshold: float, budget: float = -1.0) -> torc
     top = torch.zeros_like(gate, dtype=torch.bool)
     top.scatter_(1, gate.argmax(1, keepdim=True), True)
     extra = (gate >= threshold) & (gate > 0) & ~top
+    if not bool(extra.any()):  # one parent per node: no weights to renormalise
+        return top.to(gate.dtype)
     allowed = budget * gate.size(0)
     if budget >= 0 and int(extra.sum()) > allowed:
         allowed = int(allowed)

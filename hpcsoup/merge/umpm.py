@@ -234,9 +234,31 @@ class Block:
             self._vec[("csr", key, u.dtype)] = matrix
         return matrix @ u
 
+    def spmm_heads(self, u: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``blockdiag(A_0, ..., A_{H-1}) @ u`` with ``A_h`` this block's adjacency carrying
+        ``values[h]``; ``u`` is ``[H * support, w]`` (head-major), the result ``[H * rows, w]``."""
+        heads = values.size(0)
+        key = ("heads", heads)
+        if key not in self._vec:
+            nnz = self.col.numel()
+            offsets = torch.arange(heads).unsqueeze(1)
+            crow = torch.cat([(self.crow[:-1] + offsets * nnz).view(-1),
+                              torch.tensor([heads * nnz])])
+            col = (self.col + offsets * self.n_support).view(-1)
+            self._vec[key] = (crow, col)
+        crow, col = self._vec[key]
+        matrix = sparse_csr(crow, col, values.reshape(-1),
+                            (heads * self.n_rows, heads * self.n_support), dtype=u.dtype)
+        return matrix @ u
+
 
 def _rsqrt(v: torch.Tensor) -> torch.Tensor:
     return v.rsqrt()
+
+
+def _recip(v: torch.Tensor) -> torch.Tensor:
+    """``1 / v`` for a vector known to be positive (``deg_hat`` counts a self loop)."""
+    return v.reciprocal()
 
 
 def _inv(v: torch.Tensor) -> torch.Tensor:
@@ -268,7 +290,7 @@ def propagate_static(block: Block, parts: list[tuple[str, torch.Tensor]]) -> lis
         y = agg[:, start:start + width] if len(parts) > 1 else agg
         start += width
         if kind == "gcn":
-            y = y * block.column("deg_hat", _rsqrt) + block.on_rows(u) * block.column("deg_hat", _inv)
+            y = y * block.column("deg_hat", _rsqrt) + block.on_rows(u) * block.column("deg_hat", _recip)
         else:
             loops = block.vec("loops")
             if loops is not None:
@@ -295,7 +317,7 @@ def _propagate_one(block: Block, kind: str, u: torch.Tensor) -> torch.Tensor:
         block._vec[key] = values
     y = block.spmm(u, block._vec[key], key=kind)
     if kind == "gcn":
-        return torch.addcmul(y, block.on_rows(u), block.column("deg_hat", _inv))
+        return torch.addcmul(y, block.on_rows(u), block.column("deg_hat", _recip))
     loops = block.vec("loops")
     if loops is not None:
         extra = block.on_rows(u) * loops.unsqueeze(1)
@@ -350,30 +372,32 @@ def gat_attention(block: Block, u: torch.Tensor, att_src: torch.Tensor, att_dst:
 
 
 def propagate_gat(block: Block, u: torch.Tensor, attention: Attention, concat: bool) -> torch.Tensor:
-    """``sum_j alpha_ij u_j`` per head, concatenated (hidden layers) or averaged (output layer)."""
+    """``sum_j alpha_ij u_j`` per head, concatenated (hidden layers) or averaged (output layer).
+
+    All heads in **one** sparse product: head ``h``'s attention is block ``h`` of a block-diagonal
+    ``[heads * rows, heads * support]`` matrix whose values are ``attention.edges`` as stored
+    (head-major), so per-head products (each a few tens of microseconds of fixed cost on a small
+    graph) become one.
+    """
     heads = attention.edges.size(0)
     channels = u.size(1) // heads
-    own = block.on_rows(u)
+    rows = block.n_rows
+    own = block.on_rows(u).view(rows, heads, channels)
     first = attention.inv_denom is None
+    # [heads, support, C]: head-major, as the block-diagonal matrix reads it
+    per_head = u.view(-1, heads, channels).transpose(0, 1)
     if first:  # a ones column makes the same sparse product return the softmax denominator
-        aug = torch.cat([u.view(-1, heads, channels), torch.ones(u.size(0), heads, 1)], 2)
-        aug = aug.transpose(0, 1).contiguous()  # [heads, support, C + 1]
-    outs, denoms = [], []
-    for h in range(heads):
-        w_self = attention.self_[:, h:h + 1]
-        if first:
-            y = block.spmm(aug[h], attention.edges[h])
-            denoms.append(y[:, channels] + w_self[:, 0])
-            y = y[:, :channels]
-        else:
-            y = block.spmm(u[:, h * channels:(h + 1) * channels].contiguous(), attention.edges[h])
-        outs.append(torch.addcmul(y, own[:, h * channels:(h + 1) * channels], w_self))
+        per_head = torch.cat([per_head, torch.ones(heads, u.size(0), 1)], 2)
+    width = per_head.size(2)
+    y = block.spmm_heads(per_head.reshape(heads * u.size(0), width), attention.edges)
+    y = y.view(heads, rows, width).transpose(0, 1)  # [rows, heads, C (+1)]
     if first:
-        attention.inv_denom = 1.0 / torch.stack(denoms, 1)
-    outs = [o * attention.inv_denom[:, h:h + 1] for h, o in enumerate(outs)]
+        attention.inv_denom = 1.0 / (y[:, :, channels] + attention.self_)
+        y = y[:, :, :channels]
+    out = torch.addcmul(y, own, attention.self_.unsqueeze(2)) * attention.inv_denom.unsqueeze(2)
     if concat:
-        return outs[0] if heads == 1 else torch.cat(outs, 1)
-    return outs[0] if heads == 1 else torch.stack(outs).mean(0)
+        return out.reshape(rows, heads * channels)
+    return out[:, 0] if heads == 1 else out.mean(1)
 
 
 @dataclasses.dataclass

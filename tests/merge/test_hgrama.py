@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hpcsoup.errors import MergeError
-from hpcsoup.merge.child import MergedGNN
+from hpcsoup.merge.child import ChildCache, MergedGNN
 from hpcsoup.merge.ensemble import Ensemble, interpolate
 from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.route import RidgeGate
-from hpcsoup.merge.umpm import from_pyg
+from hpcsoup.merge.umpm import GraphOps, as_features, from_pyg
 from hpcsoup.models import build_model
 
 from merge_support import train_specialist, trained_on
@@ -188,3 +188,20 @@ def test_settings_errors_name_the_bad_value():
         HGramaSettings(threshold=2.0)
     with pytest.raises(MergeError, match="no setting 'sharpness'"):
         HGramaSettings(sharpness=2)
+
+
+def test_shared_fast_paths_equal_the_general_ones(cora, cora_regions, specialists):
+    """Uncached, one product of X serves the gate and both parents' layer 0, and one parent per
+    node takes the short stream and readout paths; the general paths (gate-weighted stream rows
+    added into the support, log-mixture readout) on the gate's own projection agree to 1e-5."""
+    parents = [from_pyg(*_spec_state(specialists, a), a) for a in ("gcn", "gat")]
+    data = cora.data
+    child = merge(parents, data.x, data.edge_index, trained_on=trained_on(cora, cora_regions),
+                  settings=HGramaSettings(route_target="owner"))
+    fast = child(data.x, data.edge_index)
+    ops = GraphOps(data.edge_index, cora.num_nodes)
+    routing = child.route(as_features(data.x), ops)
+    assert routing.hard and not routing.dense
+    routing.hard = False  # weights of 1 through the general arithmetic
+    general = child(data.x, cache=ChildCache(ops, routing, None))
+    assert (fast - general).abs().max() <= 1e-5
