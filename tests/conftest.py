@@ -3,10 +3,11 @@
 Markers (``mpi``, ``slurm``, ``slow``) are registered in setup.cfg. The test command (README,
 Tests; ``.ci/run`` runs it) has two legs:
 
-1. ``python -m pytest -n 2 --dist loadgroup`` -- every test in two plain worker processes
-   (pytest-xdist; the groups: :func:`_xdist_group`). ``mpi`` tests that run *inside* a rank see a
+1. ``python -m pytest -n 2 --dist worksteal`` -- every test in two plain worker processes
+   (pytest-xdist), each test where a worker is free. ``mpi`` tests that run *inside* a rank see a
    world of size 1 here; ``mpi`` tests that launch their own ranks (the ``mpiexec`` fixture) run
-   here, and only here.
+   here, and only here. Two SLURM or MPI tests may run at once: the local cluster oversubscribes
+   its 2 CPUs and every wait in those tests is bounded generously.
 2. ``mpiexec -n 2 python -m pytest -m mpi`` -- the in-rank ``mpi`` tests again, in every rank of a
    world of size 2. So an in-rank test must work for any communicator size, 1 included, and every
    rank must run the same collectives in the same order (skip on all ranks or on none).
@@ -45,34 +46,6 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
-
-
-#: fixtures that mean a test starts SLURM jobs or MPI ranks itself
-_INFRA_FIXTURES = ("slurm_cluster", "mpiexec")
-#: test folders whose files share costly session fixtures (trained experts): one group each
-_SHARED_FOLDERS = ("merge", "soup")
-
-
-def _xdist_group(item) -> str:
-    """The worker group of a test under ``pytest -n 2 --dist loadgroup`` (README, Tests).
-
-    ``infra``: every SLURM and MPI test, in one worker and in order (they share the 2-CPU cluster
-    and launch several processes each); otherwise the test's file, or its folder for the folders
-    whose files share trained experts, so that no module or shared fixture is built twice.
-    """
-    if item.get_closest_marker("slurm") or item.get_closest_marker("mpi") \
-            or any(name in item.fixturenames for name in _INFRA_FIXTURES):
-        return "infra"
-    path = Path(str(item.path)).relative_to(Path(__file__).parent)
-    return path.parts[0] if path.parts[0] in _SHARED_FOLDERS else path.as_posix()
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("dist", "no") != "loadgroup":
-        return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
 
 
 def _abort_world(code: int) -> None:
