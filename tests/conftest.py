@@ -3,9 +3,11 @@
 Markers (``mpi``, ``slurm``, ``slow``) are registered in setup.cfg. The test command (README,
 Tests; ``.ci/run`` runs it) has two legs:
 
-1. ``python -m pytest`` -- every test in one plain process. ``mpi`` tests that run *inside* a
-   rank see a world of size 1 here; ``mpi`` tests that launch their own ranks (the ``mpiexec``
-   fixture) run here, and only here.
+1. ``python -m pytest -n 2 --dist worksteal`` -- every test in two plain worker processes
+   (pytest-xdist), each test where a worker is free. ``mpi`` tests that run *inside* a rank see a
+   world of size 1 here; ``mpi`` tests that launch their own ranks (the ``mpiexec`` fixture) run
+   here, and only here. Two SLURM or MPI tests may run at once: the local cluster oversubscribes
+   its 2 CPUs and every wait in those tests is bounded generously.
 2. ``mpiexec -n 2 python -m pytest -m mpi`` -- the in-rank ``mpi`` tests again, in every rank of a
    world of size 2. So an in-rank test must work for any communicator size, 1 included, and every
    rank must run the same collectives in the same order (skip on all ranks or on none).

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import torch
-from sklearn.metrics import roc_auc_score
 
 from hpcsoup.errors import DatasetError
 
@@ -27,6 +26,9 @@ def rocauc(logits: torch.Tensor, y: torch.Tensor) -> float:
     y = y.view(-1)
     if y.numel() == 0 or bool((y == y[0]).all()):
         return float("nan")
+    # imported here: scikit-learn costs ~1-2 s of every process's start-up, and only rocauc sets need it
+    from sklearn.metrics import roc_auc_score
+
     positive = logits.float().softmax(-1)[:, 1] if logits.dim() == 2 else logits.float()
     return float(roc_auc_score(y.cpu().numpy(), positive.detach().cpu().numpy()))
 
