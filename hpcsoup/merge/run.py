@@ -29,11 +29,11 @@ import torch
 
 from hpcsoup.data import Graph, load_from_config
 from hpcsoup.errors import MergeError, StoreError
+from hpcsoup.memory import PeakMemory
 from hpcsoup.merge.child import ChildCache, MergedGNN
 from hpcsoup.merge.ensemble import Ensemble
 from hpcsoup.merge.hgrama import HGramaSettings, merge
 from hpcsoup.merge.timing import time_child_vs_ensemble
-from hpcsoup.memory import PeakMemory
 from hpcsoup.merge.umpm import GraphOps, UMPMNet, as_features, from_pyg
 from hpcsoup.models import ModelSpec
 from hpcsoup.progress import Progress, duration, significant
