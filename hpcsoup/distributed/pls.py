@@ -105,8 +105,9 @@ def graph_name(cfg) -> str:
     return cfg.data.dataset
 
 
-def shards_of_config(cfg) -> Path:
-    """Where the config's partitioned graph lives (``<store>/graphs/<graph>/parts-K-halo-h-seed-s``)."""
+def shards_of_config(cfg, spec=None) -> Path:
+    """Where the config's partitioned graph lives (``<store>/graphs/<graph>/parts-K-...``):
+    with ``soup.pls.scope = "field"`` the receptive fields of the experts' model ``spec``."""
     from hpcsoup.data.datasets import SYNTHETIC
 
     pls, data = cfg.soup.pls, cfg.data
@@ -116,10 +117,11 @@ def shards_of_config(cfg) -> Path:
         split = json.dumps([data.seed, data.random_split, data.num_train_per_class, data.num_val,
                             data.num_test])
         key += "-rs" + hashlib.sha1(split.encode()).hexdigest()[:8]
-    return shard_path(cfg.store, key, pls.partitions, pls.halo, pls.partition_seed)
+    field = spec if pls.scope == "field" and hasattr(spec, "layers") else None
+    return shard_path(cfg.store, key, pls.partitions, pls.halo, pls.partition_seed, field)
 
 
-def prepare_from_config(cfg) -> Path:
+def prepare_from_config(cfg, spec=None) -> Path:
     """Partition the config's graph into its store unless that was done (one process only).
 
     The check comes first, so that a prepared graph is never loaded again.
@@ -127,16 +129,17 @@ def prepare_from_config(cfg) -> Path:
     from hpcsoup.data import load_from_config
     from hpcsoup.soup.run import graph_partition
 
-    path = shards_of_config(cfg)
+    path = shards_of_config(cfg, spec)
     if is_prepared(path):
         return path
     start = time.perf_counter()
     graph = load_from_config(cfg)
     pls = cfg.soup.pls
-    log.info("partitioning %s into %d METIS parts with a %d-hop halo -> %s", graph.name,
-             pls.partitions, pls.halo, path)
+    field = spec if "-field-" in path.name else None
+    log.info("partitioning %s into %d METIS parts (%s) -> %s", graph.name, pls.partitions,
+             "their validation nodes' receptive fields" if field else f"{pls.halo}-hop halo", path)
     prepare(path, graph, pls.partitions, pls.halo, seed=pls.partition_seed,
-            parts=graph_partition(cfg, graph))
+            parts=graph_partition(cfg, graph), field=field)
     log.info("partitioned graph written in %.1f s", time.perf_counter() - start)
     return path
 
@@ -158,6 +161,7 @@ class ShardSource(PartitionSource):
         self.shard = shard
         self.num_parts = shard.partitions
         self.halo = int(attrs["halo"])
+        self.scope = attrs.get("scope", "partition")
         self.counts = {split: torch.tensor(attrs[f"{split}_counts"], dtype=torch.long)
                        for split in ("val", "test")}
         self.labels = {"val": shard.val_labels, "test": shard.test_labels}
@@ -239,16 +243,15 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         get_method("pls", **chosen)  # unknown settings fail here, on every rank alike
         return chosen
     settings = agree(comm, _settings, "checking the PLS settings")
-    path = shards_of_config(cfg)
-
     def _experts():  # first: a store without experts fails before any partitioning
         store = Store.open(cfg.store)
         return store, load_ingredients(cfg, store, _Named(graph_name(cfg)))
     store, ingredients = agree(comm, _experts, "reading the experts")
+    path = shards_of_config(cfg, ingredients.spec)
 
     def _prepare():
         if comm.rank == 0:
-            prepare_from_config(cfg)
+            prepare_from_config(cfg, ingredients.spec)
             gc.collect()  # the whole graph was needed to partition it: let it go
     agree(comm, _prepare, "partitioning the graph into the store")
 
@@ -304,15 +307,18 @@ def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: 
     stored soup records.
 
     With ``halo >= layers`` every partition's predictions are exact, so the scores are
-    gathered partition by partition from the shards (memory of one partition). With a
-    smaller halo the partition-wise scores would be those of a graph without the cut
-    edges, so rank 0 scores the whole graph instead (inference forwards; the other ranks
-    wait) and, as single-process PLS does, keeps the start (``start`` logits) when it
-    scores higher on validation (:func:`~hpcsoup.soup.pls.keep_better_than_start`).
+    gathered partition by partition from the shards (memory of one partition). Otherwise
+    rank 0 scores the whole graph (inference forwards; the other ranks wait): receptive
+    fields hold no test nodes, and with a smaller halo the partition-wise scores would be
+    those of a graph without the cut edges; then, as single-process PLS does, it keeps the
+    start (``start`` logits) when that scores higher on validation
+    (:func:`~hpcsoup.soup.pls.keep_better_than_start`).
     """
     from hpcsoup.data import load_from_config
 
-    if source.halo >= evaluator.spec.layers:
+    depth = evaluator.spec.layers
+    exact_val = source.exact(depth)
+    if source.exact(depth, "test"):
         metrics = partition_scores(result.state_dict, evaluator, source, allreduce)
         return result, {**metrics, "exact": True,
                         "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
@@ -323,12 +329,14 @@ def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: 
         graph = load_from_config(cfg)
         full = Evaluator(evaluator.spec, graph, evaluator.device)
         learned = full.metrics(result.state_dict)
-        start_metrics = full.metrics(ingredients.mix(start.softmax(-1)))
+        start_metrics = None if exact_val else full.metrics(ingredients.mix(start.softmax(-1)))
         del full, graph
         gc.collect()
         return learned, start_metrics
     learned, start_metrics = comm.bcast(agree(comm, _full, "scoring the soup on the full graph "
                                                            "(rank 0)"))
+    if exact_val:  # the check was exact: the kept soup is the learned one
+        return result, {**learned, "exact": True, "scored_on": "full graph (rank 0)"}
     result = keep_better_than_start(result, ingredients, start, start_metrics["val"], learned["val"])
     metrics = learned if result.extras["exact_choice"] == "learned" else start_metrics
     return result, {**metrics, "exact": True, "scored_on": "full graph (rank 0)"}

@@ -7,13 +7,19 @@ nodes plus the halo the objective needs) is written to the store as a graph shar
 set (:meth:`hpcsoup.store.Store.write_graph`, which writes and reads every byte)::
 
     <store>/graphs/<graph>/parts-<K>-halo<h>-seed<s>/      attrs: partitions, halo, seed, sizes...
+                           parts-<K>-field-<arch><L>-seed<s>/   (scope "field": see below)
         val_labels, test_labels                   int64  the labels in global val/test order
         p00000/ nodes        int64 [n_p]     global ids, the core_count core nodes first
                 edge_index   int64 [2, e_p]  local ids (the partition's subgraph)
                 x            float32 [n_p, F]
                 y            int64 [n_p]
                 deg, val_mask, val_pos, test_mask, test_pos   (PLS's Part)
+                weight, aggregate       (a receptive field's; empty for a partition's subgraph)
         p00001/ ...
+
+With PLS's ``scope = "field"`` a stored partition is the receptive field of its validation
+nodes in the experts' model (:mod:`hpcsoup.soup.fields`), which depends on the architecture
+and depth (the precomputed first aggregation, GCN's normalisation): the set's name says them.
 
 ``<graph>`` is the dataset name (plus ``-split<i>`` for multi-split sets). The store
 builds the set aside and renames it into place (atomic), so a reader sees either no
@@ -61,7 +67,10 @@ def graph_key(dataset: str, split: int = 0, data_seed: int = 0) -> str:
     return key
 
 
-def parts_key(partitions: int, halo: int, seed: int) -> str:
+def parts_key(partitions: int, halo: int, seed: int, field=None) -> str:
+    """The set's name: ``field`` (a :class:`~hpcsoup.models.ModelSpec`) for receptive fields."""
+    if field is not None:
+        return f"parts-{partitions}-field-{field.arch}{field.layers}-seed{seed}"
     return f"parts-{partitions}-halo{halo}-seed{seed}"
 
 
@@ -71,9 +80,9 @@ def part_name(pid: int) -> str:
 
 
 def shard_path(store_path: str | Path, graph_id: str, partitions: int, halo: int,
-               seed: int) -> Path:
+               seed: int, field=None) -> Path:
     """Where a partitioned graph lives in the store (``graph_id`` from :func:`graph_key`)."""
-    return Path(store_path) / GRAPHS / graph_id / parts_key(partitions, halo, seed)
+    return Path(store_path) / GRAPHS / graph_id / parts_key(partitions, halo, seed, field)
 
 
 def owner_of(pid: int, size: int) -> int:
@@ -90,14 +99,20 @@ def owned_partitions(partitions: int, rank: int, size: int) -> list[int]:
 
 
 def build_parts(graph, partitions: int, halo: int, seed: int = 0,
-                parts: torch.Tensor | None = None) -> Iterator[Part]:
-    """METIS partitions of ``graph`` with a ``halo``-hop halo, one :class:`Part` at a time.
+                parts: torch.Tensor | None = None, field=None) -> Iterator[Part]:
+    """METIS partitions of ``graph`` with a ``halo``-hop halo, or (``field``: the experts'
+    :class:`~hpcsoup.models.ModelSpec`) their validation nodes' receptive fields, one
+    :class:`Part` at a time.
 
     They come from PLS's own :class:`~hpcsoup.soup.pls.LocalPartitionSource`
     (pymetis, seeded; or the given partition vector ``parts``), so they are the same, bit
     for bit, as in a single-process run.
     """
-    source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts)
+    from hpcsoup.soup.evaluate import Evaluator
+
+    evaluator = None if field is None else Evaluator(field, graph)
+    source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts,
+                                  evaluator=evaluator)
     for pid in range(partitions):
         yield source.part(pid)
 
@@ -136,8 +151,9 @@ def is_prepared(path: str | Path) -> bool:
 
 def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
             builder: Callable[..., Iterable[Part]] | None = None,
-            parts: torch.Tensor | None = None) -> Path:
-    """Partition ``graph`` and write it to ``path`` (see :func:`shard_path`) once.
+            parts: torch.Tensor | None = None, field=None) -> Path:
+    """Partition ``graph`` and write it to ``path`` (see :func:`shard_path`) once
+    (``field``: receptive fields of the experts' model, see :func:`build_parts`).
 
     Does nothing when a complete partitioned graph is already there. Only one process
     should call this (rank 0 before the others read, or a separate preparation step):
@@ -150,13 +166,14 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
         raise StoreError(f"cannot cut '{graph.name}' ({graph.num_nodes} nodes) into {partitions} "
                          f"partitions; set soup.pls.partitions in 1..{graph.num_nodes}")
     if builder is None:
-        parts = build_parts(graph, partitions, halo, seed, parts)
+        parts = build_parts(graph, partitions, halo, seed, parts, field)
     else:
         parts = builder(graph, partitions, halo, seed)
     info = graph.info()
     data = graph.data
     return write_parts(path, parts, {
         "dataset": graph.name, "halo": halo, "seed": seed, "num_nodes": graph.num_nodes,
+        "scope": "partition" if field is None else "field",
         "num_features": graph.num_features, "num_classes": graph.num_classes,
         "metric": graph.metric, "info": info, "versions": provenance()}, arrays={
         "val_labels": data.y[graph.mask("val")], "test_labels": data.y[graph.mask("test")]})
@@ -232,7 +249,7 @@ def _read_part(store: Store, graph_id: str, pid: int) -> Part:
                                  f"{store.repair_hint(f'{GRAPHS}/{graph_id}')}") from None
     return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["deg"], t["val_mask"].bool(),
                 t["val_pos"].long(), t["test_mask"].bool(), t["test_pos"].long(),
-                t["nodes"].long(), int(attrs["core_count"]), pid)
+                t["nodes"].long(), int(attrs["core_count"]), pid, t["weight"], t["aggregate"])
 
 
 def open_parts(path: str | Path) -> dict:

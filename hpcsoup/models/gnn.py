@@ -112,8 +112,51 @@ def _conv(arch: str, cin: int, cout: int, heads: int, last: bool, norm: str = "n
     return GINConv(mlp, train_eps=True)
 
 
+#: how each architecture's first layer aggregates its input features, where that aggregation
+#: is a fixed linear map of them (so it can be computed once for any weights): GCN sums over
+#: the normalised adjacency with self-loops, SAGE takes the mean, GIN the sum. GAT's attention
+#: depends on the weights: absent.
+FIRST_AGGREGATION = {"gcn": "sum", "sage": "mean", "gin": "sum"}
+
+
+@dataclasses.dataclass
+class Precomputed:
+    """A forward's graph input when the first layer's aggregation is already done.
+
+    ``aggregate`` is :math:`A X` (the first layer's neighbourhood aggregation of the input
+    features: :data:`FIRST_AGGREGATION`) for the rows of ``x``; ``adj`` is the adjacency of
+    the remaining layers over the same rows. Because :math:`(A X) W = A (X W)`, the first layer
+    needs no edges at all, and the logits equal the plain forward's to float rounding; an
+    evaluation of the validation nodes' receptive field then touches only the nodes within
+    ``layers - 1`` hops of them (:mod:`hpcsoup.soup.fields`). Inference only: dropout would
+    have to act on ``X`` before the aggregation.
+    """
+
+    aggregate: torch.Tensor
+    adj: object
+
+    def size(self, dim: int) -> int:  # PyG reads sizes off a sparse adjacency this way
+        return self.adj.size(dim)
+
+
+def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
+                               aggregate: torch.Tensor) -> torch.Tensor:
+    """A first layer's output from ``x`` and its precomputed aggregation :math:`A X`."""
+    if isinstance(conv, SAGEConv):       # (D^-1 A X) W_n + X W_s
+        return conv.lin_l(aggregate) + conv.lin_r(x)
+    if isinstance(conv, GCNConv):        # (D^-1/2 (A+I) D^-1/2 X) W + b
+        out = aggregate @ conv.lin.weight.t()
+        return out if conv.bias is None else out + conv.bias
+    if isinstance(conv, GINConv):        # MLP((1 + eps) X + A X)
+        return conv.nn((1 + conv.eps) * x + aggregate)
+    raise ModelError(f"{type(conv).__name__} has no precomputable first aggregation")
+
+
 class GNN(nn.Module):
-    """A stack of ``spec.layers`` convolutions of one architecture; returns logits."""
+    """A stack of ``spec.layers`` convolutions of one architecture; returns logits.
+
+    The graph input is an ``edge_index`` or sparse adjacency, or :class:`Precomputed`.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -124,10 +167,17 @@ class GNN(nn.Module):
                   norm=spec.norm)
             for i in range(spec.layers))
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        precomputed = isinstance(edge_index, Precomputed)
+        if precomputed and self.training:
+            raise ModelError("a precomputed first aggregation is for inference (eval mode) only")
         for i, conv in enumerate(self.convs):
             x = nn.functional.dropout(x, self.spec.dropout, self.training)
-            x = conv(x, edge_index)
+            if precomputed:
+                x = (first_layer_from_aggregate(conv, x, edge_index.aggregate) if i == 0
+                     else conv(x, edge_index.adj))
+            else:
+                x = conv(x, edge_index)
             if i < len(self.convs) - 1:
                 x = x.relu()
         return x

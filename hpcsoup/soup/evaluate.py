@@ -35,13 +35,15 @@ Two exact savings for what the souping methods ask most often:
   here :math:`A^T` is built once per adjacency and kept, so a learned-souping step
   costs a forward and a backward instead of a forward, a backward and a sort
   (Tolokers, 1M edges: 99 -> 33 ms per LS step; forwards are unchanged);
-- **the receptive field of the validation nodes** (:meth:`Evaluator.val_logits`): an
-  ``L``-layer message-passing GNN's logits on the validation nodes depend only on
-  their ``L``-hop in-neighbourhood; on that induced subgraph (with the full graph's
-  degrees for GCN) they equal the full graph's, so validation losses, gradients
-  and scores are computed there, by every method (GIS's and greedy's evaluations
-  as well as LS's steps). Used when it is smaller than the graph by a useful
-  margin (:data:`FIELD_FRACTION`).
+- **the receptive field of the validation nodes** (:meth:`Evaluator.val_logits`,
+  :mod:`hpcsoup.soup.fields`): an ``L``-layer message-passing GNN's logits on the
+  validation nodes depend only on their in-neighbourhood, and for GCN, SAGE and GIN the
+  first layer's aggregation :math:`A X` does not depend on the weights, so it is computed
+  once; validation losses, gradients and scores are computed on that field, by every
+  method (GIS's and greedy's evaluations as well as LS's steps). Measured at 200k nodes,
+  degree 50, SAGE 2x64 (1 thread): a validation evaluation 1.16 s -> see
+  benchmarks/RESULTS.md ``## soup``. GAT (no fixed first aggregation) uses the field
+  when it is smaller than the graph by a useful margin (:data:`FIELD_FRACTION`).
 """
 from __future__ import annotations
 
@@ -51,16 +53,18 @@ import warnings
 import torch
 from torch.func import functional_call
 from torch_geometric.nn import GCNConv, GINConv, SAGEConv
-from torch_geometric.utils import (add_remaining_self_loops, degree, k_hop_subgraph,
-                                   to_torch_csr_tensor)
+from torch_geometric.utils import add_remaining_self_loops, degree, to_torch_csr_tensor
 
 from hpcsoup.data import Graph
 from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.errors import SoupError
 from hpcsoup.models import ModelSpec, build_model
+from hpcsoup.models.gnn import FIRST_AGGREGATION, Precomputed
+from hpcsoup.soup.fields import CSRNeighbours, field_adjacency, receptive_field, sub_field
 
-#: the receptive field is used when it has at most this fraction of the graph's nodes or edges
-#: (a forward then costs noticeably less; above it, a copy of most of the graph buys little)
+#: without a precomputed first aggregation (GAT) the receptive field is used when it has at
+#: most this fraction of the graph's nodes or edges (above it, a copy of most of the graph buys
+#: little)
 FIELD_FRACTION = 0.9
 
 
@@ -190,6 +194,8 @@ class Evaluator:
         self.evaluations = 0
         self.receptive_field = receptive_field
         self._field: tuple | None = None
+        self._val_field: tuple | None = None
+        self.order = None if order is None else order.long().to(self.device)
         self._part_adjacency: dict[tuple, torch.Tensor] = {}
         self._metric = metric if graph is None else graph.metric
         if graph is None:
@@ -218,19 +224,32 @@ class Evaluator:
     def metric(self) -> str:
         return self._metric
 
-    def part_adjacency(self, part, keep: bool = False) -> torch.Tensor:
-        """The adjacency :meth:`forward` expects for a partition's subgraph (PLS), with the
-        full graph's degrees; ``keep`` holds it for the next call (when the partition itself
-        is held in memory anyway, rebuilding it every step would only cost time)."""
+    def part_adjacency(self, part, keep: bool = False):
+        """The graph input :meth:`forward` expects for a PLS partition (a
+        :class:`~hpcsoup.soup.pls.Part`): a receptive field's stored adjacency (with its
+        precomputed first aggregation), or a partition's subgraph with the full graph's
+        degrees; ``keep`` holds it for the next call (when the partition itself is held in
+        memory anyway, rebuilding it every step would only cost time)."""
         # the id with the subgraph's size: one evaluator may see several partitionings (halos)
         key = (part.pid, part.num_nodes, int(part.edge_index.size(1)))
         if key in self._part_adjacency:
             return self._part_adjacency[key]
-        deg = part.deg.to(self.device) if part.deg.numel() else None
-        adj = build_adjacency(self.spec.arch, part.edge_index.to(self.device), part.num_nodes, deg)
+        if part.is_field:
+            adj = self.field_input(part.edge_index, part.weight, part.num_nodes,
+                                   part.aggregate if part.aggregate.numel() else None)
+        else:
+            deg = part.deg.to(self.device) if part.deg.numel() else None
+            adj = build_adjacency(self.spec.arch, part.edge_index.to(self.device), part.num_nodes,
+                                  deg)
         if keep:
             self._part_adjacency[key] = adj
         return adj
+
+    def field_input(self, edge_index: torch.Tensor, weight: torch.Tensor, num_nodes: int,
+                    aggregate: torch.Tensor | None):
+        """The graph input of a receptive field (:class:`~hpcsoup.soup.fields.Field`'s tensors)."""
+        adj = field_adjacency(edge_index.to(self.device), weight.to(self.device), num_nodes)
+        return adj if aggregate is None else Precomputed(aggregate.to(self.device), adj)
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | None = None,
                 adj: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,32 +274,45 @@ class Evaluator:
         """The dataset's score of full-graph ``logits`` on ``split``."""
         return self.graph.score(logits, self.masks[split])
 
-    def field(self) -> tuple | None:
-        """``(x, adj, positions)`` of the validation nodes' receptive field, or ``None``
-        (switched off, depth unknown, or the field is nearly the whole graph).
+    def validation_field(self) -> tuple:
+        """``(field, adj)``: the receptive field of every validation node
+        (:class:`~hpcsoup.soup.fields.Field`, roots in the order of ``masks["val"]``; the first
+        aggregation precomputed for GCN, SAGE and GIN) and its adjacency. Built once."""
+        if self._val_field is None:
+            val = self.masks["val"].nonzero().view(-1)
+            roots = val if self.inverse is None else self.inverse[val]
+            field = receptive_field(self.adj, self.x, roots, int(self.spec.layers),
+                                    FIRST_AGGREGATION.get(self.spec.arch))
+            adj = field_adjacency(field.edge_index, field.weight, field.nodes.numel())
+            self._val_field = (field, adj, CSRNeighbours.of_adjacency(adj))
+        return self._val_field[:2]
 
-        The field is the induced subgraph on every node within ``layers`` hops *into* a
-        validation node; the nodes at the last hop only give their features, so every
-        aggregation the validation logits use is complete. GCN keeps the full graph's
-        in-degrees. ``positions``: where the validation nodes (in the graph's order of
-        ``masks["val"]``) sit in the field. Built once, on first use.
-        """
+    def field_of(self, positions: torch.Tensor):
+        """The :class:`~hpcsoup.soup.fields.Field` of some validation nodes (``positions`` in
+        the order of ``masks["val"]``), cut from :meth:`validation_field`; its ``nodes`` are
+        global ids."""
+        field, adj = self.validation_field()
+        part = sub_field(field, adj, positions.to(self.device), int(self.spec.layers),
+                         self._val_field[2])
+        if self.order is not None:
+            part.nodes = self.order[part.nodes]
+        return part
+
+    def field(self) -> tuple | None:
+        """``(x, graph_input, count)`` of the validation nodes' receptive field for
+        :meth:`val_logits` (they are its first ``count`` nodes), or ``None`` (switched off,
+        depth unknown, or, without a precomputed first aggregation, nearly the whole graph)."""
         depth = getattr(self.spec, "layers", None)
         if not self.receptive_field or self.graph is None or depth is None:
             return None
         if self._field is None:
-            data = self.graph.data
-            val = self.masks["val"].nonzero().view(-1).cpu()
-            subset, edge_index, positions, _ = k_hop_subgraph(
-                val, int(depth), data.edge_index, relabel_nodes=True, num_nodes=data.num_nodes)
-            if subset.numel() > FIELD_FRACTION * data.num_nodes and \
-                    edge_index.size(1) > FIELD_FRACTION * data.edge_index.size(1):
+            field, adj = self.validation_field()
+            if field.aggregate is None and field.nodes.numel() > FIELD_FRACTION * self.x.size(0) \
+                    and field.edge_index.size(1) > FIELD_FRACTION * self.adj.values().numel():
                 self._field = ()
             else:
-                deg = degree(data.edge_index[1], data.num_nodes, dtype=torch.long)[subset]
-                adj = build_adjacency(self.spec.arch, edge_index.to(self.device), subset.numel(),
-                                      deg if self.spec.arch == "gcn" else None)
-                self._field = (data.x[subset].to(self.device), adj, positions.to(self.device))
+                graph_input = adj if field.aggregate is None else Precomputed(field.aggregate, adj)
+                self._field = (field.x, graph_input, field.roots)
         return self._field or None
 
     def val_logits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -289,8 +321,8 @@ class Evaluator:
         field = self.field()
         if field is None:
             return self.forward(params)[self.masks["val"]]
-        x, adj, positions = field
-        return self.forward(params, x, adj)[positions]
+        x, graph_input, count = field
+        return self.forward(params, x, graph_input)[:count]
 
     def score_val(self, val_logits: torch.Tensor) -> float:
         """The dataset's validation score of :meth:`val_logits`' output."""

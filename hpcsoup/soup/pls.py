@@ -11,12 +11,21 @@ step (see :mod:`hpcsoup.soup.learned`) on
              \\sum_{k \\in D_t} \\; \\sum_{v \\in V_k \\cap V_{val}}
              \\mathrm{CE}\\big(f(X_{S_k}, A_{S_k}; W(R))_v, y_v\\big)
 
-where :math:`S_k` is partition :math:`k` extended by a ``halo`` of :math:`h`
-hops. :math:`h = 0` (the default) is the cheap objective the paper's memory
-savings rest on: edges to other partitions are dropped, so it is biased.
-:math:`h =` the number of layers makes each partition's predictions exact
-(GCN keeps the full graph's degree normalisation), so PLS is then an unbiased
-stochastic LS, and with :math:`R = K` it equals LS step for step.
+where :math:`S_k` is what a step computes for partition :math:`k` (``scope``):
+
+- ``"field"`` (the default): the **receptive field** of the partition's validation
+  nodes (:mod:`hpcsoup.soup.fields`, with the first layer's aggregation precomputed for
+  GCN, SAGE and GIN). Their logits are exact, so :math:`L_t` is an unbiased stochastic
+  estimate of LS's loss and with :math:`R = K` PLS equals LS step for step; on a large
+  graph a step still costs about :math:`R/K` of an LS step (200k nodes, degree 50: one
+  partition's 125 validation nodes have a field of 2-5k nodes). Measured: with the
+  paper's objective below, PLS did not move from its start at 200k nodes (its check
+  scored the uniform soup 68.9 where the full graph scores 71.8); with fields it learns.
+- ``"partition"``: partition :math:`k` extended by a ``halo`` of :math:`h` hops.
+  :math:`h = 0` is the paper's objective: edges to other partitions are dropped, so it
+  is biased (METIS cut 40 % of synthetic-products' edges at 1M nodes). :math:`h =` the number of layers
+  makes each partition's predictions exact (GCN keeps the full graph's degree
+  normalisation) at the price of a halo that on a dense graph is most of it.
 
 Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds on):
 
@@ -30,21 +39,20 @@ Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds o
   ``part(k)``, ``val_counts``); :class:`LocalPartitionSource` slices the full
   graph; a distributed source holds a shard;
 - the stopping check is :func:`partition_scores`: per-node validation results
-  (and loss terms) gathered partition by partition (with the source's halo:
-  exact when ``halo >= layers``) through the same ``allreduce``;
+  (and loss terms) gathered partition by partition (exact for fields, and for
+  subgraphs with ``halo >= layers``) through the same ``allreduce``;
   ``check="full"`` scores the full graph's validation nodes instead (``auto``, the
-  default: full on graphs of at most :data:`FULL_CHECK_NODES` nodes held in this
-  process, where it is cheaper and exact). Either way the check only
+  default: full where this process holds the graph). Either way the check only
   steers stopping and selection (as in LS: the kept logits have the best
   checked metric, stopping follows the checked loss); the scores a runner
   *records* are computed exactly afterwards (:mod:`hpcsoup.soup.run`).
 
 Partitions are processed one after another and each term is back-propagated
-at once, so the peak memory of a step is that of one partition's subgraph:
+at once, so the peak memory of a step is that of one partition's field or subgraph:
 memory falls with :math:`1/K`, time with :math:`R/K`.
 
 Settings (:attr:`PartitionLearnedSoup.parameters`): those of LS plus
-``partitions`` (K), ``per_step`` (R), ``halo`` (h), ``check``,
+``partitions`` (K), ``per_step`` (R), ``scope``, ``halo`` (h), ``check``,
 ``partition_seed`` (METIS seed), ``cache`` (keep the K subgraphs in memory:
 faster on small graphs, but they weigh about as much as the graph itself) and
 ``draw`` (``random`` | ``stratified``, see :func:`draw_partitions`; stratified
@@ -64,6 +72,7 @@ from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
 from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
 from hpcsoup.settings import Setting, nonnegative, positive
+from hpcsoup.soup.fields import CSRNeighbours
 from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, init_logits, learned_result,
                                   make_optimizer, resolve_objective, validation_loss)
 
@@ -102,6 +111,11 @@ def draw_partitions(seed: int, step: int, num_parts: int, per_step: int,
 class Part:
     """One partition's subgraph: its ``core_count`` core nodes first, then the halo.
 
+    Or, with ``scope = "field"``, the receptive field of the partition's validation nodes
+    (:mod:`hpcsoup.soup.fields`): they are the core, the field's other nodes the halo, and
+    ``weight`` / ``aggregate`` hold the adjacency's values and the precomputed first
+    aggregation (both empty for a partition's subgraph).
+
     The same object in a single process (:class:`LocalPartitionSource` cuts it from the
     graph) and on an MPI rank (read from the store's partitioned graph).
 
@@ -116,6 +130,8 @@ class Part:
         nodes: ``[n]`` global node ids.
         core_count: number of core nodes.
         pid: partition id in ``0..K-1``.
+        weight: ``[e]`` a field's adjacency values (GCN's normalisation), else empty.
+        aggregate: ``[n, F]`` a field's precomputed first aggregation, else empty.
     """
 
     x: torch.Tensor
@@ -129,10 +145,17 @@ class Part:
     nodes: torch.Tensor
     core_count: int
     pid: int
+    weight: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
+    aggregate: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
 
     #: the tensors a partitioned graph stores per partition
     TENSORS: ClassVar[tuple] = ("x", "edge_index", "y", "deg", "val_mask", "val_pos",
-                                "test_mask", "test_pos", "nodes")
+                                "test_mask", "test_pos", "nodes", "weight", "aggregate")
+
+    @property
+    def is_field(self) -> bool:
+        """Whether this is a receptive field (``scope = "field"``), not a partition's subgraph."""
+        return bool(self.weight.numel() or self.aggregate.numel())
 
     @property
     def num_nodes(self) -> int:
@@ -165,10 +188,13 @@ class PartitionSource(abc.ABC):
             label 1 (the AUC objective's pair counts).
         keeps_parts: whether :meth:`part` returns partitions held in memory (their
             adjacency is then worth keeping too).
+        scope: ``"partition"`` (a partition's subgraph with ``halo`` hops) or ``"field"``
+            (its validation nodes' receptive field: no test nodes, exact validation).
     """
 
     num_parts: int
     halo: int
+    scope: str = "partition"
     counts: dict
     labels: dict
     val_positives: torch.Tensor
@@ -185,6 +211,12 @@ class PartitionSource(abc.ABC):
     def owned(self) -> list[int]:
         return [k for k in range(self.num_parts) if self.owns(k)]
 
+    def exact(self, depth: int | None, split: str = "val") -> bool:
+        """Whether a model of ``depth`` layers scores ``split`` exactly on these partitions."""
+        if self.scope == "field":
+            return split == "val"
+        return depth is not None and self.halo >= depth
+
     def loss_terms(self, objective: str) -> torch.Tensor:
         """``LongTensor[K]``: the validation loss terms of each partition (the step's
         normaliser is their sum over the drawn partitions): nodes for ``ce``,
@@ -194,69 +226,16 @@ class PartitionSource(abc.ABC):
         return self.val_positives * (self.counts["val"] - self.val_positives)
 
 
-class CSRNeighbours:
-    """Neighbour lists of a graph read straight from a row-sorted ``edge_index`` (no copy).
-
-    Datasets here are coalesced (sorted by source, then target), so node ``i``'s
-    neighbours are ``edge_index[1, ptr[i]:ptr[i+1]]``; only ``ptr`` ([N+1]) is
-    built. An unsorted ``edge_index`` is sorted once (a copy). Extracting a
-    partition's subgraph then costs O(edges of the partition), not O(E): PLS can
-    rebuild subgraphs on the fly instead of keeping all K in memory.
-    """
-
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int):
-        row = edge_index[0]
-        if row.numel() > 1 and not bool((row[1:] >= row[:-1]).all()):
-            order = torch.argsort(row, stable=True)
-            edge_index = edge_index[:, order]
-            row = edge_index[0]
-        self.col = edge_index[1]
-        self.ptr = torch.zeros(num_nodes + 1, dtype=torch.long)
-        torch.cumsum(torch.bincount(row, minlength=num_nodes), 0, out=self.ptr[1:])
-        self.num_nodes = num_nodes
-        # local id of each node in the subgraph being built (-1: not in it); reset after use
-        self._local = torch.full((num_nodes,), -1, dtype=torch.long)
-
-    def gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(owner, neighbour)``: for each edge out of ``nodes``, its position in ``nodes``
-        and its other end."""
-        start = self.ptr[nodes]
-        count = self.ptr[nodes + 1] - start
-        owner = torch.repeat_interleave(torch.arange(nodes.numel()), count)
-        offset = torch.repeat_interleave(start - (torch.cumsum(count, 0) - count), count)
-        return owner, self.col[offset + torch.arange(owner.numel())]
-
-    def subgraph(self, core: torch.Tensor, hops: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(subset, local_edge_index, core_count)``: ``core`` plus ``hops`` hops of halo
-        (core nodes first, then each hop's new nodes by id) and the edges among them."""
-        local = self._local
-        subset = core
-        local[core] = torch.arange(core.numel())
-        frontier = core
-        try:
-            for _ in range(hops):
-                _, neighbours = self.gather(frontier)
-                new = torch.unique(neighbours[local[neighbours] < 0])
-                if new.numel() == 0:
-                    break
-                local[new] = torch.arange(subset.numel(), subset.numel() + new.numel())
-                subset = torch.cat([subset, new])
-                frontier = new
-            owner, neighbours = self.gather(subset)
-            target = local[neighbours]
-            keep = target >= 0
-            edge_index = torch.stack([owner[keep], target[keep]])
-        finally:
-            local[subset] = -1
-        return subset, edge_index, core.numel()
-
-
 class LocalPartitionSource(PartitionSource):
     """All K partitions of a graph held in this process.
 
     The METIS partition vector comes from :func:`hpcsoup.data.partition.partition`
     (seeded, cached on disk with ``cache_dir``). Subgraphs are cut from the full
-    graph by :class:`CSRNeighbours` in O(edges of the partition) when asked for.
+    graph by :class:`~hpcsoup.soup.fields.CSRNeighbours` in O(edges of the partition) when
+    asked for; with ``evaluator`` (``scope = "field"``) each partition is instead the
+    receptive field of its validation nodes in that evaluator's model
+    (:meth:`hpcsoup.soup.evaluate.Evaluator.field_of`: exact, and on a large graph
+    a fraction of the partition's subgraph).
 
     Args:
         graph: the dataset.
@@ -269,10 +248,13 @@ class LocalPartitionSource(PartitionSource):
         parts: the partition vector when the caller has it (e.g.
             :func:`hpcsoup.data.partition.partition_for`, computed once per graph);
             ``seed`` and ``cache_dir`` then go unused.
+        evaluator: cut receptive fields from this evaluator (its graph is ``graph``);
+            ``halo`` then goes unused.
     """
 
     def __init__(self, graph, num_parts: int, halo: int = 0, seed: int = 0,
-                 cache_dir=None, cache: bool = False, parts: torch.Tensor | None = None):
+                 cache_dir=None, cache: bool = False, parts: torch.Tensor | None = None,
+                 evaluator=None):
         data = graph.data
         if not 1 <= num_parts <= data.num_nodes:
             raise SoupError(f"pls partitions={num_parts} must be in 1..{data.num_nodes} "
@@ -286,13 +268,18 @@ class LocalPartitionSource(PartitionSource):
         # each node's position in the global order of its split
         self.order = {split: torch.cumsum(mask.long(), 0) - 1
                       for split, mask in self.split_masks.items()}
-        self.counts = {split: torch.tensor([int(mask[n].sum()) for n in self.nodes])
+        parts_of = self.parts.long()
+        self.counts = {split: torch.bincount(parts_of[mask], minlength=self.num_parts)
                        for split, mask in self.split_masks.items()}
         self.labels = {split: data.y[mask] for split, mask in self.split_masks.items()}
         positive = self.split_masks["val"] & (data.y == 1)
-        self.val_positives = torch.tensor([int(positive[n].sum()) for n in self.nodes])
-        self.neighbours = CSRNeighbours(data.edge_index, data.num_nodes)
-        self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
+        self.val_positives = torch.bincount(parts_of[positive], minlength=self.num_parts)
+        self.evaluator = evaluator
+        if evaluator is not None:
+            self.scope, self.halo = "field", 0
+        else:
+            self.neighbours = CSRNeighbours.of_edge_index(data.edge_index, data.num_nodes)
+            self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
 
     def owns(self, k: int) -> bool:
@@ -301,65 +288,91 @@ class LocalPartitionSource(PartitionSource):
     def part(self, k: int) -> Part:
         if k in self._parts:
             return self._parts[k]
+        part = self._field(k) if self.evaluator is not None else self._subgraph(k)
+        if self.keeps_parts:
+            self._parts[k] = part
+        return part
+
+    def _field(self, k: int) -> Part:
+        """Partition ``k``'s validation nodes (the core) and their receptive field."""
+        roots = self.nodes[k][self.split_masks["val"][self.nodes[k]]]
+        field = self.evaluator.field_of(self.order["val"][roots])
+        nodes = field.nodes.cpu()
+        val_mask = torch.arange(nodes.numel()) < field.roots
+        aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
+        return Part(field.x, field.edge_index, self.graph.data.y[nodes], torch.zeros(0, dtype=torch.long),
+                    val_mask, self.order["val"][roots], torch.zeros_like(val_mask),
+                    torch.zeros(0, dtype=torch.long), nodes, field.roots, k, field.weight, aggregate)
+
+    def _subgraph(self, k: int) -> Part:
+        """Partition ``k``'s nodes (the core) and ``halo`` hops around them."""
         data = self.graph.data
         subset, edge_index, core = self.neighbours.subgraph(self.nodes[k], self.halo)
         masks = {}
         for split, mask in self.split_masks.items():
             masks[split] = torch.zeros(subset.numel(), dtype=torch.bool)
             masks[split][:core] = mask[subset[:core]]
-        part = Part(data.x[subset], edge_index, data.y[subset], self.deg[subset],
+        return Part(data.x[subset], edge_index, data.y[subset], self.deg[subset],
                     masks["val"], self.order["val"][subset[masks["val"]]],
                     masks["test"], self.order["test"][subset[masks["test"]]],
                     subset, int(core), k)
-        if self.keeps_parts:
-            self._parts[k] = part
-        return part
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+SCOPES = ("field", "partition")
 CHECKS = ("auto", "partitions", "full")
-#: ``check = "auto"`` scores the full graph's validation nodes up to this many nodes. Measured
-#: (benchmarks/RESULTS.md, ``## soup``): on Cora, CiteSeer and Tolokers the full check is both
-#: cheaper (a pass over K partitions costs about one forward plus K subgraph builds) and
-#: better (it scores the graph with its cut edges); it needs the whole graph in this process.
-FULL_CHECK_NODES = 100_000
+
+
+def resolve_scope(scope: str, evaluator) -> str:
+    """``field`` or ``partition``: receptive fields need hpcsoup's own model (its depth and
+    layers); a user's module (:mod:`hpcsoup.soup.module_evaluator`) gets partitions."""
+    if scope not in SCOPES:
+        raise SoupError(f"pls scope={scope!r} is unknown; choose from {list(SCOPES)}")
+    if getattr(evaluator.spec, "layers", None) is None or evaluator.graph is None:
+        return "partition"
+    return scope
 
 
 def resolve_check(check: str, evaluator) -> str:
-    """``partitions`` or ``full`` for ``check`` (``auto``: full when this process holds a graph
-    of at most :data:`FULL_CHECK_NODES` nodes). Distributed ranks hold no graph, so ``auto``
-    checks partitions there: for coefficients that do not depend on the rank count, from one
-    rank up, set ``partitions``."""
+    """``partitions`` or ``full`` for ``check`` (``auto``: full when this process holds the graph:
+    one evaluation on the validation nodes' receptive field, exact and at most as costly as a
+    pass over the K partitions). Distributed ranks hold no graph, so ``auto`` checks
+    partitions there: for coefficients that do not depend on the rank count, from one rank
+    up, set ``partitions``."""
     if check not in CHECKS:
         raise SoupError(f"pls check={check!r} is unknown; choose from {list(CHECKS)}")
     if check != "auto":
         return check
-    graph = evaluator.graph
-    return "full" if graph is not None and graph.num_nodes <= FULL_CHECK_NODES else "partitions"
+    return "full" if evaluator.graph is not None else "partitions"
 
 
 #: PLS's settings: LS's with PLS's own defaults, and the partitioning
 PLS_SETTINGS = {
     **OPTIM_SETTINGS,
     # PLS's own: it starts uniform (the greedy start needs full-graph evaluations, which
-    # distributed ranks cannot make) and takes more, cheaper steps
-    "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=100),
-    "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.3),
+    # distributed ranks cannot make) and takes more, cheaper steps; a check costs about a
+    # step on all K partitions, so it checks every 10 steps (measured at 200k nodes:
+    # benchmarks/RESULTS.md ``## soup`` (d))
+    "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=40),
+    "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.5),
     "init": dataclasses.replace(OPTIM_SETTINGS["init"], default="uniform"),
-    "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=5),
-    "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=4),
-    "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=20),
+    "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=10),
+    "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=2),
+    "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=10),
     "partitions": Setting(32, (int,), **positive(), help="K, the METIS partitions of the graph"),
     "per_step": Setting(4, (int,), **positive(),
                         help="R, the partitions each step draws (at most partitions)"),
+    "scope": Setting("field", (str,), choices=SCOPES,
+                     help="what a step computes per partition: the receptive field of its "
+                          "validation nodes (exact) or the partition's subgraph with `halo` hops"),
     "halo": Setting(0, (int,), **nonnegative(),
-                    help="hops of halo around each partition (layers: exact predictions)"),
+                    help="scope=partition: hops of halo around each partition (layers: exact)"),
     "check": Setting("auto", (str,), choices=CHECKS,
                      help="stopping check: per partition (memory of one), on the full graph's "
-                          "validation nodes, or auto (full up to FULL_CHECK_NODES nodes)"),
+                          "validation nodes, or auto (full where this process holds the graph)"),
     "partition_seed": Setting(0, (int,), help="METIS seed (one partition per graph, K and seed)"),
     "cache": Setting(False, (bool,),
                      help="keep the K subgraphs in memory (faster; about the graph's size more)"),
@@ -387,16 +400,18 @@ class PartitionLearnedSoup(SoupMethod):
                 graph only for ``check="full"`` and the default source).
             seed: seed of the partition draws.
             source: the partitions (default: :class:`LocalPartitionSource` of
-                ``evaluator.graph`` with the ``partitions``/``halo`` settings).
+                ``evaluator.graph`` with the ``partitions``/``scope``/``halo`` settings).
             allreduce: sums a tensor over processes (default: identity; one process).
             partition_cache: folder where the default source caches its METIS partition.
         """
         s = self.settings
         steps, every, per_step = int(s["steps"]), int(s["eval_every"]), int(s["per_step"])
         if source is None:
+            fields = resolve_scope(s["scope"], evaluator) == "field"
             source = LocalPartitionSource(evaluator.graph, int(s["partitions"]), int(s["halo"]),
                                           seed=int(s["partition_seed"]), cache=bool(s["cache"]),
-                                          cache_dir=partition_cache)
+                                          cache_dir=partition_cache,
+                                          evaluator=evaluator if fields else None)
         allreduce = allreduce or _identity
         num_parts = source.num_parts
         draw_partitions(seed, 0, num_parts, per_step, s["draw"])  # validates early
@@ -438,21 +453,30 @@ class PartitionLearnedSoup(SoupMethod):
                 break
             drawn = draw_partitions(seed, step, num_parts, per_step, s["draw"])
             total = int(terms[drawn].sum())
-            grad = torch.zeros_like(logits)
             loss_sum = torch.zeros((), device=logits.device)
+            # the soup's weights are mixed once per step; each partition's term is
+            # back-propagated to them at once (memory of one partition), and their summed
+            # gradient is taken back through the mix to the logits once
+            params = ingredients.mix(logits.softmax(-1))
+            mixed = [t for t in params.values() if t.requires_grad]
+            param_grads = [torch.zeros_like(t) for t in mixed]
             for k in (drawn if total > 0 else []):
                 if not source.owns(k) or int(terms[k]) == 0:
                     continue
                 part = source.part(k)
-                out = evaluator.forward(ingredients.mix(logits.softmax(-1)),
-                                        part.x.to(evaluator.device),
+                out = evaluator.forward(params, part.x.to(evaluator.device),
                                         evaluator.part_adjacency(part, keep))
                 mask = part.val_mask.to(evaluator.device)
                 term = validation_loss(out[mask], part.y.to(evaluator.device)[mask], objective,
                                        reduction="sum") / total
-                grad += torch.autograd.grad(term, logits)[0]
+                for acc, g in zip(param_grads, torch.autograd.grad(term, mixed, retain_graph=True,
+                                                                    allow_unused=True)):
+                    if g is not None:
+                        acc += g
                 loss_sum += term.detach()
                 part_forwards += 1
+            grad = torch.autograd.grad(mixed, logits, param_grads)[0] if mixed else \
+                torch.zeros_like(logits)
             # one collective per step: the gradient of the logits and the loss
             reduced = allreduce(torch.cat([grad.flatten(), loss_sum.view(1)]))
             loss_value = float(reduced[-1])
@@ -469,11 +493,10 @@ class PartitionLearnedSoup(SoupMethod):
             "init": s["init"], "steps": updates, "partition_forwards": part_forwards,
             "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,
-            "partitions": num_parts, "per_step": per_step, "halo": source.halo,
-            "check": how})
+            "partitions": num_parts, "per_step": per_step, "scope": source.scope,
+            "halo": source.halo, "check": how})
         depth = getattr(evaluator.spec, "layers", None)  # unknown for a user's own module
-        exact_check = how == "full" or (depth is not None and source.halo >= depth)
-        if not exact_check and evaluator.graph is not None:
+        if how != "full" and not source.exact(depth) and evaluator.graph is not None:
             start_val = evaluator.evaluate(ingredients.mix(start.softmax(-1)), "val")
             result = keep_better_than_start(result, ingredients, start, start_val,
                                             evaluator.evaluate(result.state_dict, "val"))

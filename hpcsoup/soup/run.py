@@ -52,15 +52,17 @@ def method_settings(cfg, name: str) -> dict:
     return {k: v for k, v in section.items() if k in cls.parameters}
 
 
-def method_inputs(cfg, name: str, graph) -> dict:
+def method_inputs(cfg, name: str, graph, evaluator) -> dict:
     """Keyword arguments a method's ``soup`` takes besides the experts and the evaluator."""
     if name != "pls":
         return {}
-    from hpcsoup.soup.pls import LocalPartitionSource
+    from hpcsoup.soup.pls import LocalPartitionSource, resolve_scope
 
     pls = cfg.soup.pls
+    fields = resolve_scope(pls.scope, evaluator) == "field"
     return {"source": LocalPartitionSource(graph, pls.partitions, pls.halo, cache=pls.cache,
-                                           parts=graph_partition(cfg, graph))}
+                                           parts=graph_partition(cfg, graph),
+                                           evaluator=evaluator if fields else None)}
 
 
 def expert_infos(cfg, store, graph=None) -> list:
@@ -177,7 +179,7 @@ def run_soup(cfg, methods: list[str] | None = None, allow_partial: bool = False)
         with PeakMemory(device=device) as memory:
             start = time.perf_counter()
             result = method.soup(ingredients, evaluator, seed=cfg.soup.seed,
-                                 **method_inputs(cfg, name, graph))
+                                 **method_inputs(cfg, name, graph, evaluator))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start

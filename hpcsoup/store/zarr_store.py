@@ -67,7 +67,7 @@ KINDS = ("experts", "soups", "merges")
 INITS = "inits"
 GRAPHS = "graphs"
 #: the format of a graph's shard set, in its ``hpcsoup_graph_parts`` attr: another one is rebuilt
-GRAPH_FORMAT = 2
+GRAPH_FORMAT = 3
 GRAPH_FORMAT_ATTR = "hpcsoup_graph_parts"
 PARAMS = "params"
 FORMAT = 1

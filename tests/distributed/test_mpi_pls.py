@@ -81,16 +81,18 @@ def shared_dir(tmp_path):
     return world().bcast(tmp_path)
 
 
-def _prepared(comm, shared_dir, graph, partitions, halo):
+def _prepared(comm, shared_dir, graph, partitions, halo, field=None):
     """Rank 0 partitions ``graph`` into a store in ``shared_dir`` while the others wait (as in a
-    real run)."""
+    real run); ``field``: the model whose receptive fields are stored (scope "field")."""
     from hpcsoup.distributed.shards import prepare, shard_path
     from hpcsoup.store import Store
 
-    path = shard_path(shared_dir / "s.zarr", f"{graph.name}-{comm.size}", partitions, halo, 0)
+    path = shard_path(shared_dir / "s.zarr", f"{graph.name}-{comm.size}", partitions, halo, 0,
+                      field)
     if comm.rank == 0:
-        Store.create(shared_dir / "s.zarr")
-        prepare(path, graph, partitions, halo)
+        if not (shared_dir / "s.zarr").exists():
+            Store.create(shared_dir / "s.zarr")
+        prepare(path, graph, partitions, halo, field=field)
     comm.barrier()
     return path
 
@@ -149,8 +151,10 @@ def _distributed_pls(comm, path, ingredients, settings, seed=5):
     return result, hook, source, evaluator
 
 
-@pytest.mark.parametrize("arch,metric,halo", [("sage", "accuracy", 2), ("gcn", "rocauc", 1)])
-def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric, halo):
+@pytest.mark.parametrize("arch,metric,scope,halo", [
+    ("sage", "accuracy", "partition", 2), ("gcn", "rocauc", "partition", 1),
+    ("sage", "accuracy", "field", 0), ("gcn", "rocauc", "field", 0), ("gat", "accuracy", "field", 0)])
+def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric, scope, halo):
     from distributed_support import tiny_experts, tiny_graph
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.pls import PartitionLearnedSoup
@@ -161,11 +165,13 @@ def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metri
     # SGD: Adam divides by the gradient's running norm, which magnifies float summation
     # order on near-zero gradient entries (seen: 2e-3 on 2 ranks); SGD keeps it at rounding
     # check "partitions" in both: "auto" would check the single process's small full graph
-    settings = {"partitions": 8, "per_step": 4, "halo": halo, "steps": 25, "lr": 20.0,
-                "optimizer": "sgd", "eval_every": 5, "patience": 1000, "check": "partitions"}
+    settings = {"partitions": 8, "per_step": 4, "scope": scope, "halo": halo, "steps": 25,
+                "lr": 20.0, "optimizer": "sgd", "eval_every": 5, "patience": 1000,
+                "check": "partitions"}
     single = PartitionLearnedSoup(**settings).soup(ingredients, Evaluator(ingredients.spec, graph),
                                                    seed=5)
-    path = _prepared(comm, shared_dir, graph, 8, halo)
+    field = ingredients.spec if scope == "field" else None
+    path = _prepared(comm, shared_dir, graph, 8, halo, field)
     result, hook, source, _ = _distributed_pls(comm, path, ingredients, settings)
     a = torch.tensor(single.coefficients)
     b = torch.tensor(result.coefficients)

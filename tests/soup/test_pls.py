@@ -42,10 +42,36 @@ def test_halo_of_layers_makes_partition_predictions_exact(tiny_graph, arch):
         assert torch.allclose(out[:core.numel()], logits[core], atol=1e-5)
 
 
-def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_experts):
+@pytest.mark.parametrize("arch", ["sage", "gcn", "gin", "gat"])
+def test_receptive_fields_give_each_partitions_exact_validation_logits(tiny_graph, arch):
+    """scope "field": a partition is its validation nodes' receptive field (with the first
+    aggregation precomputed except for GAT); their logits and the gathered score are exact."""
+    from soup_support import train_experts
+
+    experts = train_experts(tiny_graph, arch=arch, n=2, epochs=5)
+    evaluator = Evaluator(experts.spec, tiny_graph)
+    params = experts.mix(torch.full((experts.num_tensors, experts.n), 0.5))
+    source = LocalPartitionSource(tiny_graph, 6, evaluator=evaluator)
+    assert source.scope == "field" and source.exact(experts.spec.layers)
+    assert not source.exact(experts.spec.layers, "test")  # a field holds no test nodes
+    scores = partition_scores(params, evaluator, source, splits=("val",))
+    assert scores["val"] == pytest.approx(evaluator.score(evaluator.logits(params), "val"), abs=1e-9)
+    logits = evaluator.logits(params)
+    val = tiny_graph.mask("val")
+    for k in range(6):
+        part = source.part(k)
+        assert part.is_field and bool(part.aggregate.numel()) == (arch != "gat")
+        roots = source.nodes[k][val[source.nodes[k]]]
+        assert part.num_nodes < tiny_graph.num_nodes
+        out = evaluator.forward(params, part.x, evaluator.part_adjacency(part))
+        assert torch.allclose(out[:part.core_count], logits[roots], atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["field", "partition"])
+def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_experts, scope):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     ls = get_method("learned", **SAME).soup(tiny_experts, evaluator, seed=3)
-    pls = get_method("pls", partitions=5, per_step=5, halo=tiny_experts.spec.layers,
+    pls = get_method("pls", partitions=5, per_step=5, halo=tiny_experts.spec.layers, scope=scope,
                      **SAME).soup(tiny_experts, evaluator, seed=3)
     assert pls.extras["steps"] == ls.extras["steps"] == SAME["steps"]
     assert pls.extras["best_step"] == ls.extras["best_step"]
@@ -60,7 +86,7 @@ def test_pls_step_for_step_with_sgd_and_early_stopping(tiny_graph, tiny_experts)
                     min_steps=4, init="uniform")
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
     ls = get_method("learned", **settings).soup(tiny_experts, evaluator)
-    pls = get_method("pls", partitions=4, per_step=4, halo=2, check="full",
+    pls = get_method("pls", partitions=4, per_step=4, halo=2, check="full", scope="partition",
                      **settings).soup(tiny_experts, evaluator)
     assert (pls.extras["steps"], pls.extras["checks"], pls.extras["stopped_early"]) == \
         (ls.extras["steps"], ls.extras["checks"], ls.extras["stopped_early"])
@@ -81,8 +107,8 @@ def test_same_seed_same_soup_and_seed_changes_the_draws(tiny_graph, tiny_experts
 class _Shard(LocalPartitionSource):
     """Partitions k with k % size == rank: what one of `size` processes would hold."""
 
-    def __init__(self, graph, parts, rank, size):
-        super().__init__(graph, parts)
+    def __init__(self, graph, parts, rank, size, evaluator=None):
+        super().__init__(graph, parts, evaluator=evaluator)
         self.rank, self.size = rank, size
 
     def owns(self, k):
@@ -113,10 +139,10 @@ def test_splitting_partitions_over_workers_gives_the_same_soup(tiny_graph, tiny_
     results = {}
 
     def rank(r):
-        source = _Shard(tiny_graph, settings["partitions"], r, size)
+        own = Evaluator(tiny_experts.spec, tiny_graph)
+        source = _Shard(tiny_graph, settings["partitions"], r, size, evaluator=own)
         results[r] = get_method("pls", **settings).soup(
-            tiny_experts, Evaluator(tiny_experts.spec, tiny_graph), seed=5, source=source,
-            allreduce=allreduce)
+            tiny_experts, own, seed=5, source=source, allreduce=allreduce)
 
     threads = [threading.Thread(target=rank, args=(r,), name=f"r{r}") for r in range(size)]
     for t in threads:
@@ -152,7 +178,7 @@ def test_csr_subgraphs_equal_the_foundations(tiny_graph, hops):
     from hpcsoup.soup.pls import CSRNeighbours
 
     data = tiny_graph.data
-    neighbours = CSRNeighbours(data.edge_index, data.num_nodes)
+    neighbours = CSRNeighbours.of_edge_index(data.edge_index, data.num_nodes)
     core = torch.tensor([5, 17, 3, 90, 41])
     mine = neighbours.subgraph(core, hops)
     theirs = induced_subgraph_with_halo(data.edge_index, data.num_nodes, core, hops)
@@ -198,12 +224,13 @@ def test_an_inexact_check_never_keeps_a_soup_worse_than_its_start():
     experts = train_experts(graph, n=4, epochs=30)
     evaluator = Evaluator(experts.spec, graph)
     uniform = evaluator.evaluate(experts.mean())
-    result = get_method("pls", partitions=8, per_step=2, check="partitions").soup(experts, evaluator)
+    result = get_method("pls", partitions=8, per_step=2, check="partitions",
+                        scope="partition").soup(experts, evaluator)
     assert result.extras["exact_choice"] == "start" and not result.extras["moved"]
     assert evaluator.evaluate(result.state_dict) >= uniform
 
 
-def test_check_auto_is_the_full_graph_on_small_graphs_only(tiny_graph, tiny_experts, monkeypatch):
+def test_check_auto_is_the_full_graph_where_the_process_holds_it(tiny_graph, tiny_experts):
     from hpcsoup.soup import pls
 
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
@@ -213,5 +240,3 @@ def test_check_auto_is_the_full_graph_on_small_graphs_only(tiny_graph, tiny_expe
     assert pls.resolve_check("partitions", evaluator) == "partitions"
     method = get_method("pls", partitions=4, per_step=2, steps=2)
     assert method.soup(tiny_experts, evaluator).extras["check"] == "full"
-    monkeypatch.setattr(pls, "FULL_CHECK_NODES", tiny_graph.num_nodes - 1)
-    assert method.soup(tiny_experts, evaluator).extras["check"] == "partitions"
