@@ -110,7 +110,8 @@ def cmd_partition(args) -> dict:
     path = prepare_from_config(cfg)
     attrs = open_parts(path)
     return {"partitioned": str(path), "partitions": attrs["partitions"],
-            "nodes": attrs["num_nodes"], "halo": attrs["halo"]}
+            "nodes": attrs["num_nodes"], "scope": attrs.get("scope", "partition"),
+            "halo": attrs["halo"]}
 
 
 def cmd_merge(args) -> dict:

@@ -40,6 +40,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -48,7 +49,6 @@ from hpcsoup.distributed.shards import Shard, graph_key, is_prepared, load_shard
 from hpcsoup.errors import SoupError
 from hpcsoup.memory import PeakMemory
 from hpcsoup.soup.evaluate import Evaluator
-from hpcsoup.soup.learned import init_logits
 from hpcsoup.soup.pls import PartitionSource, keep_better_than_start, partition_scores
 
 log = logging.getLogger("hpcsoup.distributed")
@@ -117,8 +117,21 @@ def shards_of_config(cfg, spec=None) -> Path:
         split = json.dumps([data.seed, data.random_split, data.num_train_per_class, data.num_val,
                             data.num_test])
         key += "-rs" + hashlib.sha1(split.encode()).hexdigest()[:8]
-    field = spec if pls.scope == "field" and hasattr(spec, "layers") else None
-    return shard_path(cfg.store, key, pls.partitions, pls.halo, pls.partition_seed, field)
+    return shard_path(cfg.store, key, pls.partitions, pls.halo, pls.partition_seed,
+                      field_model(cfg, spec))
+
+
+def field_model(cfg, spec=None):
+    """The model whose receptive fields the shards hold (``soup.pls.scope = "field"``; else
+    ``None``): the experts' ``spec``, or without it (``hpcsoup partition`` before any expert
+    exists) the config's soup architecture and depth, which are all a field depends on."""
+    from hpcsoup.soup.run import soup_arch
+
+    if cfg.soup.pls.scope != "field":
+        return None
+    if spec is not None:
+        return spec if hasattr(spec, "layers") else None  # a user's module: partitions
+    return SimpleNamespace(arch=soup_arch(cfg), layers=cfg.experts.layers)
 
 
 def prepare_from_config(cfg, spec=None) -> Path:
@@ -127,6 +140,7 @@ def prepare_from_config(cfg, spec=None) -> Path:
     The check comes first, so that a prepared graph is never loaded again.
     """
     from hpcsoup.data import load_from_config
+    from hpcsoup.models import ModelSpec
     from hpcsoup.soup.run import graph_partition
 
     path = shards_of_config(cfg, spec)
@@ -135,7 +149,9 @@ def prepare_from_config(cfg, spec=None) -> Path:
     start = time.perf_counter()
     graph = load_from_config(cfg)
     pls = cfg.soup.pls
-    field = spec if "-field-" in path.name else None
+    field = field_model(cfg, spec)
+    if field is not None and not isinstance(field, ModelSpec):
+        field = ModelSpec(field.arch, graph.num_features, graph.num_classes, field.layers)
     log.info("partitioning %s into %d METIS parts (%s) -> %s", graph.name, pls.partitions,
              "their validation nodes' receptive fields" if field else f"{pls.halo}-hop halo", path)
     prepare(path, graph, pls.partitions, pls.halo, seed=pls.partition_seed,
@@ -235,11 +251,10 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
 
     def _settings():
         chosen = dict(method_settings(cfg, "pls") if settings is None else settings)
-        if chosen.get("check") == "full" or chosen.get("init") == "greedy":
-            key, value = ("check", "full") if chosen.get("check") == "full" else ("init", "greedy")
-            raise SoupError(f"pls {key}={value!r} needs the whole graph, which no rank holds; "
-                            f"distributed PLS supports --set soup.pls.check=\"partitions\" "
-                            f"(or \"auto\") and init=\"uniform\" or \"validation\"")
+        if chosen.get("check") == "full":
+            raise SoupError("pls check='full' needs the whole graph, which no rank holds; "
+                            "distributed PLS supports --set soup.pls.check=\"partitions\" "
+                            "(or \"auto\")")
         get_method("pls", **chosen)  # unknown settings fail here, on every rank alike
         return chosen
     settings = agree(comm, _settings, "checking the PLS settings")
@@ -290,7 +305,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = max(comm.allgather(time.perf_counter() - start))
-    start_logits = init_logits(ingredients, settings["init"], ingredients.val_scores, device).detach()
+    start_logits = torch.tensor(result.extras["start_logits"], device=device)
     result, metrics = exact_scores(cfg, result, ingredients, start_logits, evaluator, source, hook,
                                    comm)
     step_bytes = 4 * (ingredients.num_tensors * ingredients.n + 1)  # the gradient and the loss

@@ -142,8 +142,7 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
         if evaluator is None or evaluator.graph is None:
             raise SoupError("learned souping init='greedy' needs the full graph to choose the "
                             "greedy soup's experts; use init='uniform' or 'validation'")
-        chosen = torch.tensor(GreedySoup().soup(ingredients, evaluator).coefficients[0]) > 0
-        logits = torch.where(chosen, 0.0, -GREEDY_GAP).float().expand(shape).clone()
+        logits = greedy_logits(ingredients, evaluator)
     elif how == "validation":
         if val_scores is None:
             raise SoupError("learned souping init='validation' needs the experts' validation "
@@ -154,6 +153,16 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
         raise SoupError(f"learned souping init={how!r} is unknown; choose 'greedy', 'uniform' or "
                         f"'validation'")
     return logits.to(device).requires_grad_(True)
+
+
+def greedy_logits(ingredients: Ingredients, evaluator) -> torch.Tensor:
+    """``[P, n]`` logits of the greedy soup: its experts at 0, the others at ``-GREEDY_GAP``.
+
+    ``evaluator`` only needs ``evaluate(params, "val")`` and ``evaluations`` (PLS passes its
+    validation check, which ranks can make without the graph)."""
+    chosen = torch.tensor(GreedySoup().soup(ingredients, evaluator).coefficients[0]) > 0
+    return torch.where(chosen, 0.0, -GREEDY_GAP).float().expand(
+        ingredients.num_tensors, ingredients.n).clone()
 
 
 def make_optimizer(logits: torch.Tensor, settings: dict):

@@ -73,8 +73,9 @@ from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.fields import CSRNeighbours
-from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, init_logits, learned_result,
-                                  make_optimizer, resolve_objective, validation_loss)
+from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, greedy_logits,
+                                  init_logits, learned_result, make_optimizer, resolve_objective,
+                                  validation_loss)
 
 log = logging.getLogger("hpcsoup.soup")
 
@@ -322,6 +323,18 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _CheckScores:
+    """What the greedy start needs of an evaluator, from PLS's validation check (exact on
+    receptive fields, and collective: every rank makes the same choices)."""
+
+    def __init__(self, check_params: Callable):
+        self.check_params, self.evaluations = check_params, 0
+
+    def evaluate(self, params: dict, split: str = "val") -> float:
+        self.evaluations += 1
+        return self.check_params(params)[0]
+
+
 SCOPES = ("field", "partition")
 CHECKS = ("auto", "partitions", "full")
 
@@ -352,13 +365,11 @@ def resolve_check(check: str, evaluator) -> str:
 #: PLS's settings: LS's with PLS's own defaults, and the partitioning
 PLS_SETTINGS = {
     **OPTIM_SETTINGS,
-    # PLS's own: it starts uniform (the greedy start needs full-graph evaluations, which
-    # distributed ranks cannot make) and takes more, cheaper steps; a check costs about a
-    # step on all K partitions, so it checks every 10 steps (measured at 200k nodes:
-    # benchmarks/RESULTS.md ``## soup`` (d))
+    # PLS's own: more, cheaper steps; a check costs about a step on all K partitions, so it
+    # checks every 10 steps (measured at 200k nodes: benchmarks/RESULTS.md ``## soup`` (d)).
+    # It starts from the greedy soup like LS, chosen by its own (exact, collective) check
     "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=40),
     "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.5),
-    "init": dataclasses.replace(OPTIM_SETTINGS["init"], default="uniform"),
     "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=10),
     "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=2),
     "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=10),
@@ -421,21 +432,28 @@ class PartitionLearnedSoup(SoupMethod):
 
         how = resolve_check(s["check"], evaluator)
         if how == "full":
-            def check(weights):
+            def check_params(params):
                 evaluator.evaluations += 1
                 with torch.no_grad():
-                    out = evaluator.val_logits(ingredients.mix(weights))
+                    out = evaluator.val_logits(params)
                 loss = float(validation_loss(out, evaluator.y[evaluator.masks["val"]], objective))
                 return evaluator.score_val(out), loss
         else:
-            def check(weights):
-                scores = partition_scores(ingredients.mix(weights), evaluator, source, allreduce,
-                                          splits=("val",), objective=objective, keep=keep)
+            def check_params(params):
+                scores = partition_scores(params, evaluator, source, allreduce, splits=("val",),
+                                          objective=objective, keep=keep)
                 return scores["val"], scores["val_loss"]
 
+        def check(weights):
+            return check_params(ingredients.mix(weights))
+
         start_evals = evaluator.evaluations
-        logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device,
-                             evaluator)
+        if s["init"] == "greedy":  # chosen by the check, so MPI ranks can choose it too
+            logits = greedy_logits(ingredients, _CheckScores(check_params)).to(evaluator.device)
+            logits.requires_grad_(True)
+        else:
+            logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device,
+                                 evaluator)
         start = logits.detach().clone()
         optimizer, scheduler = make_optimizer(logits, s)
         stopper = Stopper(s["patience"], s["min_delta"], s["min_steps"])
@@ -490,7 +508,8 @@ class PartitionLearnedSoup(SoupMethod):
             updates += 1
         progress.close()
         result = learned_result(self.name, ingredients, stopper, start, {
-            "init": s["init"], "steps": updates, "partition_forwards": part_forwards,
+            "init": s["init"], "start_logits": start.cpu().tolist(), "steps": updates,
+            "partition_forwards": part_forwards,
             "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,
             "partitions": num_parts, "per_step": per_step, "scope": source.scope,

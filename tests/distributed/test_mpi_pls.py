@@ -153,8 +153,10 @@ def _distributed_pls(comm, path, ingredients, settings, seed=5):
 
 @pytest.mark.parametrize("arch,metric,scope,halo", [
     ("sage", "accuracy", "partition", 2), ("gcn", "rocauc", "partition", 1),
-    ("sage", "accuracy", "field", 0), ("gcn", "rocauc", "field", 0), ("gat", "accuracy", "field", 0)])
+    ("sage", "accuracy", "field", 0), ("gcn", "rocauc", "field", 0), ("gat", "accuracy", "field", 0),
+    ("sage", "accuracy", "field", -1)])
 def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metric, scope, halo):
+    """halo -1: the greedy start (chosen by the exact partition check, on every rank alike)."""
     from distributed_support import tiny_experts, tiny_graph
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.pls import PartitionLearnedSoup
@@ -165,9 +167,11 @@ def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metri
     # SGD: Adam divides by the gradient's running norm, which magnifies float summation
     # order on near-zero gradient entries (seen: 2e-3 on 2 ranks); SGD keeps it at rounding
     # check "partitions" in both: "auto" would check the single process's small full graph
+    init = "greedy" if halo < 0 else "uniform"
+    halo = max(halo, 0)
     settings = {"partitions": 8, "per_step": 4, "scope": scope, "halo": halo, "steps": 25,
                 "lr": 20.0, "optimizer": "sgd", "eval_every": 5, "patience": 1000,
-                "check": "partitions"}
+                "check": "partitions", "init": init}
     single = PartitionLearnedSoup(**settings).soup(ingredients, Evaluator(ingredients.spec, graph),
                                                    seed=5)
     field = ingredients.spec if scope == "field" else None
@@ -180,8 +184,9 @@ def test_distributed_pls_equals_single_process_pls(comm, shared_dir, arch, metri
     assert result.extras["best_step"] == single.extras["best_step"]
     # one allreduce per step, of the logits' gradient and the loss: 4 bytes x (T n + 1),
     # plus one per check (every 5 steps and the last) of the gathered validation results
-    checks = result.extras["checks"]
-    assert hook.calls == 25 + checks and checks == 6
+    # (the greedy start's n - 1 evaluations are checks too)
+    checks = result.extras["checks"] + (ingredients.n - 1 if init == "greedy" else 0)
+    assert hook.calls == 25 + checks and result.extras["checks"] == 6
     step_bytes = 25 * 4 * (ingredients.num_tensors * ingredients.n + 1)
     val = int(source.counts["val"].sum())
     assert hook.bytes == step_bytes + checks * 8 * val * (1 + ingredients.spec.out_channels)
@@ -261,13 +266,12 @@ def test_stratified_draw_balances_round_robin_ranks():
         draw_partitions(0, 0, 8, 2, "blocks")
 
 
-@pytest.mark.parametrize("setting", [{"check": "full"}, {"init": "greedy"}])
-def test_a_full_graph_check_or_start_is_refused_alike_on_every_rank(comm, setting):
+def test_a_full_graph_check_is_refused_alike_on_every_rank(comm):
     from hpcsoup.config import build_config
     from hpcsoup.distributed.pls import run_pls_ranks
     from hpcsoup.errors import SoupError
 
-    cfg = build_config({"threads": 1, "soup": {"pls": setting}})
+    cfg = build_config({"threads": 1, "soup": {"pls": {"check": "full"}}})
     with pytest.raises(SoupError, match="needs the whole graph") as info:
         run_pls_ranks(cfg, comm)
     assert isinstance(info.value, CollectiveError)
@@ -299,3 +303,18 @@ def test_ranks_that_wait_in_agree_sleep_instead_of_spinning(comm):
     if comm.rank > 0:
         assert wall > 1.4
         assert cpu < 0.05 * wall, f"rank {comm.rank} used {cpu:.2f} s of CPU in {wall:.2f} s of waiting"
+
+
+def test_hpcsoup_partition_before_the_experts_writes_the_set_pls_reads(tmp_path):
+    """`hpcsoup partition` has no experts yet: the config's architecture and depth name the
+    same receptive-field set that distributed PLS, given the experts' model, reads."""
+    from hpcsoup.config import build_config
+    from hpcsoup.distributed.pls import shards_of_config
+    from hpcsoup.models import ModelSpec
+
+    cfg = build_config({"store": str(tmp_path / "s.zarr"), "experts": {"arch": "gcn", "layers": 3}})
+    experts = ModelSpec("gcn", 1433, 7, 3, 32)
+    assert shards_of_config(cfg) == shards_of_config(cfg, experts)
+    assert shards_of_config(cfg).name == "parts-32-field-gcn3-seed0"
+    halo = build_config({"store": str(tmp_path / "s.zarr"), "soup": {"pls": {"scope": "partition"}}})
+    assert shards_of_config(halo, experts).name == "parts-32-halo0-seed0"

@@ -224,8 +224,8 @@ def test_an_inexact_check_never_keeps_a_soup_worse_than_its_start():
     experts = train_experts(graph, n=4, epochs=30)
     evaluator = Evaluator(experts.spec, graph)
     uniform = evaluator.evaluate(experts.mean())
-    result = get_method("pls", partitions=8, per_step=2, check="partitions",
-                        scope="partition").soup(experts, evaluator)
+    result = get_method("pls", partitions=8, per_step=2, check="partitions", scope="partition",
+                        init="uniform").soup(experts, evaluator)
     assert result.extras["exact_choice"] == "start" and not result.extras["moved"]
     assert evaluator.evaluate(result.state_dict) >= uniform
 
