@@ -1,33 +1,43 @@
-"""Distributed PLS on MPI ranks: time per step, peak memory per rank, bytes per step, speedup.
+"""Distributed PLS on 1, 2, 4 MPI ranks with its real stopping rule: same soup, time, memory.
 
-    .venv/bin/python benchmarks/bench_mpi_pls.py                 # the recorded run (~10 min here)
-    .venv/bin/python benchmarks/bench_mpi_pls.py --nodes 20000 --repeats 1 --steps 8   # quick
+    .venv/bin/python benchmarks/bench_mpi_pls.py                        # the recorded run
+    .venv/bin/python benchmarks/bench_mpi_pls.py --nodes 10000 --repeats 1   # quick
 
-What it does (one torch thread per rank throughout; ``mpiexec`` of the pip MPICH):
+What it does (one torch thread per process throughout; ``mpiexec`` of the pip MPICH):
 
 1. builds once, under ``benchmarks/out/mpi_pls/``, a store of ``--experts`` GraphSAGE experts
-   (shared init, a few epochs each) on ``synthetic-products`` with ``--nodes`` nodes (40k nodes
-   = 1M undirected edges), and its partitioned graph (``hpcsoup partition``);
-2. measures ``MPI_Allreduce`` latency against message size for P = 2 and 4 (``--worker
+   (shared init, ``--epochs`` full-batch epochs each, expert ``i`` with seed ``i``: its own
+   dropout) on ``synthetic-products`` with ``--nodes`` nodes, and partitions the graph into the
+   store as distributed PLS reads it (the default ``scope = "field"``: each METIS partition's
+   validation nodes' receptive field), timed as its own one-time cost (seconds, CPU seconds,
+   peak RSS);
+2. scores, in a child process, the uniform soup and each expert on the full graph (val/test):
+   the reference a PLS soup is compared with;
+3. measures ``MPI_Allreduce`` latency against message size for P = 2 and 4 (``--worker
    allreduce``): the input of ``benchmarks/scaling_model.py``;
-3. runs distributed PLS (``run_pls_ranks``, the code ``hpcsoup soup`` runs) under
-   ``mpiexec -n P`` for P in ``--ranks``, interleaved over ``--repeats`` rounds (the order
-   rotates each round), with the stratified draw, plus the uniform random draw at P = 2 for
-   comparison; each rank records when each step's allreduce starts and ends, so a step splits
-   into this rank's compute (its drawn partitions: forward + backward) and the allreduce
-   (including waiting for the slowest rank), in wall time and in this rank's CPU time (the 2
-   cores are shared with other jobs: CPU time shows how the work splits whatever the load);
-   each partition's term is timed in CPU time (input of ``benchmarks/scaling_model.py``);
-4. runs P = 2 once on a ``--small-nodes`` graph: the bytes per step do not change with the graph.
+4. runs distributed PLS exactly as ``hpcsoup soup --method pls`` does under ``mpiexec -n P``
+   (:func:`hpcsoup.distributed.pls.run_pls_ranks`, then the soup written to the store) for P in
+   ``--ranks``, interleaved over ``--repeats`` rounds (the order rotates each round), with the
+   package's PLS defaults (steps, lr, ``eval_every``, ``patience``, ``min_steps``, scope) except
+   ``check = "partitions"``, which ranks use anyway (``auto``) and which makes P = 1 run the
+   same check as P > 1. Per P it records what the soup stores: the coefficients, ``best_step``,
+   the steps taken, ``moved``, ``shift_from_uniform``, the recorded (full-graph) val/test, the
+   PLS seconds, each rank's peak RSS; and per step, from hooks on the allreduce and the
+   evaluator's forward: this rank's compute (its drawn partitions: forward + backward) and the
+   allreduce (including waiting for the slowest rank), in wall time and in this rank's CPU
+   time (the 2 cores are shared with other jobs: CPU time shows how the work splits whatever
+   the load), and each partition's term in CPU time (input of ``benchmarks/scaling_model.py``).
 
-Prints a table and writes ``benchmarks/out/mpi_pls.json``. Times are medians over steps (the
-first step is excluded: it includes the initial validation check) and over rounds.
+Prints a markdown table and writes ``benchmarks/out/mpi_pls.json``. Step times are medians
+over the steps without a stopping check before them (step 0, 10, 20, ... also hold a check)
+and over rounds; "PLS s" is the whole PLS loop (checks included).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,19 +57,21 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def config_text(store: Path, nodes: int, args, draw: str) -> str:
+def config_text(store: Path, args) -> str:
+    """The run's config: PLS with the package's defaults, but the partition check on every P."""
+    pls = ['check = "partitions"']
+    pls += [f"partitions = {args.partitions}"] if args.partitions else []
+    pls += [f"per_step = {args.per_step}"] if args.per_step else []
     return "\n".join([
         f'store = "{store}"', "threads = 1", "",
-        "[data]", 'dataset = "synthetic-products"', f"nodes = {nodes}", "",
+        "[data]", 'dataset = "synthetic-products"', f"nodes = {args.nodes}", "",
         "[experts]", 'arch = "sage"', "layers = 2", f"hidden = {args.hidden}", "",
         "[soup]", 'methods = ["pls"]', "seed = 0", "",
-        "[soup.pls]", f"partitions = {args.partitions}", f"per_step = {args.per_step}",
-        "halo = 0", f"steps = {args.steps}", f"eval_every = {args.steps + 1}", "patience = 1000",
-        f'draw = "{draw}"', ""])
+        "[soup.pls]", *pls, ""])
 
 
-def build(nodes: int, args) -> Path:
-    """Store with experts + partitioned graph for a graph of ``nodes`` nodes (cached)."""
+def build(args) -> Path:
+    """The config of a store with experts and its partitioned graph (the experts are cached)."""
     import torch
 
     from hpcsoup.data import load_dataset
@@ -67,15 +79,15 @@ def build(nodes: int, args) -> Path:
     from hpcsoup.store import Store
     from hpcsoup.train import fit
 
-    folder = OUT / "mpi_pls" / f"n{nodes}-h{args.hidden}-e{args.experts}"
+    folder = OUT / "mpi_pls" / f"n{args.nodes}-h{args.hidden}-e{args.experts}-ep{args.epochs}"
     store = folder / "store.zarr"
-    for draw in ("stratified", "random"):
-        (folder / f"{draw}.toml").parent.mkdir(parents=True, exist_ok=True)
-        (folder / f"{draw}.toml").write_text(config_text(store, nodes, args, draw))
+    config = folder / "pls.toml"
+    folder.mkdir(parents=True, exist_ok=True)
+    config.write_text(config_text(store, args))
     if not (folder / "experts.done").exists():
         torch.set_num_threads(1)
-        graph = load_dataset("synthetic-products", nodes=nodes)
-        log(f"training {args.experts} experts on {graph.info()}")
+        graph = load_dataset("synthetic-products", nodes=args.nodes)
+        log(f"training {args.experts} experts ({args.epochs} epochs) on {graph.info()}")
         spec = ModelSpec("sage", graph.num_features, graph.num_classes, 2, args.hidden)
         init = build_model(spec, seed=0).state_dict()
         st = Store.create(store)
@@ -87,17 +99,50 @@ def build(nodes: int, args) -> Path:
                 "arch": "sage", "model": spec.to_dict(), "dataset": graph.name, "init_id": "init",
                 "seed": i, "role": "expert", "metrics": result.metrics}, overwrite=True)
             log(f"expert {i}: {result.metrics} in {result.seconds:.0f} s")
+        del graph
         (folder / "experts.done").write_text("ok")
-    done = subprocess.run([PY, "-m", "hpcsoup", "partition", "--config",
-                           str(folder / "stratified.toml")], env=env(), stderr=subprocess.PIPE, text=True)
-    log(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "partitioned")
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    return folder
+    return config
 
 
 def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(*worker_args: str, ranks: int = 0, timeout: int = 900) -> dict:
+    """Run a worker (under ``mpiexec -n ranks`` when ``ranks``); its JSON line, plus its wall and
+    CPU seconds (all its processes) and the mean number of *other* runnable processes
+    meanwhile (the machine's cores are shared with other engineers' jobs)."""
+    import threading
+
+    launcher = [MPIEXEC, "-n", str(ranks)] if ranks else []
+    command = launcher + [PY, __file__, "--worker", *worker_args]
+    ours = max(1, ranks)
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.25):
+            samples.append(running() - 1 - ours)  # minus this sampler and our own processes
+
+    thread = threading.Thread(target=sample, daemon=True)
+    start, cpu = time.perf_counter(), children_cpu()
+    thread.start()
+    done = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=timeout)
+    stop.set()
+    thread.join()
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - start
+    result["cpu_seconds"] = children_cpu() - cpu
+    result["others_running"] = max(0.0, sum(samples) / max(1, len(samples)))
+    return result
 
 
 def running() -> int:
@@ -121,34 +166,61 @@ def wait_quiet(limit: float, others: float = 0.3) -> float:
         time.sleep(1)
 
 
-def mpirun(ranks: int, *worker_args: str, timeout: int = 900) -> dict:
-    """Run a worker under ``mpiexec -n ranks``; also sample how many *other* processes were
-    runnable meanwhile (the machine's cores are shared with other engineers' jobs)."""
-    import threading
-
-    command = [MPIEXEC, "-n", str(ranks), PY, __file__, "--worker", *worker_args]
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.25):
-            samples.append(running() - 1 - ranks)  # minus this sampler and our own ranks
-
-    thread = threading.Thread(target=sample, daemon=True)
-    start = time.perf_counter()
-    thread.start()
-    done = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=timeout)
-    stop.set()
-    thread.join()
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - start
-    result["others_running"] = max(0.0, sum(samples) / max(1, len(samples)))
-    return result
-
-
 # ----------------------------------------------------------------------------- workers
+
+
+def _experts(cfg, graph=None):
+    """The experts as ``hpcsoup soup`` reads them (a rank knows the graph by its name only)."""
+    from hpcsoup.distributed.pls import _Named, graph_name
+    from hpcsoup.soup.run import load_ingredients
+    from hpcsoup.store import Store
+
+    return load_ingredients(cfg, Store.open(cfg.store), graph or _Named(graph_name(cfg)))
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_partition(args) -> None:
+    """Partition the graph into the store as distributed PLS reads it (one process, timed)."""
+    import torch
+
+    from hpcsoup.config import load_config
+    from hpcsoup.distributed.pls import prepare_from_config, shards_of_config
+    from hpcsoup.distributed.shards import is_prepared, open_parts
+
+    torch.set_num_threads(1)
+    cfg = load_config(args.config)
+    spec = _experts(cfg).spec
+    cached = is_prepared(shards_of_config(cfg, spec))
+    start = time.perf_counter()
+    path = prepare_from_config(cfg, spec)
+    attrs = open_parts(path)
+    print(json.dumps({"path": str(path), "cached": cached, "seconds": time.perf_counter() - start,
+                      "peak_rss": _peak_rss(), "partitions": attrs["partitions"],
+                      "scope": attrs.get("scope", "partition")}))
+
+
+def worker_reference(args) -> None:
+    """Full-graph val/test of the uniform soup and of each expert (one process)."""
+    import torch
+
+    from hpcsoup.config import load_config
+    from hpcsoup.data import load_from_config
+    from hpcsoup.soup import Evaluator
+
+    torch.set_num_threads(1)
+    cfg = load_config(args.config)
+    graph = load_from_config(cfg)
+    ingredients = _experts(cfg, graph)
+    evaluator = Evaluator(ingredients.spec, graph)
+    n = ingredients.n
+    uniform = evaluator.metrics(ingredients.mix(torch.full((n,), 1.0 / n)))
+    experts = [evaluator.metrics(ingredients.mix(torch.eye(n)[i])) for i in range(n)]
+    print(json.dumps({"graph": graph.info(), "nodes": graph.data.num_nodes,
+                      "edges": int(graph.data.edge_index.size(1)), "experts": ingredients.ids,
+                      "uniform": uniform, "expert_metrics": experts, "peak_rss": _peak_rss()}))
 
 
 def worker_allreduce(args) -> None:
@@ -162,12 +234,14 @@ def worker_allreduce(args) -> None:
 
 
 def worker_pls(args) -> None:
+    """``hpcsoup soup --method pls`` on this communicator, with the step timing hooks."""
     import torch
 
     import hpcsoup.distributed.pls as dpls
     from hpcsoup.config import load_config
     from hpcsoup.distributed.mpi import abort_on_error, world
-    from hpcsoup.distributed.shards import owner_of
+    from hpcsoup.distributed.shards import open_parts, owner_of
+    from hpcsoup.soup.evaluate import Evaluator
     from hpcsoup.soup.pls import draw_partitions
 
     comm = world()
@@ -181,26 +255,30 @@ def worker_pls(args) -> None:
             return out
 
     forwards: list[tuple[float, float]] = []
-    original_forward = dpls.ShardEvaluator.forward
+    original_forward = Evaluator.forward
 
-    def timed_forward(self, params, x, adj):
-        if torch.is_grad_enabled():  # a step's partition term (the checks run without grad)
+    def timed_forward(self, params, x=None, adj=None):
+        if torch.is_grad_enabled():  # a step's partition term (checks and scoring run without)
             forwards.append((time.perf_counter(), time.process_time()))
         return original_forward(self, params, x, adj)
 
     dpls.Counted = Timed
-    dpls.ShardEvaluator.forward = timed_forward
+    Evaluator.forward = timed_forward
     with abort_on_error(comm):
         torch.set_num_threads(1)
         cfg = load_config(args.config)
         run = dpls.run_pls_ranks(cfg, comm)
+        soup = dpls.write_distributed_soup(cfg, comm, run)  # what `hpcsoup soup` stores
         logits = run.ingredients.num_tensors * run.ingredients.n + 1
         steps = [e for e in events if e[2] == logits]  # the step allreduces (not the checks)
-        pls = cfg.soup.pls
-        val_counts = _val_counts(run.shards)
+        s = run.settings
+        K, R, every = int(s["partitions"]), int(s["per_step"]), int(s["eval_every"])
+        val_counts = open_parts(run.shards)["val_counts"]
         rows, part_times, overheads = [], {}, []
         for k in range(1, len(steps)):
-            drawn = draw_partitions(cfg.soup.seed, k, pls.partitions, pls.per_step, pls.draw)
+            if k % every == 0:  # a stopping check ran before this step: not a step's time
+                continue
+            drawn = draw_partitions(cfg.soup.seed, k, K, R, s["draw"])
             mine = [p for p in drawn if owner_of(p, comm.size) == comm.rank and val_counts[p]]
             compute = steps[k][0] - steps[k - 1][1]
             rows.append({"step": compute + steps[k][1] - steps[k][0], "compute": compute,
@@ -231,9 +309,10 @@ def worker_pls(args) -> None:
         }
         everyone = comm.allgather(mine)
         if comm.rank == 0:
+            extras = soup["extras"]
             print(json.dumps({
-                "ranks": comm.size, "draw": pls.draw, "nodes": cfg.data.nodes,
-                "steps": len(rows), "per_rank": everyone,
+                "ranks": comm.size, "nodes": cfg.data.nodes, "settings": s, "soup_id": soup["id"],
+                "timed_steps": len(rows), "per_rank": everyone,
                 "step_seconds": max(r["step"] for r in everyone),
                 # the busiest rank of each step (the draw changes who that is), median over steps
                 "busiest_cpu": statistics.median(
@@ -241,12 +320,12 @@ def worker_pls(args) -> None:
                 "peak_rss": run.peak_rss, "start_rss": run.start_rss,
                 "shards": run.shard_stats, "bytes_per_step": run.step_bytes,
                 "logits_elements": logits - 1, "seconds": run.seconds,
-                "coefficients": run.result.coefficients, "load": os.getloadavg()}))
-
-
-def _val_counts(path) -> list:
-    from hpcsoup.distributed.shards import open_parts
-    return open_parts(path)["val_counts"]
+                "metrics": soup["metrics"], "coefficients": soup["coefficients"],
+                **{key: extras.get(key) for key in (
+                    "steps", "best_step", "moved", "shift_from_uniform", "shift_from_start",
+                    "stopped_early", "checks", "check_val", "check_loss", "check",
+                    "partition_forwards", "scope")},
+                "load": os.getloadavg()}))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -261,152 +340,180 @@ def _merge_times(dicts: list) -> dict:
     return {p: statistics.median(t) for p, t in sorted(merged.items(), key=lambda kv: int(kv[0]))}
 
 
+def max_diff(a: list, b: list) -> float:
+    """max |a - b| over two ``[tensors][experts]`` coefficient tables."""
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
 def mib(n: float) -> str:
     return f"{n / 2 ** 20:.0f}"
+
+
+def summarise(runs: dict, reference: dict) -> list:
+    """One row per rank count: the soup (equal on every round?) and its costs."""
+    def med(values):
+        return statistics.median(values) if values else float("nan")
+
+    base = runs[min(runs)][0]
+    uniform = reference["uniform"]
+    n = len(base["coefficients"][0])
+    table = []
+    for ranks, results in sorted(runs.items()):
+        first, per_rank = results[0], [r["per_rank"] for r in results]
+        table.append({
+            "ranks": ranks, "draw": first["settings"]["draw"], "runs": len(results),
+            "steps": [r["steps"] for r in results], "best_step": [r["best_step"] for r in results],
+            "same_steps_as_1": all(r["steps"] == base["steps"] and r["best_step"] ==
+                                   base["best_step"] for r in results),
+            "moved": [r["moved"] for r in results],
+            "shift_from_uniform": max(r["shift_from_uniform"] for r in results),
+            "max_abs_c_minus_uniform": max(abs(c - 1 / n) for r in results
+                                           for row in r["coefficients"] for c in row),
+            "max_coefficient_diff_vs_1": max(max_diff(r["coefficients"], base["coefficients"])
+                                             for r in results),
+            "val": first["metrics"]["val"], "test": first["metrics"]["test"],
+            "val_all": [r["metrics"]["val"] for r in results],
+            "test_all": [r["metrics"]["test"] for r in results],
+            "val_gain_vs_uniform": first["metrics"]["val"] - uniform["val"],
+            "test_gain_vs_uniform": first["metrics"]["test"] - uniform["test"],
+            "scored_on": first["metrics"].get("scored_on"),
+            "check_val": first["check_val"], "stopped_early": first["stopped_early"],
+            "pls_seconds": med([r["seconds"] for r in results]),
+            "pls_seconds_all": [r["seconds"] for r in results],
+            "process_wall_seconds": med([r["wall_seconds"] for r in results]),
+            "process_cpu_seconds": med([r["cpu_seconds"] for r in results]),
+            "step_seconds": med([r["step_seconds"] for r in results]),
+            "compute_seconds": med([max(x["compute"] for x in pr) for pr in per_rank]),
+            "compute_cpu_seconds": med([r["busiest_cpu"] for r in results]),
+            "allreduce_seconds": med([min(x["allreduce"] for x in pr) for pr in per_rank]),
+            "partition_seconds": med([x["compute_per_partition"] for pr in per_rank for x in pr]),
+            "timed_steps": [r["timed_steps"] for r in results],
+            "max_owned": max(x["max_owned"] for pr in per_rank for x in pr),
+            "peak_rss_per_rank": [max(r["peak_rss"][i] for r in results) for i in range(ranks)],
+            "start_rss_per_rank": [max(r["start_rss"][i] for r in results) for i in range(ranks)],
+            "resident_nodes_per_rank": [s["resident_nodes"] for s in first["shards"]],
+            "resident_bytes_per_rank": [s["resident_bytes"] for s in first["shards"]],
+            "bytes_per_step": first["bytes_per_step"],
+            "partition_times": _merge_times([x["partition_times"] for pr in per_rank for x in pr]),
+            "step_overhead": med([x["step_overhead"] for pr in per_rank for x in pr
+                                  if x["step_overhead"] is not None]),
+            "step_seconds_all": [r["step_seconds"] for r in results],
+            "others_running": [r["others_running"] for r in results],
+            "load_per_round": [r["load"][0] for r in results],
+            "coefficients": first["coefficients"]})
+    ones = runs[min(runs)]
+    for row in table:
+        # paired within each round (the runs of a round are a minute apart, rounds are not:
+        # the shared machine's load changes between rounds), then the median over rounds
+        pairs = [a["step_seconds"] / b["step_seconds"] for a, b in zip(ones, runs[row["ranks"]])]
+        row["speedup_per_round"] = pairs
+        row["paired_speedup_vs_1"] = statistics.median(pairs)
+        row["cpu_speedup_vs_1"] = table[0]["compute_cpu_seconds"] / row["compute_cpu_seconds"]
+    return table
+
+
+def markdown(table: list, reference: dict) -> str:
+    uniform, experts = reference["uniform"], reference["expert_metrics"]
+    best = max(experts, key=lambda m: m["val"])
+    lines = [
+        f"uniform soup (full graph): val {uniform['val'] * 100:.2f} / test "
+        f"{uniform['test'] * 100:.2f}; best expert by val: {best['val'] * 100:.2f} / "
+        f"{best['test'] * 100:.2f}; experts' val "
+        + ", ".join(f"{m['val'] * 100:.2f}" for m in experts), "",
+        "| P | steps | best_step | = P=1 | moved | max \\|c−1/n\\| | max \\|c_P−c_1\\| "
+        "| val / test (full graph) | Δ val / test vs uniform | PLS s | step ms (wall) "
+        "| busiest CPU ms/step | allreduce ms | step speedup (paired) | process CPU s "
+        "| peak RSS MiB/rank |",
+        "|---:|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in table:
+        lines.append(
+            f"| {row['ranks']} | {'/'.join(map(str, row['steps']))} "
+            f"| {'/'.join(map(str, row['best_step']))} | {'yes' if row['same_steps_as_1'] else 'NO'} "
+            f"| {'/'.join('yes' if m else 'no' for m in row['moved'])} "
+            f"| {row['max_abs_c_minus_uniform']:.3f} | {row['max_coefficient_diff_vs_1']:.1e} "
+            f"| {row['val'] * 100:.2f} / {row['test'] * 100:.2f} "
+            f"| {row['val_gain_vs_uniform'] * 100:+.2f} / {row['test_gain_vs_uniform'] * 100:+.2f} "
+            f"| {row['pls_seconds']:.2f} | {row['step_seconds'] * 1e3:.1f} "
+            f"| {row['compute_cpu_seconds'] * 1e3:.1f} | {row['allreduce_seconds'] * 1e3:.2f} "
+            f"| {row['paired_speedup_vs_1']:.2f}x | {row['process_cpu_seconds']:.1f} "
+            f"| {'/'.join(mib(b) for b in row['peak_rss_per_rank'])} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=40_000)
-    parser.add_argument("--small-nodes", type=int, default=10_000)
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40,
+                        help="full-batch epochs per expert (3: the soup did not move at 10k nodes)")
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--partitions", type=int, default=32)
-    parser.add_argument("--per-step", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--partitions", type=int, default=0,
+                        help="K (default 0: the package's PLS default)")
+    parser.add_argument("--per-step", type=int, default=0,
+                        help="R (default 0: the package's PLS default)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--allreduce-repeats", type=int, default=300)
     parser.add_argument("--quiet", type=float, default=0.0,
                         help="wait up to this many seconds before each run for the other "
                              "processes to leave the cores free (0: do not wait)")
-    parser.add_argument("--quiet-others", type=float, default=0.5,
-                        help="a round counts as quiet when fewer other processes than this were "
-                             "runnable on average during both runs")
-    parser.add_argument("--worker", choices=("allreduce", "pls"))
+    parser.add_argument("--worker", choices=("allreduce", "pls", "partition", "reference"))
     parser.add_argument("--config")
     args = parser.parse_args()
-    if args.worker == "allreduce":
-        return worker_allreduce(args)
-    if args.worker == "pls":
-        return worker_pls(args)
+    workers = {"allreduce": worker_allreduce, "pls": worker_pls, "partition": worker_partition,
+               "reference": worker_reference}
+    if args.worker:
+        return workers[args.worker](args)
 
     OUT.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    big = build(args.nodes, args)
-    small = build(args.small_nodes, args)
+    config = build(args)
+    parted = child("partition", "--config", str(config))
+    log(f"partitioned graph {parted['path']}: {parted['seconds']:.1f} s, peak RSS "
+        f"{mib(parted['peak_rss'])} MiB" + (" (already there)" if parted["cached"] else ""))
+    reference = child("reference", "--config", str(config))
+    log(f"{reference['graph']}: uniform soup {reference['uniform']}")
 
     log("allreduce latency, P = 2 and 4")
-    allreduce = {p: mpirun(p, "allreduce", "--allreduce-repeats", str(args.allreduce_repeats))
+    allreduce = {p: child("allreduce", "--allreduce-repeats", str(args.allreduce_repeats), ranks=p)
                  for p in (2, 4)}
 
     runs: dict = {}
     order = list(args.ranks)
     for rep in range(args.repeats):
-        plan = [(p, "stratified") for p in order] + [(2, "random")]
-        for ranks, draw in plan:
+        for ranks in order:
             quiet = wait_quiet(args.quiet) if args.quiet else None
-            log(f"round {rep + 1}/{args.repeats}: P={ranks} draw={draw}"
+            log(f"round {rep + 1}/{args.repeats}: P={ranks}"
                 + (f" (others runnable before: {quiet:.1f})" if quiet is not None else ""))
-            result = mpirun(ranks, "pls", "--config", str(big / f"{draw}.toml"))
-            runs.setdefault(f"{ranks}-{draw}", []).append(result)
-            log(f"  step {result['step_seconds'] * 1e3:.1f} ms, other runnable processes "
+            result = child("pls", "--config", str(config), ranks=ranks)
+            runs.setdefault(ranks, []).append(result)
+            log(f"  {result['steps']} steps (best {result['best_step']}, moved {result['moved']}), "
+                f"val {result['metrics']['val']:.4f}, PLS {result['seconds']:.2f} s, step "
+                f"{result['step_seconds'] * 1e3:.1f} ms, others runnable "
                 f"{result['others_running']:.1f}, load {result['load'][0]:.1f}")
         order = order[1:] + order[:1]
-    small_run = mpirun(2, "pls", "--config", str(small / "stratified.toml"))
     load_after = os.getloadavg()
-
-    def med(values):
-        return statistics.median(values) if values else float("nan")
-
-    table = []
-    for key, results in runs.items():
-        ranks, draw = key.split("-")
-        ranks = int(ranks)
-        step = med([r["step_seconds"] for r in results])
-        per_rank = [r["per_rank"] for r in results]
-        table.append({
-            "ranks": ranks, "draw": draw, "runs": len(results), "step_seconds": step,
-            "compute_seconds": med([max(x["compute"] for x in pr) for pr in per_rank]),
-            "compute_cpu_seconds": med([r["busiest_cpu"] for r in results]),
-            "allreduce_seconds": med([min(x["allreduce"] for x in pr) for pr in per_rank]),
-            "partition_seconds": med([x["compute_per_partition"] for pr in per_rank for x in pr]),
-            "max_owned": max(x["max_owned"] for pr in per_rank for x in pr),
-            "peak_rss_per_rank": [max(r["peak_rss"][i] for r in results) for i in range(ranks)],
-            "start_rss_per_rank": [max(r["start_rss"][i] for r in results) for i in range(ranks)],
-            "resident_nodes_per_rank": [s["resident_nodes"] for s in results[0]["shards"]],
-            "resident_bytes_per_rank": [s["resident_bytes"] for s in results[0]["shards"]],
-            "bytes_per_step": results[0]["bytes_per_step"],
-            "partition_times": _merge_times([x["partition_times"] for pr in per_rank for x in pr]),
-            "step_overhead": med([x["step_overhead"] for pr in per_rank for x in pr
-                                  if x["step_overhead"] is not None]),
-            "step_seconds_all": [r["step_seconds"] for r in results],
-            "coefficients": results[0]["coefficients"]})
-    base = next(t for t in table if t["ranks"] == 1)
-    import torch
-    for row in table:
-        # paired within each round (the runs of a round are minutes apart, rounds are not: the
-        # shared machine's load changes between rounds), then the median over rounds
-        ones = runs["1-stratified"]
-        pairs = [a["step_seconds"] / b["step_seconds"]
-                 for a, b in zip(ones, runs[f"{row['ranks']}-{row['draw']}"])]
-        row["speedup_per_round"] = pairs
-        row["load_per_round"] = [r["load"][0] for r in runs[f"{row['ranks']}-{row['draw']}"]]
-        row["others_per_round"] = [(a["others_running"], b["others_running"]) for a, b in
-                                   zip(ones, runs[f"{row['ranks']}-{row['draw']}"])]
-        quiet = [x for x, (a, b) in zip(pairs, row["others_per_round"])
-                 if max(a, b) <= args.quiet_others]
-        row["quiet_rounds"] = len(quiet)
-        row["quiet_speedup_vs_1"] = statistics.median(quiet) if quiet else None
-        row["paired_speedup_vs_1"] = statistics.median(pairs)
-        row["speedup_vs_1"] = base["step_seconds"] / row["step_seconds"]
-        row["cpu_speedup_vs_1"] = base["compute_cpu_seconds"] / row["compute_cpu_seconds"]
-        row["max_coefficient_diff_vs_1"] = float(
-            (torch.tensor(row["coefficients"]) - torch.tensor(base["coefficients"])).abs().max()) \
-            if row["draw"] == base["draw"] else None
-
-    print(f"\nsynthetic-products {args.nodes} nodes ({runs['1-stratified'][0]['shards'][0]['graph_nodes']} "
-          f"in the store), K={args.partitions}, R={args.per_step}, halo 0, SAGE 2x{args.hidden}, "
-          f"{args.experts} experts, 1 thread per rank, medians of {args.repeats} rounds x "
-          f"{args.steps - 1} steps; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(f"{'P':>2} {'draw':>10} {'step ms':>8} {'compute':>8} {'allred.':>8} {'part ms':>8} "
-          f"{'speedup':>7} {'paired':>7} {'cpu ms':>7} {'cpu sp.':>7} {'peak RSS MiB/rank':>22} "
-          f"{'graph MiB/rank':>16} {'nodes/rank':>16} {'B/step':>6} {'max|dc|':>8}")
-    for row in sorted(table, key=lambda r: (r["draw"] != "stratified", r["ranks"])):
-        diff = row["max_coefficient_diff_vs_1"]
-        print(f"{row['ranks']:>2} {row['draw']:>10} {row['step_seconds'] * 1e3:8.1f} "
-              f"{row['compute_seconds'] * 1e3:8.1f} {row['allreduce_seconds'] * 1e3:8.2f} "
-              f"{row['partition_seconds'] * 1e3:8.1f} {row['speedup_vs_1']:6.2f}x "
-              f"{row['paired_speedup_vs_1']:6.2f}x "
-              f"{row['compute_cpu_seconds'] * 1e3:7.1f} {row['cpu_speedup_vs_1']:6.2f}x "
-              f"{'/'.join(mib(b) for b in row['peak_rss_per_rank']):>22} "
-              f"{'/'.join(mib(b) for b in row['resident_bytes_per_rank']):>16} "
-              f"{'/'.join(str(n) for n in row['resident_nodes_per_rank']):>16} "
-              f"{row['bytes_per_step']:>6} {'-' if diff is None else f'{diff:.1e}':>8}")
-    for row in table:
-        if row["ranks"] > 1:
-            print(f"P={row['ranks']} {row['draw']}: speedup per round (other runnable processes "
-                  f"during the P=1 / P={row['ranks']} runs) "
-                  + ", ".join(f"{x:.2f}x ({a:.1f}/{b:.1f})" for x, (a, b) in
-                              zip(row["speedup_per_round"], row["others_per_round"]))
-                  + (f"; median of the {row['quiet_rounds']} rounds with <= {args.quiet_others} "
-                     f"others: {row['quiet_speedup_vs_1']:.2f}x" if row["quiet_rounds"] else
-                     f"; no round with <= {args.quiet_others} others"))
-    print(f"bytes per step on {args.small_nodes} nodes (P=2): {small_run['bytes_per_step']} "
-          f"(= 4 x ({small_run['logits_elements']} logits + 1 loss)); on {args.nodes} nodes: "
-          f"{base['bytes_per_step']}")
-    print("allreduce median latency (max over ranks), seconds:")
+    table = summarise(runs, reference)
+    settings = runs[min(runs)][0]["settings"]
+    first = runs[min(runs)][0]
+    print(f"\nsynthetic-products {args.nodes} nodes ({reference['nodes']} in the graph, "
+          f"{reference['edges']} directed edges), SAGE 2x{args.hidden}, {args.experts} experts "
+          f"({args.epochs} epochs each); PLS {settings}; 1 thread per rank, medians over "
+          f"{args.repeats} rounds; load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
+          f"after; partitioning (one-time) {parted['seconds']:.1f} s, peak RSS "
+          f"{mib(parted['peak_rss'])} MiB{' (cached)' if parted['cached'] else ''}\n")
+    print(markdown(table, reference))
+    print(f"\nbytes per step: {first['bytes_per_step']} (= 4 x ({first['logits_elements']} logits "
+          f"+ 1 loss)); allreduce median latency (max over ranks):")
     for p, res in allreduce.items():
         cells = [f"{r['bytes']} B {r['seconds'] * 1e6:.1f} us" for r in res["allreduce"]]
         print(f"  P={p}: " + ", ".join(cells))
-    for row in table:
-        row.pop("coefficients")
     (OUT / "mpi_pls.json").write_text(json.dumps({
-        "args": vars(args), "load_before": load_before, "load_after": load_after,
-        "table": table, "allreduce": {str(p): r["allreduce"] for p, r in allreduce.items()},
-        "small_graph": {"nodes": args.small_nodes, "bytes_per_step": small_run["bytes_per_step"],
-                        "step_seconds": small_run["step_seconds"]},
+        "args": {**vars(args), "partitions": int(settings["partitions"]),
+                 "per_step": int(settings["per_step"])},
+        "settings": settings, "load_before": load_before, "load_after": load_after,
+        "partitioning": parted, "reference": reference, "table": table,
+        "allreduce": {str(p): r["allreduce"] for p, r in allreduce.items()},
         "threads_per_rank": 1, "cpus": os.cpu_count()}, indent=1))
     log(f"wrote {OUT / 'mpi_pls.json'}")
 

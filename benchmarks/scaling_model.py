@@ -13,9 +13,9 @@ Model of one PLS step on P ranks (R partitions drawn per step, K partitions in a
     T_{ar}(P, m) = \\lceil \\log_2 P \\rceil \\, (\\alpha + \\beta m)
 
 - :math:`t_k`: measured CPU time of partition k's term (mixing the weights, forward and
-  backward of the souped model on its subgraph), median over steps at P = 1, one thread; the
-  slowest rank sets the step time, so the spread of the :math:`t_k` (partitions differ in edges
-  and validation nodes) is what limits scaling, not the communication;
+  backward of the souped model on its receptive field or subgraph), median over steps at P = 1,
+  one thread; the slowest rank sets the step time, so the spread of the :math:`t_k` (partitions
+  differ in edges and validation nodes) is what limits scaling, not the communication;
 - :math:`t_0`: measured per-step work outside the partitions (optimizer update of the logits);
 - :math:`T_{ar}`: recursive-doubling allreduce (MPICH's algorithm for short messages),
   :math:`\\lceil \\log_2 P \\rceil` rounds of latency :math:`\\alpha` and :math:`\\beta` s/byte;
@@ -35,7 +35,7 @@ and the start-up (reading the shard) are left out.
 Scenarios, each with the measured and the assumed-network allreduce; efficiency is the ideal
 time (:math:`t_0 + \\frac{R}{P}\\bar t`, perfect balance, no communication) over :math:`T(P)`:
 
-- **A, fixed step** (this benchmark: K = 32, R = 8, the measured partitions and the real draws):
+- **A, fixed step** (this benchmark's K and R, the measured partitions and the real draws):
   ranks beyond R have nothing to compute; the step time stops falling at P = R.
 - **B, weak scaling** (R = P, K = 4P: the graph grows with P, one partition per rank per step).
 - **C, strong scaling of a large step** (R = 1024 of K = 4096 partitions like the measured ones).
