@@ -10,12 +10,13 @@ objective (:mod:`hpcsoup.soup.pls`) is a sum of per-partition terms with a globa
         \\mathrm{CE}\\big(f(X_{S_k}, A_{S_k}; W(R))_v, y_v\\big),
     \\qquad Z_t = \\sum_{k \\in D_t} |V_k \\cap V_{val}|,
 
-so rank :math:`r` computes the inner sum over the drawn partitions it holds
+so rank :math:`r` computes the terms of the drawn partitions it holds
 (:math:`D_t` depends on the seed alone, :math:`Z_t` on partition metadata every
-rank has) and one ``Allreduce`` of the ``[tensors, experts]`` gradient (plus the
-loss: ``4 (T n + 1)`` bytes, whatever the graph) gives every rank the same
-:math:`\\nabla_R L_t`; every rank applies the same optimizer update. The answer
-depends on the number of ranks only through the summation order of floats.
+rank has), one row per partition (its ``[tensors, experts]`` gradient and its loss
+term); one ``Allreduce`` of the ``R`` rows (``4 R (T n + 1)`` bytes, whatever the
+graph; each row has one non-zero contribution, so the sum is exact) gives every rank
+the same rows, which every rank adds in draw order: the same :math:`\\nabla_R L_t` to
+the bit on any number of ranks, and the same optimizer update.
 
 - The graph is partitioned once into the store (:mod:`hpcsoup.distributed.shards`); a rank
   reads only its partitions (``p mod P == rank``).
@@ -308,7 +309,8 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
     start_logits = torch.tensor(result.extras["start_logits"], device=device)
     result, metrics = exact_scores(cfg, result, ingredients, start_logits, evaluator, source, hook,
                                    comm)
-    step_bytes = 4 * (ingredients.num_tensors * ingredients.n + 1)  # the gradient and the loss
+    # a row per drawn partition: its gradient and its loss term
+    step_bytes = 4 * int(settings["per_step"]) * (ingredients.num_tensors * ingredients.n + 1)
     return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
                    comm.allgather(memory.peak), comm.allgather(memory.gpu_peak),
                    comm.allgather(memory.start),

@@ -41,8 +41,9 @@ Two exact savings for what the souping methods ask most often:
   first layer's aggregation :math:`A X` does not depend on the weights, so it is computed
   once; validation losses, gradients and scores are computed on that field, by every
   method (GIS's and greedy's evaluations as well as LS's steps). Measured at 200k nodes,
-  degree 50, SAGE 2x64 (1 thread): a validation evaluation 1.16 s -> see
-  benchmarks/RESULTS.md ``## soup``. GAT (no fixed first aggregation) uses the field
+  degree 50, 2% validation nodes, SAGE 2x64, 1 thread: the field has 82k of the 200k nodes,
+  and a validation evaluation costs 0.11 s instead of a full-graph forward's 1.5 s (the
+  field is built once, in 1.0 s). GAT (no fixed first aggregation) uses the field
   when it is smaller than the graph by a useful margin (:data:`FIELD_FRACTION`).
 """
 from __future__ import annotations

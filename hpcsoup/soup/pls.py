@@ -33,8 +33,10 @@ Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds o
   (:func:`draw_partitions`), independent of the number of processes;
 - :math:`L_t` is a *sum of per-partition terms* with a global normaliser that
   every process computes from partition metadata (validation counts), so each
-  term's gradient can be computed wherever the partition lives and the
-  gradients added with one ``allreduce`` of a ``[P, n]`` tensor (a few KB);
+  term's gradient can be computed wherever the partition lives; one ``allreduce``
+  gathers them as a ``[R, P n + 1]`` tensor (a row per drawn partition: its gradient
+  of the logits and its term; a few KB), which every process sums in draw order, so
+  the soup is the same to the bit on any number of ranks;
 - the partitions come from a :class:`PartitionSource` (``owns(k)``,
   ``part(k)``, ``val_counts``); :class:`LocalPartitionSource` slices the full
   graph; a distributed source holds a shard;
@@ -471,14 +473,14 @@ class PartitionLearnedSoup(SoupMethod):
                 break
             drawn = draw_partitions(seed, step, num_parts, per_step, s["draw"])
             total = int(terms[drawn].sum())
-            loss_sum = torch.zeros((), device=logits.device)
-            # the soup's weights are mixed once per step; each partition's term is
-            # back-propagated to them at once (memory of one partition), and their summed
-            # gradient is taken back through the mix to the logits once
-            params = ingredients.mix(logits.softmax(-1))
+            # one row per drawn partition: its term's gradient of the logits and the term,
+            # filled by the process that holds it (zeros elsewhere), so the allreduce adds
+            # exact zeros and every process sums the rows in draw order: the same bits on any
+            # number of ranks (Adam magnifies float summation order on near-zero gradients)
+            rows = torch.zeros(per_step, logits.numel() + 1, device=logits.device)
+            params = ingredients.mix(logits.softmax(-1))  # mixed once per step
             mixed = [t for t in params.values() if t.requires_grad]
-            param_grads = [torch.zeros_like(t) for t in mixed]
-            for k in (drawn if total > 0 else []):
+            for row, k in enumerate(drawn if total > 0 else []):
                 if not source.owns(k) or int(terms[k]) == 0:
                     continue
                 part = source.part(k)
@@ -487,16 +489,17 @@ class PartitionLearnedSoup(SoupMethod):
                 mask = part.val_mask.to(evaluator.device)
                 term = validation_loss(out[mask], part.y.to(evaluator.device)[mask], objective,
                                        reduction="sum") / total
-                for acc, g in zip(param_grads, torch.autograd.grad(term, mixed, retain_graph=True,
-                                                                    allow_unused=True)):
-                    if g is not None:
-                        acc += g
-                loss_sum += term.detach()
+                # back through the partition (memory of one), then through the mix
+                grads = torch.autograd.grad(term, mixed, retain_graph=True, allow_unused=True)
+                used = [(t, g) for t, g in zip(mixed, grads) if g is not None]
+                if used:
+                    rows[row, :-1] = torch.autograd.grad([t for t, _ in used], logits,
+                                                         [g for _, g in used],
+                                                         retain_graph=True)[0].flatten()
+                rows[row, -1] = term.detach()
                 part_forwards += 1
-            grad = torch.autograd.grad(mixed, logits, param_grads)[0] if mixed else \
-                torch.zeros_like(logits)
-            # one collective per step: the gradient of the logits and the loss
-            reduced = allreduce(torch.cat([grad.flatten(), loss_sum.view(1)]))
+            # one collective per step
+            reduced = allreduce(rows).sum(0)
             loss_value = float(reduced[-1])
             progress.step(step, loss_value, score, stopper.best)
             if total == 0:  # no validation term drawn: nothing to learn from this step

@@ -107,7 +107,9 @@ def test_recorded_scores_are_the_full_graph_scores_of_the_stored_weights(runs, d
 
 
 def test_distributed_runs_report_ranks_and_communication(runs):
-    logits_bytes = 4 * (runs[1]["coefficients"].numel() + 1)  # gradient of R plus the loss, float32
+    # a row per drawn partition: the gradient of R plus the loss term, float32
+    per_step = runs[2]["soup"]["extras"]["per_step"]
+    logits_bytes = 4 * per_step * (runs[1]["coefficients"].numel() + 1)
     for p in (2, 4):
         extras = runs[p]["soup"]["extras"]
         assert extras["ranks"] == p and runs[p]["summary"]["ranks"] == p
