@@ -269,9 +269,10 @@ def worker_pls(args) -> None:
         cfg = load_config(args.config)
         run = dpls.run_pls_ranks(cfg, comm)
         soup = dpls.write_distributed_soup(cfg, comm, run)  # what `hpcsoup soup` stores
-        logits = run.ingredients.num_tensors * run.ingredients.n + 1
-        steps = [e for e in events if e[2] == logits]  # the step allreduces (not the checks)
         s = run.settings
+        # a step's allreduce: one row per drawn partition (its gradient and loss term)
+        logits = int(s["per_step"]) * (run.ingredients.num_tensors * run.ingredients.n + 1)
+        steps = [e for e in events if e[2] == logits]  # the step allreduces (not the checks)
         K, R, every = int(s["partitions"]), int(s["per_step"]), int(s["eval_every"])
         val_counts = open_parts(run.shards)["val_counts"]
         rows, part_times, overheads = [], {}, []
@@ -319,7 +320,8 @@ def worker_pls(args) -> None:
                     max(c) for c in zip(*(r["cpu_per_step"] for r in everyone))),
                 "peak_rss": run.peak_rss, "start_rss": run.start_rss,
                 "shards": run.shard_stats, "bytes_per_step": run.step_bytes,
-                "logits_elements": logits - 1, "seconds": run.seconds,
+                "logits_elements": run.ingredients.num_tensors * run.ingredients.n,
+                "per_step": int(s["per_step"]), "seconds": run.seconds,
                 "metrics": soup["metrics"], "coefficients": soup["coefficients"],
                 **{key: extras.get(key) for key in (
                     "steps", "best_step", "moved", "shift_from_uniform", "shift_from_start",
@@ -503,8 +505,9 @@ def main() -> None:
           f"after; partitioning (one-time) {parted['seconds']:.1f} s, peak RSS "
           f"{mib(parted['peak_rss'])} MiB{' (cached)' if parted['cached'] else ''}\n")
     print(markdown(table, reference))
-    print(f"\nbytes per step: {first['bytes_per_step']} (= 4 x ({first['logits_elements']} logits "
-          f"+ 1 loss)); allreduce median latency (max over ranks):")
+    print(f"\nbytes per step: {first['bytes_per_step']} (= 4 x {first['per_step']} drawn partitions "
+          f"x ({first['logits_elements']} logits + 1 loss)); allreduce median latency (max over "
+          f"ranks):")
     for p, res in allreduce.items():
         cells = [f"{r['bytes']} B {r['seconds'] * 1e6:.1f} us" for r in res["allreduce"]]
         print(f"  P={p}: " + ", ".join(cells))

@@ -57,6 +57,10 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 METHODS = ["uniform", "greedy", "gis", "learned", "pls"]
+#: rows of the large-graph table beside the methods' defaults: PLS checking partition by
+#: partition (memory of one partition's field, as on MPI ranks) instead of the whole
+#: validation field
+LARGE_VARIANTS = {"pls check=partitions": ("pls", {"check": "partitions"})}
 
 #: experts per benchmark graph: arch, count, layers, hidden, epochs, lr, eval_every
 EXPERTS = {
@@ -71,6 +75,9 @@ EXPERTS = {
     "products-sage": dict(dataset="synthetic-products", nodes=200_000, arch="sage", n=4, layers=2,
                           hidden=64, epochs=24, lr=0.02, eval_every=3),
 }
+# the same experts, twice as many (the first four are products-sage's): GIS's cost grows with
+# the number of experts, LS's and PLS's do not
+EXPERTS["products-sage-8"] = dict(EXPERTS["products-sage"], n=8)
 EXPERTS_FULL = dict(EXPERTS)
 QUICK_EXPERTS = {
     "cora-sage": dict(EXPERTS["cora-sage"], n=3, epochs=20),
@@ -207,19 +214,32 @@ def ingredients_of(saved: dict):
 # ----------------------------------------------------------------------------- one measurement
 
 def method_settings(method: str) -> dict:
+    if method in LARGE_VARIANTS:
+        name, extra = LARGE_VARIANTS[method]
+        return dict(SETTINGS[name], **extra)
     return dict(SETTINGS[method])
 
 
-def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of one full-graph inference forward (the cost model's unit)."""
-    evaluator.logits(state)  # warm-up
+def base_method(method: str) -> str:
+    """The souping method a benchmark row runs (a variant's, or the row's own name)."""
+    return LARGE_VARIANTS[method][0] if method in LARGE_VARIANTS else method
+
+
+def median_seconds(call, repeats: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``call()`` after one warm-up call."""
+    call()
     walls, cpus = [], []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.thread_time()
-        evaluator.logits(state)
+        call()
         walls.append(time.perf_counter() - start)
         cpus.append(time.thread_time() - cpu)
     return statistics.median(walls), statistics.median(cpus)
+
+
+def forward_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one full-graph inference forward."""
+    return median_seconds(lambda: evaluator.logits(state), repeats)
 
 
 def run_method(method: str, ingredients, evaluator, settings: dict | None = None) -> dict:
@@ -230,12 +250,13 @@ def run_method(method: str, ingredients, evaluator, settings: dict | None = None
     from hpcsoup.soup import get_method
     from hpcsoup.memory import PeakMemory
 
-    soup = get_method(method, **(method_settings(method) if settings is None else settings))
+    soup = get_method(base_method(method),
+                      **(method_settings(method) if settings is None else settings))
     gc.collect()
     evaluations = evaluator.evaluations
     with PeakMemory() as memory:
         start, cpu = time.perf_counter(), time.thread_time()
-        inputs = {"partition_cache": str(OUT / "parts")} if method == "pls" else {}
+        inputs = {"partition_cache": str(OUT / "parts")} if base_method(method) == "pls" else {}
         result = soup.soup(ingredients, evaluator, seed=0, **inputs)
         seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
     evaluator.evaluations = evaluations  # the final scoring below is not the method's
@@ -270,11 +291,14 @@ def shared_evaluator(graph, spec, **options):
     return Evaluator(spec, graph, order=locality_order(parts), **options)
 
 
-def setup_from(spec_args: dict, saved: dict, nodes: int | None = None):
-    """Graph, the saved experts as ingredients, and the shared (partition-ordered) evaluator."""
+def setup_from(spec_args: dict, saved: dict, nodes: int | None = None, before=None):
+    """Graph, the saved experts as ingredients, and the shared (partition-ordered) evaluator;
+    ``before(evaluator)`` runs before anything is evaluated (it gets the fresh evaluator)."""
     graph = load_graph(spec_args["dataset"], nodes or spec_args.get("nodes"))
     ingredients = ingredients_of(saved)
     evaluator = shared_evaluator(graph, ingredients.spec)
+    if before is not None:
+        before(evaluator)
     if nodes and nodes != spec_args.get("nodes"):
         # experts trained at another size of the same generator: re-score them on this graph
         ingredients.val_scores = [evaluator.evaluate(ingredients.expert(i))
@@ -302,18 +326,42 @@ def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> d
     """One method in this (fresh) process: what the parent records for memory."""
     if method == "metis":
         return metis_worker(key, nodes)
-    graph, ingredients, evaluator, _ = setup(key, nodes)
     out = {}
-    # one forward before and after souping: the method's time in forward-equivalents of its
-    # own moment, so ratios between methods run minutes apart survive the shared machine's load
-    before = forward_seconds(evaluator, ingredients.mean(), repeats=1)
+    # the field's one-time cost, before the experts are re-scored on another size (which uses it)
+    graph, ingredients, evaluator, _ = setup_from(
+        EXPERTS[key], train_experts(key, EXPERTS[key]), nodes,
+        before=lambda fresh: out.update(field=validation_field(fresh)))
+    # one validation evaluation before and after souping: the method's time in evaluations of
+    # its own moment, so ratios between methods run minutes apart survive the machine's load
+    before = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
     if measure_forward:
-        out["forward_seconds"] = before
+        out["forward_seconds"] = forward_seconds(evaluator, ingredients.mean(), repeats=1)
+        out["evaluation_seconds"] = before
     evaluator.evaluations = 0
     out.update(run_method(method, ingredients, evaluator))
-    after = forward_seconds(evaluator, ingredients.mean(), repeats=1)
-    out["forward_cpu_around"] = (before[1] + after[1]) / 2
+    after = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
+    out["evaluation_cpu_around"] = (before[1] + after[1]) / 2
     return out
+
+
+def validation_field(evaluator) -> dict:
+    """Build the evaluator's validation field (:mod:`hpcsoup.soup.fields`) before any method
+    runs, as ``hpcsoup soup`` shares it between methods: its one-time cost, time and memory."""
+    from hpcsoup.memory import PeakMemory
+
+    with PeakMemory() as memory:
+        start, cpu = time.perf_counter(), time.thread_time()
+        field = evaluator.field()
+        seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
+    nodes = 0 if field is None else int(field[0].size(0))
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "nodes": nodes,
+            "peak_above_bytes": memory.above_start}
+
+
+def evaluation_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one validation evaluation (the cost model's unit: what GIS
+    makes N + (N - 1) G of)."""
+    return median_seconds(lambda: evaluator.evaluate(state), repeats)
 
 
 def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
@@ -339,7 +387,7 @@ def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
 # ----------------------------------------------------------------------------- cost model
 
 def cost_model(method: str, n: int, row: dict) -> tuple[str, float]:
-    """Nominal full-graph forward-equivalents of a method and their formula."""
+    """Nominal validation evaluations of a method (an LS step: about 3) and their formula."""
     e = row["extras"]
     if method == "uniform":
         return "0", 0.0
@@ -348,13 +396,14 @@ def cost_model(method: str, n: int, row: dict) -> tuple[str, float]:
     if method == "gis":
         g = SETTINGS["gis"]["granularity"]
         return f"N+(N-1)G ({e.get('evaluations', '?')} run)", float(n + (n - 1) * g)
+    start = n - 1 if e.get("init") == "greedy" else 0  # the greedy start's evaluations
     if method == "learned":
         steps = e.get("forwards", e.get("steps", 0))
         final = 0 if e.get("stopped_early") else 1
-        return "3E", 3.0 * steps + final
+        return "N-1 + 3E", start + 3.0 * steps + final
     if method == "pls":
         k, r = e.get("partitions", 32), e.get("per_step", 4)
-        return "3E*R/K + C", 3.0 * e.get("steps", 0) * r / k + e.get("checks", 0)
+        return "N-1 + 3E*R/K + C", start + 3.0 * e.get("steps", 0) * r / k + e.get("checks", 0)
     return "?", float("nan")
 
 
@@ -386,36 +435,40 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
 
 def bench_large(key: str, nodes: int, threads: int) -> dict:
     """A large graph: each method once, in its own fresh process (time and memory)."""
-    rows, fwd = [], None
+    rows, fwd, evaluation = [], None, None
     metis = in_subprocess(key, "metis", nodes, threads)
     log(f"{key}@{nodes} METIS K={metis['partitions']}: {metis['seconds']:.1f} s, "
         f"+{metis['peak_above_bytes'] / 2**20:.0f} MiB (one-time, not in any method's time)")
-    for method in METHODS:
+    for method in METHODS + list(LARGE_VARIANTS):
         row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None)
         fwd = row.pop("forward_seconds", fwd)
+        evaluation = row.pop("evaluation_seconds", evaluation)
         rows.append(row)
         log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s ({row['cpu_seconds']:.1f} s CPU), "
             f"+{row['peak_above_bytes'] / 2**20:.0f}"
             f" MiB, val {row['val']:.4f}, test {row['test']:.4f}")
     if nodes == EXPERTS[key].get("nodes"):
         result = finish(key, load_graph(EXPERTS[key]["dataset"], nodes),
-                        train_experts(key, EXPERTS[key]), rows, fwd)
+                        train_experts(key, EXPERTS[key]), rows, fwd, evaluation)
     else:
         graph, ingredients, evaluator, saved = setup(key, nodes)  # experts' scores on this size
         saved = dict(saved, metrics=[evaluator.metrics(ingredients.expert(i))
                                      for i in range(ingredients.n)])
-        result = finish(key, graph, saved, rows, fwd)
-    return dict(result, metis=metis)
+        result = finish(key, graph, saved, rows, fwd, evaluation)
+    return dict(result, metis=metis, field=rows[0]["field"])
 
 
-def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float) -> dict:
+def finish(key: str, graph, saved: dict, rows: list[dict], fwd: float,
+           evaluation: tuple | None = None) -> dict:
     n = len(saved["states"])
     best = max(range(n), key=lambda i: saved["metrics"][i]["val"])
     for row in rows:
-        formula, nominal = cost_model(row["method"], n, row)
+        formula, nominal = cost_model(base_method(row["method"]), n, row)
         row["cost_formula"], row["cost_forwards"] = formula, nominal
-        row["measured_forwards"] = row["cpu_seconds"] / row.get("forward_cpu_around", fwd[1])
+        unit = row.get("evaluation_cpu_around") or (evaluation or fwd)[1]
+        row["measured_forwards"] = row["cpu_seconds"] / unit
     return {"key": key, "graph": graph.info(), "experts": n, "forward_seconds": fwd,
+            "evaluation_seconds": evaluation or fwd,
             "best_expert": {"index": best, **saved["metrics"][best]},
             "expert_test_max": max(m["test"] for m in saved["metrics"]), "rows": rows}
 
@@ -431,11 +484,13 @@ def moved(row: dict) -> float:
 def table(result: dict) -> str:
     rows = {r["method"]: r for r in result["rows"]}
     gis, ls = rows.get("gis"), rows.get("learned")
+    evaluation = result.get("evaluation_seconds", result["forward_seconds"])
     head = (f"{result['key']} ({result['graph']['dataset']}: {result['graph']['nodes']} nodes, "
-            f"{result['graph']['edges']} edges; {result['experts']} experts; one forward "
-            f"{result['forward_seconds'][0]:.3f} s wall, {result['forward_seconds'][1]:.3f} s CPU)\n")
+            f"{result['graph']['edges']} edges; {result['experts']} experts; one full-graph "
+            f"forward {result['forward_seconds'][1]:.3f} s CPU, one validation evaluation "
+            f"{evaluation[1]:.3f} s CPU)\n")
     lines = ["| method | wall s | CPU s | GIS / method (wall) | GIS / method (CPU) | "
-             "forward-eq. model | forward-eq. measured (CPU) | peak MiB above data | / LS memory | "
+             "evaluations model | evaluations measured (CPU) | peak MiB above data | / LS memory | "
              "val | test | val − uniform | test − uniform | val − best expert | "
              "test − best expert | moved | work |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -444,13 +499,13 @@ def table(result: dict) -> str:
     def ratio(a, b):
         return f"{a / b:.1f}" if b > 1e-2 else "-"  # uniform: no forward at all
 
-    for method in METHODS:
+    for method in METHODS + [v for v in LARGE_VARIANTS if v in rows]:
         r = rows[method]
         e = r["extras"]
         mem = r["peak_above_bytes"] / 2**20
         vs_ls = r["peak_above_bytes"] / ls["peak_above_bytes"] if ls["peak_above_bytes"] else float("nan")
         work = (f"{e.get('steps', '-')} steps, {e.get('checks', '-')} checks"
-                if method in ("learned", "pls") else f"{e.get('evaluations', 0)} evals")
+                if base_method(method) in ("learned", "pls") else f"{e.get('evaluations', 0)} evals")
         lines.append(f"| {method} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
                      f"{ratio(gis['seconds'], r['seconds'])} | "
                      f"{ratio(gis['cpu_seconds'], r['cpu_seconds'])} | "
@@ -468,6 +523,12 @@ def table(result: dict) -> str:
         lines.append(f"\nMETIS K = {metis['partitions']} (one-time, cached afterwards, in no "
                      f"method's time): {metis['seconds']:.1f} s wall, {metis['cpu_seconds']:.1f} s "
                      f"CPU, +{metis['peak_above_bytes'] / 2**20:.0f} MiB peak")
+    field = result.get("field")
+    if field:
+        lines.append(f"Validation field ({field['nodes']} nodes; built once per graph and shared "
+                     f"by every method, in no method's time): {field['seconds']:.1f} s wall, "
+                     f"{field['cpu_seconds']:.1f} s CPU, +{field['peak_above_bytes'] / 2**20:.0f} "
+                     f"MiB peak")
     return head + "\n".join(lines)
 
 
@@ -639,6 +700,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="50000,100000,200000",
                         help="synthetic-products sizes (the largest is benchmark (c))")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds on small graphs")
+    parser.add_argument("--products", default="products-sage-8,products-sage",
+                        help="expert sets of the products rows: the first at every size, the "
+                             "others at the first size")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--train", nargs="+", metavar="KEY", help="only train (cache) these experts")
@@ -676,7 +740,13 @@ def main(argv=None) -> int:
                         "learned", {"init": "uniform", "lr": 0.3, "steps": 100}),
                     "learned init=validation": ("learned", {"init": "validation"}),
                     "pls check=partitions": ("pls", dict(SETTINGS["pls"], check="partitions")),
-                    "pls init=greedy": ("pls", dict(SETTINGS["pls"], init="greedy")),
+                    "pls init=uniform": ("pls", dict(SETTINGS["pls"], init="uniform")),
+                    # the previous objective (the paper's: partitions without their cut edges)
+                    # and the previous optimiser settings
+                    "pls scope=partition": ("pls", dict(SETTINGS["pls"], scope="partition")),
+                    "pls init=uniform steps=100 lr=0.3 eval_every=5 patience=4 min_steps=20": (
+                        "pls", dict(SETTINGS["pls"], init="uniform", steps=100, lr=0.3,
+                                    eval_every=5, patience=4, min_steps=20)),
                     "learned objective=ce": ("learned", {"objective": "ce"})}
         result = quality(args.quality or ["cora-sage", "citeseer-sage", "tolokers-sage"],
                          args.seeds, variants)
@@ -700,11 +770,14 @@ def main(argv=None) -> int:
         results["tolokers"] = [bench_small("tolokers-sage", args.rounds, args.threads)]
     if "products" in parts:
         sizes = [int(s) for s in args.sizes.split(",")] if not args.quick else [2_000, 5_000]
-        results["scaling"] = [bench_large("products-sage", n, args.threads) for n in sizes]
+        first, *others = args.products.split(",") if not args.quick else ["products-sage"]
+        results["scaling"] = [bench_large(first, n, args.threads) for n in sizes]
+        # other expert sets (e.g. fewer experts) at the first size only
+        results["others"] = [bench_large(key, sizes[0], args.threads) for key in others]
     results["seconds"] = time.perf_counter() - start
     name = "bench_soup_quick.json" if args.quick else "bench_soup.json"
     (OUT / name).write_text(json.dumps(results, indent=1))
-    for group in ("cora", "tolokers", "scaling"):
+    for group in ("cora", "tolokers", "scaling", "others"):
         for result in results.get(group, []):
             print(table(result), end="\n\n")
     if results.get("scaling"):

@@ -21,6 +21,7 @@ sampled: the logits equal the full graph's to float rounding (tested).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -157,8 +158,7 @@ def receptive_field(adj: torch.Tensor, x: torch.Tensor, roots: torch.Tensor, lay
         _, rows = neighbours.entries(subset)
         crow = torch.zeros(subset.numel() + 1, dtype=torch.long, device=subset.device)
         torch.cumsum(neighbours.ptr[subset + 1] - neighbours.ptr[subset], 0, out=crow[1:])
-        block = torch.sparse_csr_tensor(crow, neighbours.col[rows], values[rows],
-                                        size=(subset.numel(), adj.size(1)))
+        block = _csr(crow, neighbours.col[rows], values[rows], (subset.numel(), adj.size(1)))
         aggregate = torch.sparse.mm(block, x, "mean") if first == "mean" else torch.sparse.mm(block, x)
     return Field(subset, x[subset], edge_index, values[index], aggregate, roots.numel())
 
@@ -194,4 +194,10 @@ def field_adjacency(field_edge_index: torch.Tensor, weight: torch.Tensor,
     order = torch.argsort(target, stable=True)  # a field lists its edges by target already
     crow = torch.zeros(num_nodes + 1, dtype=torch.long, device=target.device)
     torch.cumsum(torch.bincount(target, minlength=num_nodes), 0, out=crow[1:])
-    return torch.sparse_csr_tensor(crow, source[order], weight[order], size=(num_nodes, num_nodes))
+    return _csr(crow, source[order], weight[order], (num_nodes, num_nodes))
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what PyG uses
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size)
