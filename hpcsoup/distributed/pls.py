@@ -259,6 +259,7 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         get_method("pls", **chosen)  # unknown settings fail here, on every rank alike
         return chosen
     settings = agree(comm, _settings, "checking the PLS settings")
+
     def _experts():  # first: a store without experts fails before any partitioning
         store = Store.open(cfg.store)
         return store, load_ingredients(cfg, store, _Named(graph_name(cfg)))

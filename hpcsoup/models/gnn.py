@@ -135,9 +135,6 @@ class Precomputed:
     aggregate: torch.Tensor
     adj: object
 
-    def size(self, dim: int) -> int:  # PyG reads sizes off a sparse adjacency this way
-        return self.adj.size(dim)
-
 
 def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
                                aggregate: torch.Tensor) -> torch.Tensor:

@@ -285,8 +285,8 @@ class Evaluator:
             field = receptive_field(self.adj, self.x, roots, int(self.spec.layers),
                                     FIRST_AGGREGATION.get(self.spec.arch))
             adj = field_adjacency(field.edge_index, field.weight, field.nodes.numel())
-            self._val_field = (field, adj, CSRNeighbours.of_adjacency(adj))
-        return self._val_field[:2]
+            self._val_field, self._val_neighbours = (field, adj), CSRNeighbours.of_adjacency(adj)
+        return self._val_field
 
     def field_of(self, positions: torch.Tensor):
         """The :class:`~hpcsoup.soup.fields.Field` of some validation nodes (``positions`` in
@@ -294,7 +294,7 @@ class Evaluator:
         global ids."""
         field, adj = self.validation_field()
         part = sub_field(field, adj, positions.to(self.device), int(self.spec.layers),
-                         self._val_field[2])
+                         self._val_neighbours)
         if self.order is not None:
             part.nodes = self.order[part.nodes]
         return part

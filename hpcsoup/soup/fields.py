@@ -25,6 +25,7 @@ import warnings
 
 import torch
 
+
 class CSRNeighbours:
     """Neighbour lists in compressed rows: node ``i``'s are ``col[ptr[i]:ptr[i+1]]`` (no copy).
 

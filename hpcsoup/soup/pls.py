@@ -23,8 +23,8 @@ where :math:`S_k` is what a step computes for partition :math:`k` (``scope``):
   scored the uniform soup 68.9 where the full graph scores 71.8); with fields it learns.
 - ``"partition"``: partition :math:`k` extended by a ``halo`` of :math:`h` hops.
   :math:`h = 0` is the paper's objective: edges to other partitions are dropped, so it
-  is biased (METIS cut 40 % of synthetic-products' edges at 1M nodes). :math:`h =` the number of layers
-  makes each partition's predictions exact (GCN keeps the full graph's degree
+  is biased (METIS cut 40 % of synthetic-products' edges at 1M nodes). :math:`h =` the
+  number of layers makes each partition's predictions exact (GCN keeps the full graph's degree
   normalisation) at the price of a halo that on a dense graph is most of it.
 
 Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds on):
@@ -303,9 +303,10 @@ class LocalPartitionSource(PartitionSource):
         nodes = field.nodes.cpu()
         val_mask = torch.arange(nodes.numel()) < field.roots
         aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
-        return Part(field.x, field.edge_index, self.graph.data.y[nodes], torch.zeros(0, dtype=torch.long),
-                    val_mask, self.order["val"][roots], torch.zeros_like(val_mask),
-                    torch.zeros(0, dtype=torch.long), nodes, field.roots, k, field.weight, aggregate)
+        none = torch.zeros(0, dtype=torch.long)  # no degrees (the weights carry them), no test
+        return Part(field.x, field.edge_index, self.graph.data.y[nodes], none, val_mask,
+                    self.order["val"][roots], torch.zeros_like(val_mask), none, nodes,
+                    field.roots, k, field.weight, aggregate)
 
     def _subgraph(self, k: int) -> Part:
         """Partition ``k``'s nodes (the core) and ``halo`` hops around them."""
