@@ -89,6 +89,21 @@ class CSRNeighbours:
             sizes.append(subset.numel())
         return subset, sizes
 
+    def field_edges(self, roots: torch.Tensor,
+                    depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(subset, local_edge_index, index)``: ``roots`` and the nodes within ``depth`` hops
+        into them, and the in-edges of the nodes within ``depth - 1`` hops (the nodes whose
+        outputs a later layer aggregates) as local ``source -> target`` pairs, with their
+        indices into ``col`` (and a CSR tensor's values)."""
+        subset = roots
+        try:
+            subset, sizes = self.hops(roots, depth)
+            owner, index = self.entries(subset[:sizes[depth - 1]] if depth else subset[:0])
+            edge_index = torch.stack([self._local[self.col[index]], owner])
+        finally:
+            self._local[subset] = -1
+        return subset, edge_index, index
+
     def subgraph(self, core: torch.Tensor, hops: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(subset, local_edge_index, core_count)``: ``core`` plus ``hops`` hops of halo
         (core nodes first, then each hop's new nodes by id) and the edges among them."""
@@ -145,13 +160,7 @@ def receptive_field(adj: torch.Tensor, x: torch.Tensor, roots: torch.Tensor, lay
     # with the first aggregation precomputed the model computes layer outputs within
     # layers - 1 hops; the aggregation itself reads one hop further, from the full graph
     depth = layers - 1 if first else layers
-    subset, sizes = neighbours.hops(roots, depth)
-    try:
-        # the in-edges of every node whose output a later layer aggregates (within depth - 1 hops)
-        owner, index = neighbours.entries(subset[:sizes[depth - 1]] if depth else subset[:0])
-        edge_index = torch.stack([neighbours._local[neighbours.col[index]], owner])
-    finally:
-        neighbours._local[subset] = -1
+    subset, edge_index, index = neighbours.field_edges(roots, depth)
     values = adj.values()
     aggregate = None
     if first:
@@ -177,12 +186,7 @@ def sub_field(field: Field, adj: torch.Tensor, roots: torch.Tensor, layers: int,
     """
     depth = layers - 1 if field.aggregate is not None else layers
     neighbours = neighbours or CSRNeighbours.of_adjacency(adj)
-    subset, sizes = neighbours.hops(roots, depth)
-    try:
-        owner, index = neighbours.entries(subset[:sizes[depth - 1]] if depth else subset[:0])
-        edge_index = torch.stack([neighbours._local[neighbours.col[index]], owner])
-    finally:
-        neighbours._local[subset] = -1
+    subset, edge_index, index = neighbours.field_edges(roots, depth)
     aggregate = None if field.aggregate is None else field.aggregate[subset]
     return Field(field.nodes[subset], field.x[subset], edge_index, adj.values()[index], aggregate,
                  roots.numel())
