@@ -246,16 +246,17 @@ class StepProgress:
 
 
 def learned_result(method: str, ingredients: Ingredients, stopper: Stopper,
-                   start: torch.Tensor, extras: dict) -> SoupResult:
+                   start: torch.Tensor, extras: dict, say: bool = True) -> SoupResult:
     """The soup of the kept logits, with what every learned method reports.
 
     ``extras["moved"]``: whether the kept logits left their start (False: the soup
-    *is* its start, e.g. the uniform soup, and the log says so).
+    *is* its start, e.g. the uniform soup, and the log says so unless ``say`` is False:
+    the MPI ranks other than 0, which reach the same soup).
     """
     weights = stopper.best_logits.softmax(-1)
     shift = float((weights - start.softmax(-1)).abs().max())
     moved = shift > 1e-6
-    if not moved:
+    if not moved and say:
         log.warning("%s did not move: the soup is its start (%s); nothing in %d checks beat it",
                     method, extras.get("init", "uniform" if bool((start == 0).all()) else "set"),
                     stopper.checks)

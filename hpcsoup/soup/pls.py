@@ -517,7 +517,7 @@ class PartitionLearnedSoup(SoupMethod):
             "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,
             "partitions": num_parts, "per_step": per_step, "scope": source.scope,
-            "halo": source.halo, "check": how})
+            "halo": source.halo, "check": how}, say=self.show_progress)
         depth = getattr(evaluator.spec, "layers", None)  # unknown for a user's own module
         if how != "full" and not source.exact(depth) and evaluator.graph is not None:
             start_val = evaluator.evaluate(ingredients.mix(start.softmax(-1)), "val")
