@@ -65,12 +65,19 @@ def fingerprint(edge_index: torch.Tensor, num_nodes: int) -> str:
     """A 16-hex-digit BLAKE2b digest of ``edge_index``'s contents and ``num_nodes``.
 
     Every byte is hashed, so a changed graph never matches a stale cache entry (measured on this
-    kind of machine: about 1 s per GiB of edge_index, small next to METIS itself).
+    kind of machine: about 1 s per GiB of edge_index, small next to METIS itself). The digest
+    is kept on the tensor until it is modified in place (its ``_version``): a process that
+    looks its partition up twice (the evaluator's node order, then PLS) hashes once.
     """
+    key = (edge_index._version, int(num_nodes))
+    kept = getattr(edge_index, "_hpcsoup_fingerprint", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     digest = hashlib.blake2b(digest_size=8)
     digest.update(f"{num_nodes}:{tuple(edge_index.shape)}:{edge_index.dtype}".encode())
     digest.update(memoryview(edge_index.contiguous().numpy()).cast("B"))
-    return digest.hexdigest()
+    edge_index._hpcsoup_fingerprint = (key, digest.hexdigest())
+    return edge_index._hpcsoup_fingerprint[1]
 
 
 def partition(graph_or_edge_index, num_nodes: int | None, k: int, seed: int = 0,

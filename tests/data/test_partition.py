@@ -86,6 +86,10 @@ def test_stale_or_corrupt_cache_is_never_used(cora, tmp_path):
     parts = partition(ei, n, 4, cache_dir=tmp_path)
     changed = ei[:, 2:]                                   # another graph, same node count
     assert fingerprint(changed, n) != fingerprint(ei, n)
+    edited = ei.clone()                                   # the digest kept on a tensor...
+    before = fingerprint(edited, n)
+    edited[0, 0] += 1                                     # ...is not reused once it is edited
+    assert fingerprint(edited, n) != before == fingerprint(ei, n)
     partition(changed, n, 4, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("graph-2708-k4-s0-*.pt"))) == 2
     (path,) = [p for p in tmp_path.iterdir() if fingerprint(ei, n) in p.name]
