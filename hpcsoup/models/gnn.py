@@ -26,6 +26,7 @@ experts soupable rests on this.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
@@ -85,14 +86,15 @@ class MeanSAGEConv(SAGEConv):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, aggr="mean")
 
-    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+    def forward(self, x, edge_index) -> torch.Tensor:
         if self.in_channels <= self.out_channels:
             return super().forward(x, edge_index)
-        projected = x @ self.lin_l.weight.t()
-        out = self.propagate(edge_index, x=(projected, projected), size=None)
+        source, target = x if isinstance(x, tuple) else (x, x)  # (sources, targets) or one
+        projected = source @ self.lin_l.weight.t()
+        out = self.propagate(edge_index, x=(projected, target), size=None)
         if self.lin_l.bias is not None:
             out = out + self.lin_l.bias
-        return out + self.lin_r(x)
+        return out + self.lin_r(target)
 
 
 def _conv(arch: str, cin: int, cout: int, heads: int, last: bool, norm: str = "none") -> nn.Module:
@@ -128,12 +130,18 @@ class Precomputed:
     the remaining layers over the same rows. Because :math:`(A X) W = A (X W)`, the first layer
     needs no edges at all, and the logits equal the plain forward's to float rounding; an
     evaluation of the validation nodes' receptive field then touches only the nodes within
-    ``layers - 1`` hops of them (:mod:`hpcsoup.soup.fields`). Inference only: dropout would
-    have to act on ``X`` before the aggregation.
+    ``layers - 1`` hops of them (:mod:`hpcsoup.soup.fields`). ``roots``: only the first
+    ``roots`` rows' logits are wanted (a field's roots), so the last layer computes those rows
+    alone. Inference only: dropout would have to act on ``X`` before the aggregation.
     """
 
     aggregate: torch.Tensor
     adj: object
+    roots: int | None = None
+
+
+#: rows per block of a first layer computed without autograd (:func:`first_layer`)
+FIRST_LAYER_BLOCK = 16384
 
 
 def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
@@ -147,6 +155,39 @@ def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
     if isinstance(conv, GINConv):        # MLP((1 + eps) X + A X)
         return conv.nn((1 + conv.eps) * x + aggregate)
     raise ModelError(f"{type(conv).__name__} has no precomputable first aggregation")
+
+
+def first_layer(conv: nn.Module, x: torch.Tensor, aggregate: torch.Tensor,
+                activate: bool) -> torch.Tensor:
+    """:func:`first_layer_from_aggregate`, then ReLU if ``activate``.
+
+    With :math:`A X` known the layer is row-wise, so without autograd it runs in blocks of
+    :data:`FIRST_LAYER_BLOCK` rows: the layer's temporaries (two products, their sum, the
+    activation) exist for one block at a time, not for the whole field (at 2.45M nodes the
+    validation field has 1.0M rows: 256 MB per temporary of width 64).
+    """
+    rows = x.size(0)
+    if torch.is_grad_enabled() or rows <= FIRST_LAYER_BLOCK:
+        out = first_layer_from_aggregate(conv, x, aggregate)
+        return out.relu() if activate else out
+    out = None
+    for start in range(0, rows, FIRST_LAYER_BLOCK):
+        block = slice(start, start + FIRST_LAYER_BLOCK)
+        part = first_layer_from_aggregate(conv, x[block], aggregate[block])
+        if out is None:
+            out = part.new_empty(rows, part.size(1))
+        out[block] = part.relu_() if activate else part
+    return out
+
+
+def root_rows(adj: torch.Tensor, roots: int) -> torch.Tensor:
+    """The first ``roots`` rows of a CSR adjacency (targets), all its columns (sources)."""
+    crow = adj.crow_indices()[:roots + 1]
+    end = int(crow[-1])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what PyG uses
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, adj.col_indices()[:end], adj.values()[:end],
+                                       size=(roots, adj.size(1)))
 
 
 class GNN(nn.Module):
@@ -165,18 +206,32 @@ class GNN(nn.Module):
             for i in range(spec.layers))
 
     def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
-        precomputed = isinstance(edge_index, Precomputed)
-        if precomputed and self.training:
-            raise ModelError("a precomputed first aggregation is for inference (eval mode) only")
+        if isinstance(edge_index, Precomputed):
+            return self._from_precomputed(x, edge_index)
         for i, conv in enumerate(self.convs):
             x = nn.functional.dropout(x, self.spec.dropout, self.training)
-            if precomputed:
-                x = (first_layer_from_aggregate(conv, x, edge_index.aggregate) if i == 0
-                     else conv(x, edge_index.adj))
-            else:
-                x = conv(x, edge_index)
+            x = conv(x, edge_index)
             if i < len(self.convs) - 1:
                 x = x.relu()
+        return x
+
+    def _from_precomputed(self, x: torch.Tensor, graph: Precomputed) -> torch.Tensor:
+        """Inference from :class:`Precomputed` (no dropout: eval mode only)."""
+        if self.training:
+            raise ModelError("a precomputed first aggregation is for inference (eval mode) only")
+        last = len(self.convs) - 1
+        roots = x.size(0) if graph.roots is None else int(graph.roots)
+        if last == 0:
+            return first_layer(self.convs[0], x[:roots], graph.aggregate[:roots], False)
+        x = first_layer(self.convs[0], x, graph.aggregate, True)
+        for i, conv in enumerate(self.convs[1:], start=1):
+            if i < last:
+                x = conv(x, graph.adj).relu()
+            elif roots == x.size(0):
+                x = conv(x, graph.adj)
+            else:  # the roots' rows only: every source, the roots as targets
+                x = conv(x if isinstance(conv, GCNConv) else (x, x[:roots]),
+                         root_rows(graph.adj, roots))
         return x
 
 

@@ -237,7 +237,8 @@ class Evaluator:
             return self._part_adjacency[key]
         if part.is_field:
             adj = self.field_input(part.edge_index, part.weight, part.num_nodes,
-                                   part.aggregate if part.aggregate.numel() else None)
+                                   part.aggregate if part.aggregate.numel() else None,
+                                   part.core_count)
         else:
             deg = part.deg.to(self.device) if part.deg.numel() else None
             adj = build_adjacency(self.spec.arch, part.edge_index.to(self.device), part.num_nodes,
@@ -247,10 +248,12 @@ class Evaluator:
         return adj
 
     def field_input(self, edge_index: torch.Tensor, weight: torch.Tensor, num_nodes: int,
-                    aggregate: torch.Tensor | None):
-        """The graph input of a receptive field (:class:`~hpcsoup.soup.fields.Field`'s tensors)."""
+                    aggregate: torch.Tensor | None, roots: int | None = None):
+        """The graph input of a receptive field (:class:`~hpcsoup.soup.fields.Field`'s tensors);
+        with a precomputed first aggregation and ``roots``, the forward returns the logits of the
+        first ``roots`` nodes only (:class:`~hpcsoup.models.gnn.Precomputed`)."""
         adj = field_adjacency(edge_index.to(self.device), weight.to(self.device), num_nodes)
-        return adj if aggregate is None else Precomputed(aggregate.to(self.device), adj)
+        return adj if aggregate is None else Precomputed(aggregate.to(self.device), adj, roots)
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | None = None,
                 adj: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +315,8 @@ class Evaluator:
                     and field.edge_index.size(1) > FIELD_FRACTION * self.adj.values().numel():
                 self._field = ()
             else:
-                graph_input = adj if field.aggregate is None else Precomputed(field.aggregate, adj)
+                graph_input = (adj if field.aggregate is None
+                               else Precomputed(field.aggregate, adj, field.roots))
                 self._field = (field.x, graph_input, field.roots)
         return self._field or None
 

@@ -16,12 +16,31 @@ experts' validation scores are not recorded).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult, val_scores
 
 log = logging.getLogger("hpcsoup.soup")
+
+
+def greedy_selection(scores: list[float],
+                     score_of: Callable[[list[int]], float]) -> tuple[list[int], float]:
+    """Recipe 1's selection: ``(chosen, best)`` from the experts' validation ``scores`` and
+    ``score_of(subset)``, the validation score of a candidate soup of ``subset``."""
+    # stable sort: equal scores keep the ingredients' order (deterministic)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    chosen, best = [order[0]], scores[order[0]]
+    for j in order[1:]:
+        score = score_of(chosen + [j])
+        kept = score >= best
+        log.debug("greedy: expert %d val %.4f -> soup val %.4f (%s, %d in soup)",
+                  j, scores[j], score, "kept" if kept else "dropped", len(chosen) + kept)
+        if kept:
+            chosen.append(j)
+            best = score
+    return sorted(chosen), best
 
 
 class GreedySoup(SoupMethod):
@@ -31,22 +50,12 @@ class GreedySoup(SoupMethod):
 
     def soup(self, ingredients: Ingredients, evaluator, *, seed: int = 0) -> SoupResult:
         start = evaluator.evaluations
-        scores = val_scores(ingredients, evaluator)
-        # stable sort: equal scores keep the ingredients' order (deterministic)
-        order = sorted(range(ingredients.n), key=lambda i: -scores[i])
-        chosen, best = [order[0]], scores[order[0]]
-        for j in order[1:]:
-            score = evaluator.evaluate(ingredients.mean(chosen + [j]), "val")
-            kept = score >= best
-            log.debug("greedy: expert %s val %.4f -> soup val %.4f (%s, %d in soup)",
-                      ingredients.ids[j], scores[j], score, "kept" if kept else "dropped",
-                      len(chosen) + kept)
-            if kept:
-                chosen.append(j)
-                best = score
+        chosen, best = greedy_selection(
+            val_scores(ingredients, evaluator),
+            lambda subset: evaluator.evaluate(ingredients.mean(subset), "val"))
         weights = torch.zeros(ingredients.n, dtype=torch.float64)
         weights[chosen] = 1.0 / len(chosen)
-        return SoupResult(self.name, ingredients.mean(sorted(chosen)),
+        return SoupResult(self.name, ingredients.mean(chosen),
                           SoupResult.rows(weights, ingredients.num_tensors),
                           {"evaluations": evaluator.evaluations - start, "val": best,
                            "chosen": [ingredients.ids[i] for i in chosen]})

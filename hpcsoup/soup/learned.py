@@ -48,6 +48,7 @@ end, so the soup returned would differ from the one scored.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ from hpcsoup.errors import SoupError
 from hpcsoup.progress import Progress
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
-from hpcsoup.soup.greedy import GreedySoup
+from hpcsoup.soup.greedy import greedy_selection
 
 log = logging.getLogger("hpcsoup.soup")
 
@@ -142,7 +143,7 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
         if evaluator is None or evaluator.graph is None:
             raise SoupError("learned souping init='greedy' needs the full graph to choose the "
                             "greedy soup's experts; use init='uniform' or 'validation'")
-        logits = greedy_logits(ingredients, evaluator)
+        logits, _ = greedy_start(ingredients, lambda params: (evaluator.evaluate(params), None))
     elif how == "validation":
         if val_scores is None:
             raise SoupError("learned souping init='validation' needs the experts' validation "
@@ -155,14 +156,35 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
     return logits.to(device).requires_grad_(True)
 
 
-def greedy_logits(ingredients: Ingredients, evaluator) -> torch.Tensor:
-    """``[P, n]`` logits of the greedy soup: its experts at 0, the others at ``-GREEDY_GAP``.
+def greedy_start(ingredients: Ingredients,
+                 check: Callable[[dict], tuple]) -> tuple[torch.Tensor, tuple | None]:
+    """``(logits, start_check)``: the ``[P, n]`` logits of the greedy soup (its experts at 0,
+    the others at ``-GREEDY_GAP``) and ``check``'s result on exactly them, when made.
 
-    ``evaluator`` only needs ``evaluate(params, "val")`` and ``evaluations`` (PLS passes its
-    validation check, which ranks can make without the graph)."""
-    chosen = torch.tensor(GreedySoup().soup(ingredients, evaluator).coefficients[0]) > 0
-    return torch.where(chosen, 0.0, -GREEDY_GAP).float().expand(
-        ingredients.num_tensors, ingredients.n).clone()
+    ``check(params) -> (score, loss)`` scores a soup on validation (LS: an evaluation; PLS:
+    its check, which MPI ranks make collectively without the graph). The candidates are
+    scored as these logits mix them (the others at e^-8 each), not as plain means, so the
+    kept candidate's check is the start's own: PLS, whose checks are whole evaluations,
+    starts without one more (``None`` when greedy kept the best expert alone, which it did
+    not evaluate).
+    """
+    def logits_of(subset):
+        chosen = torch.zeros(ingredients.n, dtype=torch.bool)
+        chosen[list(subset)] = True
+        return torch.where(chosen, 0.0, -GREEDY_GAP).float().expand(
+            ingredients.num_tensors, ingredients.n).clone()
+
+    checks = {}
+
+    def score_of(subset):
+        checks[tuple(sorted(subset))] = check(ingredients.mix(logits_of(subset).softmax(-1)))
+        return checks[tuple(sorted(subset))][0]
+
+    scores = ingredients.val_scores
+    if scores is None:  # not recorded: one check per expert
+        scores = [check(ingredients.expert(i))[0] for i in range(ingredients.n)]
+    chosen, _ = greedy_selection(list(scores), score_of)
+    return logits_of(chosen), checks.get(tuple(chosen))
 
 
 def make_optimizer(logits: torch.Tensor, settings: dict):

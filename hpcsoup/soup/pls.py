@@ -75,7 +75,7 @@ from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.fields import CSRNeighbours
-from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, greedy_logits,
+from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, greedy_start,
                                   init_logits, learned_result, make_optimizer, resolve_objective,
                                   validation_loss)
 
@@ -326,18 +326,6 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class _CheckScores:
-    """What the greedy start needs of an evaluator, from PLS's validation check (exact on
-    receptive fields, and collective: every rank makes the same choices)."""
-
-    def __init__(self, check_params: Callable):
-        self.check_params, self.evaluations = check_params, 0
-
-    def evaluate(self, params: dict, split: str = "val") -> float:
-        self.evaluations += 1
-        return self.check_params(params)[0]
-
-
 SCOPES = ("field", "partition")
 CHECKS = ("auto", "partitions", "full")
 
@@ -451,9 +439,10 @@ class PartitionLearnedSoup(SoupMethod):
             return check_params(ingredients.mix(weights))
 
         start_evals = evaluator.evaluations
+        start_check = None  # the start's check, when choosing the start made it
         if s["init"] == "greedy":  # chosen by the check, so MPI ranks can choose it too
-            logits = greedy_logits(ingredients, _CheckScores(check_params)).to(evaluator.device)
-            logits.requires_grad_(True)
+            logits, start_check = greedy_start(ingredients, check_params)
+            logits = logits.to(evaluator.device).requires_grad_(True)
         else:
             logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device,
                                  evaluator)
@@ -466,7 +455,8 @@ class PartitionLearnedSoup(SoupMethod):
         for step in range(steps + 1):
             score = None
             if step % every == 0 or step == steps:
-                score, check_loss = check(logits.detach().softmax(-1))
+                score, check_loss = (start_check if step == 0 and start_check is not None
+                                     else check(logits.detach().softmax(-1)))
                 if stopper.check(step, score, check_loss, logits):
                     stopped = step < steps
                     break
@@ -487,8 +477,9 @@ class PartitionLearnedSoup(SoupMethod):
                 part = source.part(k)
                 out = evaluator.forward(params, part.x.to(evaluator.device),
                                         evaluator.part_adjacency(part, keep))
-                mask = part.val_mask.to(evaluator.device)
-                term = validation_loss(out[mask], part.y.to(evaluator.device)[mask], objective,
+                mask = part.val_mask[:out.size(0)].to(evaluator.device)  # a field: its roots' rows
+                labels = part.y[:out.size(0)].to(evaluator.device)
+                term = validation_loss(out[mask], labels[mask], objective,
                                        reduction="sum") / total
                 # back through the partition (memory of one), then through the mix
                 grads = torch.autograd.grad(term, mixed, retain_graph=True, allow_unused=True)
@@ -579,11 +570,12 @@ def partition_scores(params: dict, evaluator, source: PartitionSource,
         out = evaluator.forward(params, part.x.to(evaluator.device),
                                 evaluator.part_adjacency(part, keep))
         for split in splits:
-            mask = part.mask(split).to(evaluator.device)
+            mask = part.mask(split)[:out.size(0)].to(evaluator.device)  # a field: its roots' rows
             pos = part.positions(split).to(evaluator.device)
             out_split = out[mask]
             if metric == "accuracy":
-                value = (out_split.argmax(-1) == part.y.to(evaluator.device)[mask]).double()
+                labels = part.y[:out.size(0)].to(evaluator.device)
+                value = (out_split.argmax(-1) == labels[mask]).double()
             else:
                 value = out_split.float().softmax(-1)[:, 1].double()
             flat[offsets[split] + pos] = value

@@ -240,3 +240,27 @@ def test_check_auto_is_the_full_graph_where_the_process_holds_it(tiny_graph, tin
     assert pls.resolve_check("partitions", evaluator) == "partitions"
     method = get_method("pls", partitions=4, per_step=2, steps=2)
     assert method.soup(tiny_experts, evaluator).extras["check"] == "full"
+
+
+def test_the_greedy_start_is_checked_once():
+    """Greedy scores its candidates as the start's logits mix them, so the kept candidate's
+    check is the start's: PLS makes no second check of it (one evaluation fewer)."""
+    from hpcsoup.soup.learned import greedy_start
+    from soup_support import make_graph, train_experts
+
+    graph = make_graph(seed=0, nodes=400)  # greedy keeps 3 of 4
+    experts = train_experts(graph, n=4, epochs=30)
+    evaluator = Evaluator(experts.spec, graph)
+
+    def check(params):
+        with torch.no_grad():
+            out = evaluator.val_logits(params)
+        return evaluator.score_val(out), float(out.sum())
+
+    logits, start_check = greedy_start(experts, check)
+    chosen = int((logits[0] == 0).sum())
+    assert chosen > 1 and start_check == check(experts.mix(logits.softmax(-1)))
+    result = get_method("pls", partitions=8, per_step=2).soup(experts, evaluator)
+    assert result.extras["start_logits"] == logits.tolist()
+    # n - 1 greedy evaluations, then every check but the first (the start's) is an evaluation
+    assert result.extras["evaluations"] == experts.n - 1 + result.extras["checks"] - 1

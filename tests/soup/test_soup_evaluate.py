@@ -90,3 +90,25 @@ def test_the_kept_transpose_gives_torchs_gradients(tiny_graph, arch):
         torch.func.functional_call(template, params, (x, adj)).logsumexp(1).sum().backward()
         grads.append([x.grad] + [params[k].grad for k in state])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_inference_on_the_field_runs_in_blocks_and_on_its_roots_alone(
+        tiny_graph, arch, layers, monkeypatch):
+    """Without autograd the first layer runs in row blocks and the last layer computes the
+    roots' rows alone: still the full graph's validation logits."""
+    import hpcsoup.models.gnn as gnn
+
+    monkeypatch.setattr(gnn, "FIRST_LAYER_BLOCK", 7)
+    graph = _directed_few_validation_nodes(tiny_graph, keep=20)
+    spec = ModelSpec(arch, graph.num_features, graph.num_classes, layers, 16)
+    state = build_model(spec, seed=3).state_dict()
+    evaluator = Evaluator(spec, graph)
+    x, graph_input, count = evaluator.field()
+    assert graph_input.roots == count == 20 and x.size(0) > 7
+    assert (x.size(0) > count) == (layers > 1)  # one layer: the field is its roots
+    with torch.no_grad():
+        out = evaluator.val_logits(state)
+    assert out.shape == (count, graph.num_classes)
+    assert torch.allclose(out, evaluator.logits(state)[evaluator.masks["val"]], atol=1e-5)
