@@ -79,22 +79,23 @@ class MeanSAGEConv(SAGEConv):
 
     The mean is linear, so :math:`(D^{-1} A H) W_n = D^{-1} A (H W_n)`: aggregating
     ``out_channels`` columns instead of ``in_channels`` (1433 -> 64 on Cora) does the
-    same arithmetic up to float rounding with far less edge traffic. Parameters and
-    their names are PyG's, so state_dicts are interchangeable with ``SAGEConv``.
+    same arithmetic up to float rounding with far less edge traffic. Not when the input is
+    a ``(sources, targets)`` pair (a receptive field's roots as targets: far fewer targets
+    than sources), where projecting every source would cost more than the edges. Parameters
+    and their names are PyG's, so state_dicts are interchangeable with ``SAGEConv``.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, aggr="mean")
 
     def forward(self, x, edge_index) -> torch.Tensor:
-        if self.in_channels <= self.out_channels:
+        if self.in_channels <= self.out_channels or isinstance(x, tuple):
             return super().forward(x, edge_index)
-        source, target = x if isinstance(x, tuple) else (x, x)  # (sources, targets) or one
-        projected = source @ self.lin_l.weight.t()
-        out = self.propagate(edge_index, x=(projected, target), size=None)
+        projected = x @ self.lin_l.weight.t()
+        out = self.propagate(edge_index, x=(projected, projected), size=None)
         if self.lin_l.bias is not None:
             out = out + self.lin_l.bias
-        return out + self.lin_r(target)
+        return out + self.lin_r(x)
 
 
 def _conv(arch: str, cin: int, cout: int, heads: int, last: bool, norm: str = "none") -> nn.Module:
@@ -141,7 +142,7 @@ class Precomputed:
 
 
 #: rows per block of a first layer computed without autograd (:func:`first_layer`)
-FIRST_LAYER_BLOCK = 16384
+FIRST_LAYER_BLOCK = 8192
 
 
 def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
