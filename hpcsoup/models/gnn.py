@@ -139,6 +139,14 @@ class Precomputed:
     aggregate: torch.Tensor
     adj: object
     roots: int | None = None
+    _root_adj: object = dataclasses.field(default=None, init=False, repr=False)
+
+    def root_adjacency(self) -> torch.Tensor:
+        """The roots' rows of ``adj``, built once (the kept :math:`A^T` of the backward,
+        :func:`hpcsoup.soup.evaluate.transposed`, lives on it)."""
+        if self._root_adj is None:
+            self._root_adj = root_rows(self.adj, int(self.roots))
+        return self._root_adj
 
 
 #: rows per block of a first layer computed without autograd (:func:`first_layer`)
@@ -232,7 +240,7 @@ class GNN(nn.Module):
                 x = conv(x, graph.adj)
             else:  # the roots' rows only: every source, the roots as targets
                 x = conv(x if isinstance(conv, GCNConv) else (x, x[:roots]),
-                         root_rows(graph.adj, roots))
+                         graph.root_adjacency())
         return x
 
 
