@@ -208,6 +208,20 @@ def _config(tmp_path: Path, data_root: Path, **experts) -> dict:
             "specialists": {"archs": ["gcn", "gat"], "split": "random", "epochs": 3, "hidden": 16}}
 
 
+def test_train_all_keeps_no_graph_in_the_parent(tmp_path, data_root, monkeypatch):
+    """`hpcsoup run` trains in Dask workers, then soups in its own process: the graph it loads
+    for the inits' shapes must not stay cached there (a second copy at 2.45M nodes: +3.4 GiB).
+    The workers are replaced by a stub (this test is about the parent)."""
+    from hpcsoup.train import run
+
+    seen = []
+    monkeypatch.setattr(run, "_run_all", lambda cfg, store, todo, existing, force:
+                        seen.append(dict(run._GRAPHS)) or [])
+    run_train(build_config(_config(tmp_path, data_root)), all_tasks=True)
+    assert seen == [{}] and run._GRAPHS == {}
+    assert len(Store.open(tmp_path / "s.zarr").inits()) == 3  # the inits were made from it
+
+
 def test_a_task_writes_its_expert_and_a_rerun_is_a_no_op(tmp_path, data_root):
     cfg = build_config(_config(tmp_path, data_root))
     out = run_train(cfg, task_id=1)
