@@ -309,6 +309,7 @@ def report() -> str:
                 f"| {name} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
                 f"{_median(old):+.1f} / {min(old):+.1f} | {speed(two)} | {speed(three)} | "
                 f"{speed(unc)} | {sum(r['child']['retention_mean'] for r in rs) / len(rs):.3f} |")
+        lines += _losses(main)
     trade = _rows("tradeoff")
     if trade:
         lines.append("")
@@ -350,6 +351,24 @@ def report() -> str:
                              f"({r['merge_seconds']:.1f} s)")
             lines.append(f"| {ds} | {split} | {ps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _losses(main: list[dict], below: float = -1.0) -> list[str]:
+    """Per parent region, the cases where the child is more than ``-below`` points under the
+    ensemble: the parent, the child and the ensemble on the region's test nodes."""
+    rows = [r for r in main if _gap(r["child"]["test"], r["ensemble"]["test"]) < below]
+    if not rows:
+        return []
+    lines = ["", f"Where the child is more than {-below:.0f} point(s) below the ensemble, per parent "
+             "region (test nodes of the region; the region's parent, the child, the ensemble):", "",
+             "| dataset | split | d | parents | region of | parent | child | ensemble | child - ens (pt) |",
+             "|" + "---|" * 9]
+    for r in rows:
+        for name, p in r["parents_scores"].items():
+            lines.append(f"| {r['dataset']} | {r['split']} | {r['depth']} | {'+'.join(r['parents'])} "
+                         f"| {name} | {p['own']:.3f} | {p['child_own']:.3f} | {p['ensemble_own']:.3f} "
+                         f"| {_gap(p['child_own'], p['ensemble_own']):+.1f} |")
+    return lines
 
 
 def plot(trade):
