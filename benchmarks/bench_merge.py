@@ -13,7 +13,7 @@ Parts:
   main       the grid, with the default settings and the ablations (no alignment, no routing,
              no calibration, the owner target) on every case;
   tradeoff   child - ensemble vs. speedup over the gate's sparsity (threshold, budget) on the
-             depth-2 cases;
+             depth-2 cases (other depths with --depths);
   findings   gate targets (owner, confidence), calibrating the output, readout, with merge times.
 
 Usage:
@@ -199,15 +199,13 @@ TRADEOFF = [("threshold=0", HGramaSettings(threshold=0.0)),
 def part_tradeoff(graph, dataset, repeats, keep):
     rows = []
     for split, depth, archs in cases(dataset, keep):
-        if depth != 2:
-            continue
         nets, trained_on, masks = setup_case(graph, dataset, split, depth, archs)
         for name, settings in TRADEOFF:
             m = run_merge_case(graph, nets, trained_on, masks, settings, repeats)
             rows.append({"dataset": dataset, "split": split, "depth": depth, "parents": list(archs),
                          "setting": name, "child": summary(m)})
             rows[-1]["ensemble_test"] = m["ensemble"]["test"]
-            say(f"{dataset:11s} {split:6s} {'+'.join(archs):13s} {name:26s} test "
+            say(f"{dataset:11s} {split:6s} d{depth} {'+'.join(archs):13s} {name:26s} test "
                 f"{m['test']:.3f} (ens {m['ensemble']['test']:.3f}) speedup "
                 f"{m['speedup_vs_ensemble']:.2f}x")
     return rows
@@ -311,23 +309,25 @@ def report() -> str:
                 f"| {name} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
                 f"{_median(old):+.1f} / {min(old):+.1f} | {speed(two)} | {speed(three)} | "
                 f"{speed(unc)} | {sum(r['child']['retention_mean'] for r in rs) / len(rs):.3f} |")
+        lines += _losses(main)
     trade = _rows("tradeoff")
     if trade:
         lines.append("")
-        lines.append("Trade-off over the gate's sparsity (depth-2 cases; child - ensemble test in "
-                     "points, median / min; speedups: medians, cached and uncached):")
+        lines.append("Trade-off over the gate's sparsity (child - ensemble test in points, median / "
+                     "min; speedups: medians, cached and uncached):")
         lines.append("")
-        lines.append("| setting | split | cases | child - ens median / min | speedup cached "
+        lines.append("| setting | dataset | split | cases | child - ens median / min | speedup cached "
                      "| uncached | parents per node |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        datasets = sorted({r["dataset"] for r in trade})
         for name, _ in TRADEOFF:
-            for split in ("metis", "random", "class"):
-                rs = [r for r in trade if r["setting"] == name and r["split"] == split]
+            for dataset, split in ((d, s) for d in datasets for s in ("metis", "random", "class")):
+                rs = [r for r in trade if (r["setting"], r["dataset"], r["split"]) == (name, dataset, split)]
                 if not rs:
                     continue
                 gaps = [_gap(r["child"]["test"], r["ensemble_test"]) for r in rs]
                 lines.append(
-                    f"| {name} | {split} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
+                    f"| {name} | {dataset} | {split} | {len(rs)} | {_median(gaps):+.1f} / {min(gaps):+.1f} | "
                     f"{_median([r['child']['speedup']['cached'] for r in rs]):.2f} | "
                     f"{_median([r['child']['speedup']['uncached'] for r in rs]):.2f} | "
                     f"{sum(r['child']['parents_per_node'] for r in rs) / len(rs):.2f} |")
@@ -351,6 +351,24 @@ def report() -> str:
                              f"({r['merge_seconds']:.1f} s)")
             lines.append(f"| {ds} | {split} | {ps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _losses(main: list[dict], below: float = -1.0) -> list[str]:
+    """Per parent region, the cases where the child is more than ``-below`` points under the
+    ensemble: the parent, the child and the ensemble on the region's test nodes."""
+    rows = [r for r in main if _gap(r["child"]["test"], r["ensemble"]["test"]) < below]
+    if not rows:
+        return []
+    lines = ["", f"Where the child is more than {-below:.0f} point(s) below the ensemble, per parent "
+             "region (test nodes of the region; the region's parent, the child, the ensemble):", "",
+             "| dataset | split | d | parents | region of | parent | child | ensemble | child - ens (pt) |",
+             "|" + "---|" * 9]
+    for r in rows:
+        for name, p in r["parents_scores"].items():
+            lines.append(f"| {r['dataset']} | {r['split']} | {r['depth']} | {'+'.join(r['parents'])} "
+                         f"| {name} | {p['own']:.3f} | {p['child_own']:.3f} | {p['ensemble_own']:.3f} "
+                         f"| {_gap(p['child_own'], p['ensemble_own']):+.1f} |")
+    return lines
 
 
 def plot(trade):
@@ -422,7 +440,9 @@ def main(argv=None):
                 rows = part_main(graph, dataset, args.repeats, keep, args.ablations)
             else:
                 fn = {"tradeoff": part_tradeoff, "findings": part_findings}[part]
-                rows = fn(graph, dataset, max(5, args.repeats // 2), keep)
+                # depth 2 unless --depths asks for others (the trade-off of Tolokers' depth-3 cases)
+                keep_part = keep if args.depths else (lambda s, d: keep(s, d) and d == 2)
+                rows = fn(graph, dataset, max(5, args.repeats // 2), keep_part)
             (OUT / f"merge_{part}_{dataset}{subset}.json").write_text(json.dumps(rows, indent=1))
             say(f"{dataset} {part}: {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     print(report())

@@ -155,15 +155,16 @@ class GraphOps:
         col = self.col.index_select(0, entries)
         # support = the rows first, then the other nodes they read: a row's own entry in any
         # support-indexed tensor is then a prefix view, never a gather
-        mark = torch.zeros(n, dtype=torch.bool)
-        mark[col] = True
+        # counting beats marking: on Tolokers' halves (665k entries) ``mark[col] = True`` took
+        # 6.7 ms, ``bincount(col) > 0`` 0.8 ms (one thread)
+        mark = torch.bincount(col, minlength=n) > 0
         mark[rows] = False
         support = torch.cat([rows, mark.nonzero().view(-1)])
         local = torch.full((n,), -1, dtype=torch.long)
         local[support] = torch.arange(support.numel())
         row_local = torch.repeat_interleave(torch.arange(rows.numel()), counts, output_size=total)
         return Block(self, rows, support, crow, local.index_select(0, col), row_local,
-                     rows_first=True, position=local)
+                     rows_first=True, position=local, entries=entries)
 
 
 @dataclasses.dataclass
@@ -182,6 +183,7 @@ class Block:
     row: torch.Tensor
     rows_first: bool = False
     position: torch.Tensor | None = None  # [N] index of each node in the support, -1 outside
+    entries: torch.Tensor | None = None   # ids of its stored entries in the whole graph's CSR
     _vec: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -304,6 +306,12 @@ def propagate_static(block: Block, parts: list[tuple[str, torch.Tensor]]) -> lis
 def _propagate_one(block: Block, kind: str, u: torch.Tensor) -> torch.Tensor:
     """One static propagation with the normalisation stored in the CSR values (fewer dense ops)."""
     key = ("values", kind)
+    whole = block.ops._full
+    if key not in block._vec and block.entries is not None and whole is not None \
+            and whole._vec.get(key) is not None:
+        # the whole graph's normalised values (the gate's propagations made them): a block's
+        # entries carry the same global (row, column) pairs, so one gather replaces two and a product
+        block._vec[key] = whole._vec[key].index_select(0, block.entries)
     if key not in block._vec:
         if kind == "gcn":
             d = block.ops.deg_hat.rsqrt()

@@ -98,6 +98,22 @@ def test_restricted_rows_equal_the_full_operator(cora):
     assert block.n_support < cora.num_nodes  # the support is only what the rows read
 
 
+def test_restricted_gcn_values_taken_from_the_whole_graph_equal_their_own(cora):
+    """Once the whole graph's GCN values exist (the gate made them), a restricted block gathers
+    its entries' values from them instead of recomputing: the same numbers, bit for bit."""
+    ops = GraphOps(cora.data.edge_index, cora.num_nodes, undirected=True)
+    rows = torch.arange(1, cora.num_nodes, 3)
+    u = torch.randn(cora.num_nodes, 5)
+    own = ops.restrict(rows)  # no whole-graph values yet: computed from the degrees
+    expected = propagate_static(own, [("gcn", u.index_select(0, own.support))])[0]
+    propagate_static(ops.full(), [("gcn", u)])
+    assert ops.full()._vec.get(("values", "gcn")) is not None
+    block = ops.restrict(rows)
+    got = propagate_static(block, [("gcn", u.index_select(0, block.support))])[0]
+    assert torch.equal(block._vec[("values", "gcn")], own._vec[("values", "gcn")])
+    assert torch.equal(got, expected)
+
+
 def test_shared_pass_equals_separate_passes(cora):
     block = GraphOps(cora.data.edge_index, cora.num_nodes).full()
     u, v = torch.randn(cora.num_nodes, 4), torch.randn(cora.num_nodes, 3)
