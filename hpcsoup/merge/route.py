@@ -220,6 +220,10 @@ def fit_routing_gate(x: torch.Tensor, ops: GraphOps, target: str, trained_on: to
     return gate, dict(decision, used="confidence")
 
 
+#: rows per block of the gate's predictions while it is fitted (:func:`fit_gate`)
+PREDICT_BLOCK = 65536
+
+
 def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch.Tensor, *,
              hops: int = 2, standardize: bool = False,
              lambdas: tuple = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
@@ -238,7 +242,21 @@ def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch
     else:
         scales = [((b - m).norm(dim=1).mean().clamp_min(1e-12)).expand(b.size(1))
                   for b, m in zip(blocks, means)]
-    design = torch.cat([(b - m) / s for b, m, s in zip(blocks, means, scales)], 1).double()
+
+    def design(rows) -> torch.Tensor:
+        """Rows of the standardised descriptors ``[X, A_hat X, ...]``, in double."""
+        return torch.cat([(b[rows] - m) / s for b, m, s in zip(blocks, means, scales)], 1).double()
+
+    def predict(coef) -> torch.Tensor:
+        """``design @ weight + bias`` for every node, in blocks of rows: the whole design in
+        double would be 8 (hops + 1) F bytes per node (2.45M nodes, F = 100: 5.9 GB)."""
+        out = torch.empty(x.size(0), coef[0].size(1))
+        for start in range(0, x.size(0), PREDICT_BLOCK):
+            rows = slice(start, start + PREDICT_BLOCK)
+            out[rows] = (design(rows) @ coef[0] + coef[1]).float()
+        return out
+
+    fit_design = design(nodes)
     y = targets.double()
     n = nodes.numel()
     generator = torch.Generator().manual_seed(seed)
@@ -250,8 +268,8 @@ def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch
         fit_mask[held] = False
         if not bool(fit_mask.any()):
             continue
-        for li, coef in enumerate(_ridge_path(design[nodes[fit_mask]], y[fit_mask], lambdas)):
-            pred = (design @ coef[0] + coef[1]).float()
+        for li, coef in enumerate(_ridge_path(fit_design[fit_mask], y[fit_mask], lambdas)):
+            pred = predict(coef)
             for si, steps in enumerate(smooth_grid):
                 sm = smooth(ops, pred, steps) if steps else pred
                 held_pred = sm[nodes[held]].double()
@@ -260,7 +278,7 @@ def fit_gate(x: torch.Tensor, ops: GraphOps, nodes: torch.Tensor, targets: torch
                 errors[li, si] += misrouted + 1e-3 * ((held_pred - y[held]) ** 2).sum()
     best = int(errors.argmin())
     li, si = divmod(best, len(smooth_grid))
-    weight, bias = _ridge_path(design[nodes], y, (lambdas[li],))[0]
+    weight, bias = _ridge_path(fit_design, y, (lambdas[li],))[0]
     # fold centring and scaling into per-hop coefficients and one intercept
     coef, intercept, start = [], bias.clone(), 0
     for b, m, s in zip(blocks, means, scales):
