@@ -234,11 +234,14 @@ class MergedGNN(nn.Module):
         return self._input_cat, [w.size(1) for w in weights]
 
     def make_cache(self, x: torch.Tensor, edge_index: torch.Tensor, undirected: bool = False,
-                   attention: bool = True) -> ChildCache:
-        """Graph operators, routing and (optionally) GAT attention, computed once."""
-        ops = GraphOps(edge_index, x.size(0), undirected=undirected)
-        routing = self.route(as_features(x), ops)
-        routing.inputs = {}
+                   attention: bool = True, ops: GraphOps | None = None,
+                   routing: Routing | None = None) -> ChildCache:
+        """Graph operators, routing and (optionally) GAT attention, computed once (``ops`` and
+        ``routing``: ones already built for this graph, shared instead of built again)."""
+        ops = ops or GraphOps(edge_index, x.size(0), undirected=undirected)
+        routing = routing or self.route(as_features(x), ops)
+        if routing.inputs is None:
+            routing.inputs = {}
         cache = ChildCache(ops, routing, {} if attention else None)
         self.forward(x, edge_index, cache=cache)
         return cache

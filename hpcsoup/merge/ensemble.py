@@ -30,9 +30,10 @@ class Ensemble:
         self._input_weight = torch.cat([p.layers[0].weight for p in parents], 1).contiguous()
 
     def make_cache(self, x: torch.Tensor, edge_index: torch.Tensor, undirected: bool = False,
-                   attention: bool = True) -> dict:
-        """``{"ops": GraphOps, "attention": {...}}``: what the child's cache holds, for the ensemble."""
-        cache = {"ops": GraphOps(edge_index, x.size(0), undirected=undirected),
+                   attention: bool = True, ops: GraphOps | None = None) -> dict:
+        """``{"ops": GraphOps, "attention": {...}}``: what the child's cache holds, for the ensemble
+        (``ops``: graph operators already built for this graph, shared)."""
+        cache = {"ops": ops or GraphOps(edge_index, x.size(0), undirected=undirected),
                  "attention": {} if attention else None}
         if attention:
             self.forward(x, edge_index, cache=cache)
