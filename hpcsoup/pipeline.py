@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from hpcsoup.config import Section
+from hpcsoup.data.footprint import STAGE_FACTORS, check_fits, slurm_bytes
 from hpcsoup.errors import ConfigError, HpcsoupError
+from hpcsoup.memory import available_bytes
 from hpcsoup.progress import duration, verbosity_flags
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def run_local(cfg: Section) -> dict:
     from hpcsoup.soup.run import run_soup
     from hpcsoup.train.run import run_train
 
+    check_fits(cfg.data.dataset, cfg.data.nodes, available_bytes(), "this machine")
     start = time.perf_counter()
     results: dict = {}
     _log(f"train: {cfg.experts.count} experts + {len(cfg.specialists.archs)} specialists")
@@ -107,10 +110,15 @@ def submit(cfg: Section, config_path: str | None, overrides: list[str] = (),
     folder, each job with its dependency and the commands to follow them. Returns the job
     ids (with ``dry_run``, the sbatch command lines instead, and nothing is written).
     """
-    from hpcsoup.jobscripts import render_stage
+    from hpcsoup.jobscripts import render_stage, stage_options
     from hpcsoup.slurm import afterok, array_spec, sbatch
     from hpcsoup.train.sweep import array_size
 
+    for stage in ("train", "soup", "merge"):  # each loads the whole graph
+        mem = stage_options(cfg, stage)["mem"]
+        check_fits(cfg.data.dataset, cfg.data.nodes, slurm_bytes(mem),
+                   f"the {stage} job (slurm mem = {mem!r})", STAGE_FACTORS[stage],
+                   f"the {stage} stage")
     if not config_path:
         raise ConfigError("hpcsoup submit needs the config as a file that the compute nodes can "
                           "read, e.g. `hpcsoup submit jobs/quickstart.toml`")

@@ -18,7 +18,6 @@ Every graph has an undirected ``edge_index``, float ``x``, long ``y`` of shape
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 from torch_geometric.data import Data
 
 from hpcsoup.data.graph import Graph, finish, locked, quiet_pyg
-from hpcsoup.errors import ConfigError, DatasetError, DatasetNotFoundError
+from hpcsoup.errors import DatasetError, DatasetNotFoundError
+from hpcsoup.data.footprint import check_fits
 from hpcsoup.memory import available_bytes
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
@@ -171,26 +171,10 @@ def _load_pyg(name: str, root: Path, split: int, split_settings: SplitSettings) 
 GENERATION_OVERHEAD = 1.3
 
 
-def graph_bytes(nodes: int, features: int, directed_edges: int) -> int:
-    """Bytes of a graph's tensors: float32 features, an int64 ``edge_index``, labels and masks."""
-    return nodes * (4 * features + 8 + 3) + 16 * directed_edges
-
-
 def check_room_for_synthetic(nodes: int) -> None:
     """A :class:`ConfigError` before generation when the graph cannot fit in this process."""
-    from hpcsoup.data.synthetic import synthetic_products
-
-    defaults = {k: p.default for k, p in inspect.signature(synthetic_products).parameters.items()}
-    need = GENERATION_OVERHEAD * graph_bytes(int(nodes), defaults["features"],
-                                             int(nodes * defaults["avg_degree"]))
-    room = available_bytes()
-    if room is not None and need > room:
-        raise ConfigError(f"data.nodes = {int(nodes):,}: generating {SYNTHETIC} needs about "
-                          f"{need / 2**30:.1f} GiB ({defaults['features']} float32 features and "
-                          f"{defaults['avg_degree']:g} int64 edge pairs per node, x"
-                          f"{GENERATION_OVERHEAD} while it is built), this process can get "
-                          f"{room / 2**30:.1f} GiB; lower data.nodes or run where there is more "
-                          f"memory (SLURM: [slurm] mem)")
+    check_fits(SYNTHETIC, nodes, available_bytes(), "this process", GENERATION_OVERHEAD,
+               f"generating {SYNTHETIC}")
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: int = 0,
