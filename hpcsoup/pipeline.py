@@ -71,7 +71,10 @@ def run_local(cfg: Section) -> dict:
     from hpcsoup.soup.run import run_soup
     from hpcsoup.train.run import run_train
 
-    check_fits(cfg.data.dataset, cfg.data.nodes, available_bytes(), "this machine")
+    stages = ["train", "soup"] + (["merge"] if cfg.specialists.archs else [])
+    largest = max(stages, key=STAGE_FACTORS.get)  # the stages run one after another
+    check_fits(cfg.data.dataset, cfg.data.nodes, available_bytes(), "this machine",
+               STAGE_FACTORS[largest], f"the {largest} stage")
     start = time.perf_counter()
     results: dict = {}
     _log(f"train: {cfg.experts.count} experts + {len(cfg.specialists.archs)} specialists")

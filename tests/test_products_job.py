@@ -59,4 +59,5 @@ def test_a_study_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatc
     code = main(["run", str(JOB), "--store", str(tmp_path / "s.zarr")])
     err = capsys.readouterr().err
     assert code == 2 and "this machine can get 4.0 GiB" in err and "Traceback" not in err
+    assert "the merge stage needs about" in err  # run checks the largest stage it will run
     assert list(tmp_path.iterdir()) == []  # no store, no partition, no logs

@@ -23,7 +23,6 @@ from hpcsoup.errors import ConfigError
 #: specialist's training 12.1 GiB, greedy's soup process 9.6 GiB; the H-GRAMA merge with its
 #: evaluation and timing was killed at 22.5 GiB on a 24 GiB machine: at least that
 STAGE_FACTORS = {"train": 4.5, "soup": 3.6, "merge": 9.0}
-STAGE_FACTOR = max(STAGE_FACTORS.values())  # `hpcsoup run`: every stage in turn
 
 #: (nodes, features, directed edges) of OGB's large node-property sets as ogb stores them
 OGB_SIZES = {
@@ -59,8 +58,8 @@ def slurm_bytes(mem: str) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
-def check_fits(dataset: str, nodes: int, room: int | None, where: str,
-               factor: float = STAGE_FACTOR, doing: str = "the pipeline's largest process") -> None:
+def check_fits(dataset: str, nodes: int, room: int | None, where: str, factor: float,
+               doing: str) -> None:
     """A :class:`ConfigError` when the graph of ``dataset`` (``nodes``: synthetic-products'
     size) cannot fit in ``room`` bytes (``None``: unknown, not checked) with ``factor`` times
     its tensors; ``where`` says whose room it is, ``doing`` what needs it."""

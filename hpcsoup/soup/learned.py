@@ -177,8 +177,9 @@ def greedy_start(ingredients: Ingredients,
     checks = {}
 
     def score_of(subset):
-        checks[tuple(sorted(subset))] = check(ingredients.mix(logits_of(subset).softmax(-1)))
-        return checks[tuple(sorted(subset))][0]
+        key = tuple(sorted(subset))
+        checks[key] = check(ingredients.mix(logits_of(subset).softmax(-1)))
+        return checks[key][0]
 
     scores = ingredients.val_scores
     if scores is None:  # not recorded: one check per expert
