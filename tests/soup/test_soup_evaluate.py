@@ -93,7 +93,7 @@ def test_the_kept_transpose_gives_torchs_gradients(tiny_graph, arch):
 
 
 @pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
-@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("layers", [1, 2, 3])
 def test_inference_on_the_field_runs_in_blocks_and_on_its_roots_alone(
         tiny_graph, arch, layers, monkeypatch):
     """Without autograd the first layer runs in row blocks and the last layer computes the
