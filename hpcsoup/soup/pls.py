@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import logging
 from typing import Callable, ClassVar
 
@@ -266,11 +267,7 @@ class LocalPartitionSource(PartitionSource):
         self.keeps_parts = bool(cache)
         self.parts = parts if parts is not None else partition(
             data.edge_index, data.num_nodes, self.num_parts, seed=seed, cache_dir=cache_dir)
-        self.nodes = part_nodes(self.parts, self.num_parts)
         self.split_masks = {split: graph.mask(split) for split in ("val", "test")}
-        # each node's position in the global order of its split
-        self.order = {split: torch.cumsum(mask.long(), 0) - 1
-                      for split, mask in self.split_masks.items()}
         parts_of = self.parts.long()
         self.counts = {split: torch.bincount(parts_of[mask], minlength=self.num_parts)
                        for split, mask in self.split_masks.items()}
@@ -285,6 +282,24 @@ class LocalPartitionSource(PartitionSource):
             self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
 
+    # per-node tables, built on first use: receptive fields need only
+    # :attr:`val_positions` (O(validation nodes)), PLS's memory being the point
+    @functools.cached_property
+    def nodes(self) -> list[torch.Tensor]:
+        """Each partition's node ids, ascending (a subgraph's core)."""
+        return part_nodes(self.parts, self.num_parts)
+
+    @functools.cached_property
+    def order(self) -> dict:
+        """``{split: LongTensor[N]}``: each node's position in the global order of its split."""
+        return {split: torch.cumsum(mask.long(), 0) - 1 for split, mask in self.split_masks.items()}
+
+    @functools.cached_property
+    def val_positions(self) -> list[torch.Tensor]:
+        """Each partition's validation nodes as ascending positions in the global validation
+        order (a receptive field's roots)."""
+        return part_nodes(self.parts[self.split_masks["val"]].long(), self.num_parts)
+
     def owns(self, k: int) -> bool:
         return True
 
@@ -298,14 +313,14 @@ class LocalPartitionSource(PartitionSource):
 
     def _field(self, k: int) -> Part:
         """Partition ``k``'s validation nodes (the core) and their receptive field."""
-        roots = self.nodes[k][self.split_masks["val"][self.nodes[k]]]
-        field = self.evaluator.field_of(self.order["val"][roots])
+        positions = self.val_positions[k]
+        field = self.evaluator.field_of(positions)
         nodes = field.nodes.cpu()
         val_mask = torch.arange(nodes.numel()) < field.roots
         aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
         none = torch.zeros(0, dtype=torch.long)  # no degrees (the weights carry them), no test
         return Part(field.x, field.edge_index, self.graph.data.y[nodes], none, val_mask,
-                    self.order["val"][roots], torch.zeros_like(val_mask), none, nodes,
+                    positions, torch.zeros_like(val_mask), none, nodes,
                     field.roots, k, field.weight, aggregate)
 
     def _subgraph(self, k: int) -> Part:
@@ -316,7 +331,7 @@ class LocalPartitionSource(PartitionSource):
         for split, mask in self.split_masks.items():
             masks[split] = torch.zeros(subset.numel(), dtype=torch.bool)
             masks[split][:core] = mask[subset[:core]]
-        return Part(data.x[subset], edge_index, data.y[subset], self.deg[subset],
+        return Part(data.x.index_select(0, subset), edge_index, data.y[subset], self.deg[subset],
                     masks["val"], self.order["val"][subset[masks["val"]]],
                     masks["test"], self.order["test"][subset[masks["test"]]],
                     subset, int(core), k)
@@ -490,6 +505,7 @@ class PartitionLearnedSoup(SoupMethod):
                                                          retain_graph=True)[0].flatten()
                 rows[row, -1] = term.detach()
                 part_forwards += 1
+                del part, out, term, grads, used  # before the next partition is cut: one at a time
             # one collective per step
             reduced = allreduce(rows).sum(0)
             loss_value = float(reduced[-1])
