@@ -61,7 +61,8 @@ from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.errors import SoupError
 from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.models.gnn import FIRST_AGGREGATION, Precomputed
-from hpcsoup.soup.fields import CSRNeighbours, field_adjacency, receptive_field, sub_field
+from hpcsoup.soup.fields import (CSRNeighbours, cut_field, field_adjacency, receptive_field,
+                                 take_field)
 
 #: without a precomputed first aggregation (GAT) the receptive field is used when it has at
 #: most this fraction of the graph's nodes or edges (above it, a copy of most of the graph buys
@@ -291,16 +292,22 @@ class Evaluator:
             self._val_field, self._val_neighbours = (field, adj), CSRNeighbours.of_adjacency(adj)
         return self._val_field
 
-    def field_of(self, positions: torch.Tensor):
+    def field_of(self, positions: torch.Tensor, cut=None):
         """The :class:`~hpcsoup.soup.fields.Field` of some validation nodes (``positions`` in
         the order of ``masks["val"]``), cut from :meth:`validation_field`; its ``nodes`` are
-        global ids."""
+        global ids. ``cut``: their :meth:`field_cut`, when the caller kept it."""
         field, adj = self.validation_field()
-        part = sub_field(field, adj, positions.to(self.device), int(self.spec.layers),
-                         self._val_neighbours)
+        part = take_field(field, adj, cut if cut is not None else self.field_cut(positions))
         if self.order is not None:
             part.nodes = self.order[part.nodes]
         return part
+
+    def field_cut(self, positions: torch.Tensor):
+        """Where the field of validation nodes ``positions`` lies in :meth:`validation_field`
+        (:class:`~hpcsoup.soup.fields.FieldCut`: index tensors, cheap to keep)."""
+        field, adj = self.validation_field()
+        return cut_field(field, adj, positions.to(self.device), int(self.spec.layers),
+                         self._val_neighbours)
 
     def field(self) -> tuple | None:
         """``(x, graph_input, count)`` of the validation nodes' receptive field for

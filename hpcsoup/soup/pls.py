@@ -281,6 +281,7 @@ class LocalPartitionSource(PartitionSource):
             self.neighbours = CSRNeighbours.of_edge_index(data.edge_index, data.num_nodes)
             self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
+        self._cuts: dict = {}
 
     # per-node tables, built on first use: receptive fields need only
     # :attr:`val_positions` (O(validation nodes)), PLS's memory being the point
@@ -314,7 +315,9 @@ class LocalPartitionSource(PartitionSource):
     def _field(self, k: int) -> Part:
         """Partition ``k``'s validation nodes (the core) and their receptive field."""
         positions = self.val_positions[k]
-        field = self.evaluator.field_of(positions)
+        if k not in self._cuts:  # the cut's indices are kept (cheap), the gathers are not
+            self._cuts[k] = self.evaluator.field_cut(positions)
+        field = self.evaluator.field_of(positions, self._cuts[k])
         nodes = field.nodes.cpu()
         val_mask = torch.arange(nodes.numel()) < field.roots
         aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
