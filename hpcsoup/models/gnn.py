@@ -159,7 +159,7 @@ class Precomputed:
 
 
 #: rows per block of a first layer computed without autograd (:func:`first_layer`)
-FIRST_LAYER_BLOCK = 8192
+FIRST_LAYER_BLOCK = 4096
 
 
 def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
@@ -306,7 +306,7 @@ class GNN(nn.Module):
                 aggregate = hidden.new_zeros(roots, hidden.size(1))
             aggregate.index_add_(0, present, torch.sparse.mm(block, hidden))
             if rows.start < roots:  # the roots are the field's first rows: keep theirs
-                own = hidden[:roots - rows.start]
+                own = hidden[:roots - rows.start].clone()  # not a view holding the block
                 kept = own if kept is None else torch.cat([kept, own])
         return first_layer_from_aggregate(last, kept, aggregate)
 

@@ -67,6 +67,28 @@ def test_receptive_fields_give_each_partitions_exact_validation_logits(tiny_grap
         assert torch.allclose(out[:part.core_count], logits[roots], atol=1e-5)
 
 
+def test_big_fields_come_in_pieces_whose_terms_add_up_to_the_partitions(tiny_graph, tiny_experts,
+                                                                        monkeypatch):
+    """A field above PIECE_NODES nodes is handed to a step in pieces (their validation nodes
+    split the partition's): the same soup as whole partitions, to float rounding."""
+    import hpcsoup.soup.pls as pls
+
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    settings = dict(SAME, partitions=3, per_step=2)
+    whole = get_method("pls", **settings).soup(tiny_experts, evaluator, seed=3)
+    monkeypatch.setattr(pls, "PIECE_NODES", 8)
+    source = LocalPartitionSource(tiny_graph, 3, evaluator=evaluator)
+    for k in range(3):
+        pieces = source.pieces(k)
+        assert len(pieces) > 1
+        assert torch.equal(torch.cat([p.val_pos for p in pieces]), source.part(k).val_pos)
+        assert max(p.num_nodes for p in pieces) < source.part(k).num_nodes
+    pieced = get_method("pls", **settings).soup(tiny_experts, evaluator, seed=3)
+    assert torch.allclose(torch.tensor(pieced.extras["logits"]), torch.tensor(whole.extras["logits"]),
+                          atol=1e-5)
+    assert pieced.extras["best_step"] == whole.extras["best_step"]
+
+
 @pytest.mark.parametrize("scope", ["field", "partition"])
 def test_pls_with_all_partitions_and_exact_halo_equals_ls(tiny_graph, tiny_experts, scope):
     evaluator = Evaluator(tiny_experts.spec, tiny_graph)
