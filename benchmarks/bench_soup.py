@@ -747,7 +747,11 @@ def main(argv=None) -> int:
                     "pls init=uniform steps=100 lr=0.3 eval_every=5 patience=4 min_steps=20": (
                         "pls", dict(SETTINGS["pls"], init="uniform", steps=100, lr=0.3,
                                     eval_every=5, patience=4, min_steps=20)),
-                    "learned objective=ce": ("learned", {"objective": "ce"})}
+                    "learned objective=ce": ("learned", {"objective": "ce"}),
+                    "pls eval_every=8 min_steps=8": (
+                        "pls", dict(SETTINGS["pls"], eval_every=8, min_steps=8)),
+                    "pls eval_every=8 min_steps=8 patience=1": (
+                        "pls", dict(SETTINGS["pls"], eval_every=8, min_steps=8, patience=1))}
         result = quality(args.quality or ["cora-sage", "citeseer-sage", "tolokers-sage"],
                          args.seeds, variants)
         OUT.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,8 @@ class LocalPartitionSource(PartitionSource):
             self.neighbours = CSRNeighbours.of_edge_index(data.edge_index, data.num_nodes)
             self.deg = (self.neighbours.ptr[1:] - self.neighbours.ptr[:-1])
         self._parts: dict[int, Part] = {}
-        self._cuts: dict = {}
+        self._cuts: dict = {}         # k -> the partition's FieldCut
+        self._piece_cuts: dict = {}   # k -> [(validation positions, FieldCut)] of its pieces
 
     # per-node tables, built on first use: receptive fields need only
     # :attr:`val_positions` (O(validation nodes)), PLS's memory being the point
@@ -324,12 +325,11 @@ class LocalPartitionSource(PartitionSource):
         (the pieces' fields overlap a little: more nodes computed)."""
         if self.evaluator is None:
             return [self.part(k)]
-        if ("pieces", k) not in self._cuts:
-            whole = self._cut(k)
-            count = -(-int(whole.subset.numel()) // PIECE_NODES)
+        if k not in self._piece_cuts:
+            count = -(-int(self._cut(k).subset.numel()) // PIECE_NODES)
             runs = torch.tensor_split(self.val_positions[k], count) if count > 1 else []
-            self._cuts[("pieces", k)] = [(run, self.evaluator.field_cut(run)) for run in runs]
-        runs = self._cuts[("pieces", k)]
+            self._piece_cuts[k] = [(run, self.evaluator.field_cut(run)) for run in runs]
+        runs = self._piece_cuts[k]
         return [self.part(k)] if not runs else [self._field(k, run, cut) for run, cut in runs]
 
     def _cut(self, k: int):
