@@ -150,15 +150,22 @@ def build_score_fields(source: LocalPartitionSource) -> Iterator[Part]:
     aggregation, else ``layers``), each row holding the features and the first aggregation.
     """
     from hpcsoup.models.gnn import FIRST_AGGREGATION
-    from hpcsoup.soup.fields import CSRNeighbours, receptive_field
+    from hpcsoup.soup.fields import CSRNeighbours
 
     evaluator = source.evaluator
     if evaluator is None or evaluator.order is not None:
         raise StoreError("scoring fields are cut from a receptive-field source in the graph's "
                          "own node order")
-    spec, data = evaluator.spec, source.graph.data
-    neighbours = CSRNeighbours.of_adjacency(evaluator.adj)  # views of the adjacency: no copy
+    spec, data, adj, x = evaluator.spec, source.graph.data, evaluator.adj, evaluator.x
+    neighbours = CSRNeighbours.of_adjacency(adj)  # views of the adjacency: no copy
     first = FIRST_AGGREGATION.get(spec.arch)
+    # as receptive_field does, but the first aggregation of every node once (N x F): a node
+    # lies in many partitions' fields (most nodes are test nodes, METIS cuts many edges); the
+    # same row sums as the full forward's
+    aggregate = None if not first else (torch.sparse.mm(adj, x, "mean") if first == "mean"
+                                        else torch.sparse.mm(adj, x))
+    depth = int(spec.layers) - 1 if first else int(spec.layers)
+    values = adj.values()
     val_mask, test_mask = source.split_masks["val"], source.split_masks["test"]
     for pid in range(source.num_parts):
         nodes = source.nodes[pid]
@@ -166,17 +173,14 @@ def build_score_fields(source: LocalPartitionSource) -> Iterator[Part]:
         if not val.numel() + test.numel():
             continue
         roots = torch.cat([val, test])
-        field = receptive_field(evaluator.adj, evaluator.x, roots, int(spec.layers), first,
-                                neighbours)
-        ids = torch.arange(field.nodes.numel())
+        subset, edge_index, index = neighbours.field_edges(roots, depth)
+        ids = torch.arange(subset.numel())
         is_val = ids < val.numel()
         is_test = (ids >= val.numel()) & (ids < roots.numel())
-        aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
         none = torch.zeros(0, dtype=torch.long)  # no degrees: the weights carry them
-        yield Part(field.x, field.edge_index, data.y[field.nodes], none, is_val,
-                   source.order["val"][val], is_test, source.order["test"][test], field.nodes,
-                   field.roots, pid, field.weight, aggregate)
-        del field, aggregate
+        yield Part(x[subset], edge_index, data.y[subset], none, is_val, source.order["val"][val],
+                   is_test, source.order["test"][test], subset, roots.numel(), pid, values[index],
+                   torch.zeros(0) if aggregate is None else aggregate[subset])
 
 
 def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
