@@ -54,7 +54,7 @@ from hpcsoup.distributed.shards import (Shard, graph_key, has_score_fields, is_p
 from hpcsoup.errors import SoupError
 from hpcsoup.memory import PeakMemory
 from hpcsoup.soup.evaluate import Evaluator
-from hpcsoup.soup.pls import PartitionSource, keep_better_than_start, partition_scores
+from hpcsoup.soup.pls import Part, PartitionSource, keep_better_than_start, partition_scores
 
 log = logging.getLogger("hpcsoup.distributed")
 
@@ -215,6 +215,7 @@ class ScoreFieldSource(PartitionSource):
     def __init__(self, shard: Shard):
         attrs = shard.attrs
         self.path, self.rank, self.size = shard.path, shard.rank, shard.size
+        self._last = None  # the field handed out last (see part)
         self.num_parts = shard.partitions
         self.halo = int(attrs["halo"])
         # the fields' roots: the partitions' nodes of each split (the loop's fields have no test)
@@ -232,7 +233,14 @@ class ScoreFieldSource(PartitionSource):
         return owner_of(k, self.size) == self.rank
 
     def part(self, k: int):
-        part = read_score_field(self.path, k)
+        """Partition ``k``'s scoring field. The field handed out before is emptied first: its
+        caller's loop still names it while it asks for the next one, so two fields (each about
+        a third of the graph's rows here) would otherwise be held at once."""
+        if self._last is not None:
+            for name in Part.TENSORS:
+                tensor = getattr(self._last, name)  # (a slice would keep the storage)
+                setattr(self._last, name, tensor.new_empty((0,) + tuple(tensor.shape[1:])))
+        part = self._last = read_score_field(self.path, k)
         for split in ("val", "test"):  # the roots are the partition's nodes of both splits
             if int(part.mask(split).sum()) != int(self.counts[split][k]):
                 raise SoupError(f"the scoring field of partition {k} in '{self.path}' has "

@@ -231,9 +231,13 @@ def test_scoring_fields_give_the_full_graph_scores(comm, shared_dir, arch, metri
     shard = load_shard(path, comm.rank, comm.size)
     source = ScoreFieldSource.of(shard)
     roots = {"val": [], "test": []}
+    previous = None
     for k in source.owned():
         assert k % comm.size == comm.rank
         part = source.part(k)
+        # one field at a time: the one handed out before is emptied (its storage freed)
+        assert previous is None or (previous.x.size(0) == 0 and previous.aggregate.numel() == 0)
+        previous = part
         assert part.is_field and part.core_count == int(part.val_mask.sum() + part.test_mask.sum())
         assert part.num_nodes == attrs["score_sizes"][k] < graph.num_nodes
         for split in roots:
