@@ -138,10 +138,10 @@ def partition_source(graph, partitions: int, halo: int, seed: int = 0,
 def build_score_fields(source: LocalPartitionSource) -> Iterator[Part]:
     """Each partition's scoring field, one :class:`Part` at a time: the receptive field of its
     validation and test nodes (the roots: validation nodes first, then test nodes, each in the
-    partition's order) in the model of ``source``'s evaluator, cut from the full graph
-    (:func:`~hpcsoup.soup.fields.receptive_field`, as :meth:`Evaluator.validation_field` cuts
-    the validation nodes' field), with ``val_mask``/``test_mask`` and ``val_pos``/``test_pos``
-    on the roots. A model's logits at the roots are the full graph's (to float rounding), so
+    partition's order) in the model of ``source``'s evaluator, cut from the full graph as
+    :func:`~hpcsoup.soup.fields.receptive_field` cuts a field (the same nodes, edges, values and
+    first aggregation), with ``val_mask``/``test_mask`` and ``val_pos``/``test_pos`` on the
+    roots. A model's logits at the roots are the full graph's (to float rounding), so
     :func:`~hpcsoup.soup.pls.partition_scores` over these fields gives the full graph's scores
     with the memory of one field. Partitions without validation or test nodes get none.
 
