@@ -23,7 +23,10 @@ the bit on any number of ranks, and the same optimizer update.
 - The stopping check is gathered partition by partition from the shards (the same
   :func:`~hpcsoup.soup.pls.partition_scores` as in one process). The scores the soup
   records are exact (:func:`exact_scores`): gathered from the shards when
-  ``halo >= layers``, else computed by rank 0 on the full graph.
+  ``halo >= layers``; with receptive fields (``scope = "field"``) from the set's scoring
+  fields (each partition's validation and test nodes' field, :class:`ScoreFieldSource`),
+  one field at a time on each rank; only a set without them (an earlier hpcsoup's) or a
+  halo shorter than the depth makes rank 0 score the full graph.
 - Rank 0 alone writes the soup (same id, attrs and arrays as the single-process run).
 - Threads: ``threads`` from the config, else the node's CPUs divided among its ranks
   (ranks x threads <= cores). Device: ``cuda`` means ``cuda:<local rank>`` (SLURM's
@@ -46,11 +49,12 @@ from types import SimpleNamespace
 import torch
 
 from hpcsoup.distributed.mpi import Comm, abort_on_error, agree
-from hpcsoup.distributed.shards import Shard, graph_key, is_prepared, load_shard, prepare, shard_path
+from hpcsoup.distributed.shards import (Shard, graph_key, has_score_fields, is_prepared, load_shard,
+                                        owner_of, prepare, read_score_field, shard_path)
 from hpcsoup.errors import SoupError
 from hpcsoup.memory import PeakMemory
 from hpcsoup.soup.evaluate import Evaluator
-from hpcsoup.soup.pls import PartitionSource, keep_better_than_start, partition_scores
+from hpcsoup.soup.pls import Part, PartitionSource, keep_better_than_start, partition_scores
 
 log = logging.getLogger("hpcsoup.distributed")
 
@@ -154,7 +158,8 @@ def prepare_from_config(cfg, spec=None) -> Path:
     if field is not None and not isinstance(field, ModelSpec):
         field = ModelSpec(field.arch, graph.num_features, graph.num_classes, field.layers)
     log.info("partitioning %s into %d METIS parts (%s) -> %s", graph.name, pls.partitions,
-             "their validation nodes' receptive fields" if field else f"{pls.halo}-hop halo", path)
+             "their validation nodes' receptive fields, and their validation and test nodes' for "
+             "the scores" if field else f"{pls.halo}-hop halo", path)
     prepare(path, graph, pls.partitions, pls.halo, seed=pls.partition_seed,
             parts=graph_partition(cfg, graph), field=field)
     log.info("partitioned graph written in %.1f s", time.perf_counter() - start)
@@ -195,6 +200,58 @@ class ShardSource(PartitionSource):
                             f"{self.shard.owner(k)} holds") from None
 
 
+class ScoreFieldSource(PartitionSource):
+    """The scoring fields of a rank's partitions (:func:`~hpcsoup.distributed.shards.build_score_fields`:
+    each partition's validation and test nodes with their receptive field), read from the store
+    one at a time when asked for and not kept: :func:`~hpcsoup.soup.pls.partition_scores` over
+    it gives the full graph's validation and test scores with the memory of one field.
+
+    The same ownership (``p mod P``) and labels as the rank's :class:`ShardSource`.
+    """
+
+    keeps_parts = False
+    scope = "field"
+
+    def __init__(self, shard: Shard):
+        attrs = shard.attrs
+        self.path, self.rank, self.size = shard.path, shard.rank, shard.size
+        self._last = None  # the field handed out last (see part)
+        self.num_parts = shard.partitions
+        self.halo = int(attrs["halo"])
+        # the fields' roots: the partitions' nodes of each split (the loop's fields have no test)
+        self.counts = {split: torch.tensor(attrs[f"score_{split}_counts"], dtype=torch.long)
+                       for split in ("val", "test")}
+        self.labels = {"val": shard.val_labels, "test": shard.test_labels}
+        self.val_positives = torch.tensor(attrs["val_positives"], dtype=torch.long)
+
+    @classmethod
+    def of(cls, shard: Shard) -> "ScoreFieldSource | None":
+        """The source of ``shard``'s set, or ``None`` when the set has no scoring fields."""
+        return cls(shard) if has_score_fields(shard.attrs) else None
+
+    def owns(self, k: int) -> bool:
+        return owner_of(k, self.size) == self.rank
+
+    def part(self, k: int):
+        """Partition ``k``'s scoring field. The field handed out before is emptied first: its
+        caller's loop still names it while it asks for the next one, so two fields (each about
+        a third of the graph's rows here) would otherwise be held at once."""
+        if self._last is not None:
+            for name in Part.TENSORS:
+                tensor = getattr(self._last, name)  # (a slice would keep the storage)
+                setattr(self._last, name, tensor.new_empty((0,) + tuple(tensor.shape[1:])))
+        part = self._last = read_score_field(self.path, k)
+        for split in ("val", "test"):  # the roots are the partition's nodes of both splits
+            if int(part.mask(split).sum()) != int(self.counts[split][k]):
+                raise SoupError(f"the scoring field of partition {k} in '{self.path}' has "
+                                f"{int(part.mask(split).sum())} {split} nodes where the set "
+                                f"counts {int(self.counts[split][k])}; rebuild the set")
+        return part
+
+    def exact(self, depth: int | None, split: str = "val") -> bool:
+        return True  # every root's whole receptive field
+
+
 class Counted:
     """An allreduce hook that counts what it sends: ``calls``, ``bytes`` (this rank's payload)."""
 
@@ -225,6 +282,8 @@ class RankRun:
     peak_rss: list                 # every rank's peak RSS while it read its shard and ran PLS
     peak_gpu: list                 # every rank's peak CUDA memory then (None on a CPU)
     start_rss: list                # every rank's RSS before it read its shard (bytes)
+    score_peak_rss: list           # every rank's peak RSS while the soup was scored
+    score_seconds: float           # the exact scoring's wall time (the slowest rank's)
     step_bytes: int                # this rank's payload of one step's allreduce
     step_calls: int
     eval_bytes: int
@@ -307,29 +366,43 @@ def run_pls_ranks(cfg, comm: Comm, settings: dict | None = None) -> RankRun:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = max(comm.allgather(time.perf_counter() - start))
+    stats = comm.allgather(shard.stats())
     start_logits = torch.tensor(result.extras["start_logits"], device=device)
-    result, metrics = exact_scores(cfg, result, ingredients, start_logits, evaluator, source, hook,
-                                   comm)
+    comm.doing = "scoring the soup"
+    with PeakMemory(device=device) as scoring_memory:
+        start = time.perf_counter()
+        scoring = ScoreFieldSource.of(shard)
+        if scoring is not None:
+            # the loop's validation fields (and the adjacencies the evaluator kept of them) are
+            # done with: the scoring fields take their place, one at a time
+            shard.parts.clear()
+            evaluator = Evaluator(ingredients.spec, None, device, metric=shard.attrs["metric"])
+        result, metrics = exact_scores(cfg, result, ingredients, start_logits, evaluator, source,
+                                       hook, comm, scoring)
+        score_seconds = max(comm.allgather(time.perf_counter() - start))
     # a row per drawn partition: its gradient and its loss term
     step_bytes = 4 * int(settings["per_step"]) * (ingredients.num_tensors * ingredients.n + 1)
-    return RankRun(result, metrics, settings, seconds, comm.allgather(shard.stats()),
+    return RankRun(result, metrics, settings, seconds, stats,
                    comm.allgather(memory.peak), comm.allgather(memory.gpu_peak),
-                   comm.allgather(memory.start),
-                   step_bytes, result.extras["steps"], hook.bytes, threads, str(device),
-                   ingredients, path)
+                   comm.allgather(memory.start), comm.allgather(scoring_memory.peak),
+                   score_seconds, step_bytes, result.extras["steps"], hook.bytes, threads,
+                   str(device), ingredients, path)
 
 
 def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: ShardSource,
-                 allreduce, comm: Comm) -> tuple:
+                 allreduce, comm: Comm, scoring: ScoreFieldSource | None = None) -> tuple:
     """``(result, metrics)``: the full-graph scores of the soup's weights (collective), as every
     stored soup records.
 
     With ``halo >= layers`` every partition's predictions are exact, so the scores are
-    gathered partition by partition from the shards (memory of one partition). Otherwise
-    rank 0 scores the whole graph (inference forwards; the other ranks wait): receptive
-    fields hold no test nodes, and with a smaller halo the partition-wise scores would be
-    those of a graph without the cut edges; then, as single-process PLS does, it keeps the
-    start (``start`` logits) when that scores higher on validation
+    gathered partition by partition from the shards (memory of one partition). Receptive
+    fields hold no test nodes: their set's scoring fields (``scoring``, the fields of each
+    partition's validation and test nodes) are gathered the same way, through one
+    ``allreduce`` (memory of one field on each rank). Otherwise (a set without scoring
+    fields, or a halo shorter than the depth) rank 0 scores the whole graph (inference
+    forwards; the other ranks wait); with a short halo the partition-wise checks scored a
+    graph without the cut edges, so, as single-process PLS does, it keeps the start
+    (``start`` logits) when that scores higher on validation
     (:func:`~hpcsoup.soup.pls.keep_better_than_start`).
     """
     from hpcsoup.data import load_from_config
@@ -340,6 +413,16 @@ def exact_scores(cfg, result, ingredients, start, evaluator: Evaluator, source: 
         metrics = partition_scores(result.state_dict, evaluator, source, allreduce)
         return result, {**metrics, "exact": True,
                         "scored_on": f"partitions with a {source.halo}-hop halo (exact)"}
+    if scoring is not None and exact_val:  # fields: the check was exact, the kept soup is learned
+        metrics = partition_scores(result.state_dict, evaluator, scoring, allreduce)
+        return result, {**metrics, "exact": True,
+                        "scored_on": "partitions' validation and test fields (exact)"}
+    if comm.rank == 0 and source.scope == "field":
+        log.warning("the partitioned graph '%s' has no scoring fields (an earlier hpcsoup wrote "
+                    "it): rank 0 loads the whole graph to score the soup. To score on the ranks, "
+                    "rebuild it: `hpcsoup store rm %s graphs/%s/%s`, then `hpcsoup partition`",
+                    source.shard.path, cfg.store, source.shard.path.parent.name,
+                    source.shard.path.name)
 
     def _full():
         if comm.rank != 0:
@@ -376,12 +459,13 @@ def write_distributed_soup(cfg, comm: Comm, run: RankRun) -> dict:
     gid = soup_id(ingredients.spec.arch, "pls", ingredients, run.settings, cfg.soup.seed,
                   graph_name(cfg), comm.size)
     memory = PeakMemory()
-    memory.peak = max(run.peak_rss)
+    memory.peak = max(run.peak_rss + run.score_peak_rss)  # the soup's and its scoring's
     gpu = [p for p in run.peak_gpu if p is not None]
     memory.gpu_peak = max(gpu) if gpu else None
     result.extras.update({
         "ranks": comm.size, "threads_per_rank": run.threads, "device": run.device,
         "peak_rss_bytes_per_rank": run.peak_rss, "peak_gpu_bytes_per_rank": run.peak_gpu,
+        "score_peak_rss_bytes_per_rank": run.score_peak_rss, "score_seconds": run.score_seconds,
         "shards": str(run.shards),
         "resident_nodes_per_rank": [s["resident_nodes"] for s in run.shard_stats],
         "core_nodes_per_rank": [s["core_nodes"] for s in run.shard_stats],

@@ -20,6 +20,12 @@ set (:meth:`hpcsoup.store.Store.write_graph`, which writes and reads every byte)
 With PLS's ``scope = "field"`` a stored partition is the receptive field of its validation
 nodes in the experts' model (:mod:`hpcsoup.soup.fields`), which depends on the architecture
 and depth (the precomputed first aggregation, GCN's normalisation): the set's name says them.
+Such a set also holds each partition's **scoring field** (``s00000``, ``s00001``...: the same
+arrays), the receptive field of the partition's validation *and test* nodes (roots, validation
+first), cut from the full graph when the set is prepared. The soup's recorded full-graph scores
+are then gathered partition by partition on the ranks (:func:`hpcsoup.soup.pls.partition_scores`:
+the roots' logits are exact), and no rank loads the graph to score it; the set's attr
+``score_fields`` says whether it has them (sets of an earlier hpcsoup do not).
 
 ``<graph>`` is the dataset name (plus ``-split<i>`` for multi-split sets). The store
 builds the set aside and renames it into place (atomic), so a reader sees either no
@@ -85,6 +91,11 @@ def shard_path(store_path: str | Path, graph_id: str, partitions: int, halo: int
     return Path(store_path) / GRAPHS / graph_id / parts_key(partitions, halo, seed, field)
 
 
+def score_part_name(pid: int) -> str:
+    """The shard name of partition ``pid``'s scoring field (validation and test roots): ``s00003``."""
+    return f"s{pid:05d}"
+
+
 def owner_of(pid: int, size: int) -> int:
     """The rank that holds partition ``pid`` among ``size`` ranks: round-robin, ``pid mod size``."""
     return pid % size
@@ -108,18 +119,74 @@ def build_parts(graph, partitions: int, halo: int, seed: int = 0,
     (pymetis, seeded; or the given partition vector ``parts``), so they are the same, bit
     for bit, as in a single-process run.
     """
-    from hpcsoup.soup.evaluate import Evaluator
-
-    evaluator = None if field is None else Evaluator(field, graph)
-    source = LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts,
-                                  evaluator=evaluator)
+    source = partition_source(graph, partitions, halo, seed, parts, field)
     for pid in range(partitions):
         yield source.part(pid)
 
 
+def partition_source(graph, partitions: int, halo: int, seed: int = 0,
+                     parts: torch.Tensor | None = None, field=None) -> LocalPartitionSource:
+    """PLS's own :class:`~hpcsoup.soup.pls.LocalPartitionSource` of ``graph`` (receptive fields
+    of ``field``'s model when given), which the stored partitions are cut from."""
+    from hpcsoup.soup.evaluate import Evaluator
+
+    evaluator = None if field is None else Evaluator(field, graph)
+    return LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts,
+                                evaluator=evaluator)
+
+
+def build_score_fields(source: LocalPartitionSource) -> Iterator[Part]:
+    """Each partition's scoring field, one :class:`Part` at a time: the receptive field of its
+    validation and test nodes (the roots: validation nodes first, then test nodes, each in the
+    partition's order) in the model of ``source``'s evaluator, cut from the full graph as
+    :func:`~hpcsoup.soup.fields.receptive_field` cuts a field (the same nodes, edges, values and
+    first aggregation), with ``val_mask``/``test_mask`` and ``val_pos``/``test_pos`` on the
+    roots. A model's logits at the roots are the full graph's (to float rounding), so
+    :func:`~hpcsoup.soup.pls.partition_scores` over these fields gives the full graph's scores
+    with the memory of one field. Partitions without validation or test nodes get none.
+
+    Size: with most nodes in the test split (ogbn-products: 88 %) a scoring field is about its
+    partition plus the in-neighbours of its nodes (``layers - 1`` hops with a precomputed first
+    aggregation, else ``layers``), each row holding the features and the first aggregation.
+    """
+    from hpcsoup.models.gnn import FIRST_AGGREGATION
+    from hpcsoup.soup.fields import CSRNeighbours
+
+    evaluator = source.evaluator
+    if evaluator is None or evaluator.order is not None:
+        raise StoreError("scoring fields are cut from a receptive-field source in the graph's "
+                         "own node order")
+    spec, data, adj, x = evaluator.spec, source.graph.data, evaluator.adj, evaluator.x
+    neighbours = CSRNeighbours.of_adjacency(adj)  # views of the adjacency: no copy
+    first = FIRST_AGGREGATION.get(spec.arch)
+    # as receptive_field does, but the first aggregation of every node once (N x F): a node
+    # lies in many partitions' fields (most nodes are test nodes, METIS cuts many edges); the
+    # same row sums as the full forward's
+    aggregate = None if not first else (torch.sparse.mm(adj, x, "mean") if first == "mean"
+                                        else torch.sparse.mm(adj, x))
+    depth = int(spec.layers) - 1 if first else int(spec.layers)
+    values = adj.values()
+    val_mask, test_mask = source.split_masks["val"], source.split_masks["test"]
+    for pid in range(source.num_parts):
+        nodes = source.nodes[pid]
+        val, test = nodes[val_mask[nodes]], nodes[test_mask[nodes]]
+        if not val.numel() + test.numel():
+            continue
+        roots = torch.cat([val, test])
+        subset, edge_index, index = neighbours.field_edges(roots, depth)
+        ids = torch.arange(subset.numel())
+        is_val = ids < val.numel()
+        is_test = (ids >= val.numel()) & (ids < roots.numel())
+        none = torch.zeros(0, dtype=torch.long)  # no degrees: the weights carry them
+        yield Part(x[subset], edge_index, data.y[subset], none, is_val, source.order["val"][val],
+                   is_test, source.order["test"][test], subset, roots.numel(), pid, values[index],
+                   torch.zeros(0) if aggregate is None else aggregate[subset])
+
+
 def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
-                arrays: dict | None = None) -> Path:
-    """Write partitions (and small global ``arrays``) as the store's graph shard set at ``path``.
+                arrays: dict | None = None, score_fields: Iterable[Part] | None = None) -> Path:
+    """Write partitions (and small global ``arrays``) as the store's graph shard set at ``path``;
+    ``score_fields``: the partitions' scoring fields (:func:`build_score_fields`) beside them.
 
     :meth:`~hpcsoup.store.Store.write_graph` publishes it atomically; when another writer
     finished first, its copy is kept and this one discarded (both hold the same graph).
@@ -140,6 +207,20 @@ def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
                                            int((part.y[part.val_mask] == 1).sum()))):
                 totals[key].append(value)
         writer.attrs.update({"partitions": len(totals["sizes"]), **totals})
+        if score_fields is not None:
+            # per partition: its scoring field's nodes, edges, validation and test roots
+            scored = {key: [0] * len(totals["sizes"]) for key in
+                      ("score_sizes", "score_edges", "score_val_counts", "score_test_counts")}
+            for part in score_fields:
+                edges = int(part.edge_index.size(1))
+                writer.add(score_part_name(part.pid), part.tensors(), {
+                    "pid": part.pid, "core_count": part.core_count, "nodes": part.num_nodes,
+                    "edges": edges})
+                for key, value in zip(scored, (part.num_nodes, edges, int(part.val_mask.sum()),
+                                               int(part.test_mask.sum()))):
+                    scored[key][part.pid] = value
+            writer.attrs.update(scored)
+        writer.attrs["score_fields"] = score_fields is not None
     return Path(path)
 
 
@@ -153,7 +234,8 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
             builder: Callable[..., Iterable[Part]] | None = None,
             parts: torch.Tensor | None = None, field=None) -> Path:
     """Partition ``graph`` and write it to ``path`` (see :func:`shard_path`) once
-    (``field``: receptive fields of the experts' model, see :func:`build_parts`).
+    (``field``: receptive fields of the experts' model, see :func:`build_parts`, and the
+    partitions' scoring fields, :func:`build_score_fields`).
 
     Does nothing when a complete partitioned graph is already there. Only one process
     should call this (rank 0 before the others read, or a separate preparation step):
@@ -165,13 +247,17 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
     if not 1 <= partitions <= graph.num_nodes:
         raise StoreError(f"cannot cut '{graph.name}' ({graph.num_nodes} nodes) into {partitions} "
                          f"partitions; set soup.pls.partitions in 1..{graph.num_nodes}")
+    score_fields = None
     if builder is None:
-        parts = build_parts(graph, partitions, halo, seed, parts, field)
+        source = partition_source(graph, partitions, halo, seed, parts, field)
+        parts = (source.part(pid) for pid in range(partitions))
+        if field is not None:  # fields hold no test nodes: the scores come from scoring fields
+            score_fields = build_score_fields(source)
     else:
         parts = builder(graph, partitions, halo, seed)
     info = graph.info()
     data = graph.data
-    return write_parts(path, parts, {
+    return write_parts(path, parts, score_fields=score_fields, attrs={
         "dataset": graph.name, "halo": halo, "seed": seed, "num_nodes": graph.num_nodes,
         "scope": "partition" if field is None else "field",
         "num_features": graph.num_features, "num_classes": graph.num_classes,
@@ -239,17 +325,31 @@ class Shard:
                 "resident_bytes": self.resident_bytes, "graph_nodes": int(self.attrs["num_nodes"])}
 
 
-def _read_part(store: Store, graph_id: str, pid: int) -> Part:
-    """Partition ``pid`` of the stored set ``graph_id`` (its arrays alone)."""
+def _read_part(store: Store, graph_id: str, pid: int, scoring: bool = False) -> Part:
+    """Partition ``pid`` of the stored set ``graph_id`` (its arrays alone); ``scoring``: its
+    scoring field (:func:`build_score_fields`) instead."""
+    name = score_part_name(pid) if scoring else part_name(pid)
     try:
-        t, attrs = store.read_graph_arrays(graph_id, ARRAYS, part_name(pid))
+        t, attrs = store.read_graph_arrays(graph_id, ARRAYS, name)
     except StoreNotFoundError:
-        raise StoreNotFoundError(f"partition {pid} is missing from the partitioned graph "
+        what = f"the scoring field of partition {pid}" if scoring else f"partition {pid}"
+        raise StoreNotFoundError(f"{what} is missing from the partitioned graph "
                                  f"'{store.graph_path(graph_id)}'; "
                                  f"{store.repair_hint(f'{GRAPHS}/{graph_id}')}") from None
     return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["deg"], t["val_mask"].bool(),
                 t["val_pos"].long(), t["test_mask"].bool(), t["test_pos"].long(),
                 t["nodes"].long(), int(attrs["core_count"]), pid, t["weight"], t["aggregate"])
+
+
+def has_score_fields(attrs: dict) -> bool:
+    """Whether a stored set (its attrs) holds scoring fields (sets of an earlier hpcsoup do not)."""
+    return bool(attrs.get("score_fields", False))
+
+
+def read_score_field(path: str | Path, pid: int) -> Part:
+    """Partition ``pid``'s scoring field from the stored set at ``path`` (that one alone)."""
+    store, graph_id = Store.locate_graph(path)
+    return _read_part(store, graph_id, pid, scoring=True)
 
 
 def open_parts(path: str | Path) -> dict:

@@ -104,6 +104,10 @@ def test_recorded_scores_are_the_full_graph_scores_of_the_stored_weights(runs, d
         truth = evaluator.metrics(state)
         assert attrs["metrics"]["val"] == pytest.approx(truth["val"], abs=1e-6), p
         assert attrs["metrics"]["test"] == pytest.approx(truth["test"], abs=1e-6), p
+        if p > 1:  # gathered on the ranks from the set's scoring fields: no rank loaded the graph
+            assert attrs["metrics"]["scored_on"] == "partitions' validation and test fields (exact)"
+            assert len(attrs["extras"]["score_peak_rss_bytes_per_rank"]) == p
+            assert "no scoring fields" not in runs[p]["stderr"]
 
 
 def test_distributed_runs_report_ranks_and_communication(runs):

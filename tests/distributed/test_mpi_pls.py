@@ -5,6 +5,8 @@ Every test passes for any communicator size, 1 included, and runs the same body 
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -120,8 +122,6 @@ def test_a_rank_reads_only_its_partitions_as_pls_builds_them(comm, shared_dir, a
 
 
 def test_a_missing_partition_names_itself(shared_dir):
-    import shutil
-
     from distributed_support import tiny_graph
     from hpcsoup.distributed.shards import load_shard, prepare, shard_path
     from hpcsoup.store import Store
@@ -209,6 +209,108 @@ def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_di
     full = Evaluator(ingredients.spec, graph).metrics(params)
     assert scores["val"] == pytest.approx(full["val"], abs=1e-6)
     assert scores["test"] == pytest.approx(full["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch,metric", [("sage", "accuracy"), ("gcn", "rocauc"), ("gat", "accuracy"),
+                                         ("gin", "accuracy")])
+def test_scoring_fields_give_the_full_graph_scores(comm, shared_dir, arch, metric):
+    """A field set's scoring fields (each partition's validation and test nodes with their
+    receptive field) score a soup as the full graph does, each rank reading its own fields."""
+    from distributed_support import tiny_experts, tiny_graph
+    from hpcsoup.distributed.pls import ScoreFieldSource
+    from hpcsoup.distributed.shards import load_shard, open_parts
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.soup.pls import partition_scores
+
+    graph = tiny_graph(seed=2, metric=metric)
+    ingredients = tiny_experts(graph, arch, n=2, epochs=10)
+    params = ingredients.mean()
+    path = _prepared(comm, shared_dir, graph, 6, 0, ingredients.spec)
+    attrs = open_parts(path)
+    assert attrs["score_fields"] is True and len(attrs["score_sizes"]) == 6
+    shard = load_shard(path, comm.rank, comm.size)
+    source = ScoreFieldSource.of(shard)
+    roots = {"val": [], "test": []}
+    previous = None
+    for k in source.owned():
+        assert k % comm.size == comm.rank
+        part = source.part(k)
+        # one field at a time: the one handed out before is emptied (its storage freed)
+        assert previous is None or (previous.x.size(0) == 0 and previous.aggregate.numel() == 0)
+        previous = part
+        assert part.is_field and part.core_count == int(part.val_mask.sum() + part.test_mask.sum())
+        assert part.num_nodes == attrs["score_sizes"][k] < graph.num_nodes
+        for split in roots:
+            # the roots are the partition's nodes of that split, at their global positions
+            ids = part.nodes[part.mask(split)]
+            assert torch.equal(graph.mask(split).nonzero().view(-1)[part.positions(split)], ids)
+            roots[split] += ids.tolist()
+    for split, ids in roots.items():  # the ranks together score every node of the split once
+        every = sorted(sum(comm.allgather(ids), []))
+        assert every == graph.mask(split).nonzero().view(-1).tolist()
+    evaluator = Evaluator(ingredients.spec, None, metric=graph.metric)
+    scores = partition_scores(params, evaluator, source, comm.allreduce)
+    full = Evaluator(ingredients.spec, graph).metrics(params)
+    assert scores["val"] == pytest.approx(full["val"], abs=1e-6)
+    assert scores["test"] == pytest.approx(full["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_distributed_pls_records_full_graph_scores_without_loading_the_graph(
+        comm, shared_dir, tmp_path, data_root, monkeypatch, earlier):
+    """``run_pls_ranks`` on a field set scores the soup on the scoring fields (no rank loads the
+    graph: loading it here fails); on a set of an earlier hpcsoup, without scoring fields, rank
+    0 scores the full graph. Either way the recorded scores are the full graph's."""
+    import zarr
+
+    import hpcsoup.data
+    from distributed_support import PLS, write_expert_store
+    from hpcsoup.config import build_config
+    from hpcsoup.distributed.pls import prepare_from_config, run_pls_ranks
+    from hpcsoup.distributed.shards import is_prepared, score_part_name
+    from hpcsoup.models import ModelSpec
+    from hpcsoup.soup import Evaluator
+    from hpcsoup.store import Store
+
+    folder = shared_dir if comm.size > 1 else tmp_path  # under COMM_SELF every rank has its own
+    store = folder / f"cora-{comm.size}-{earlier}.zarr"
+    cfg = build_config({"store": str(store), "threads": 1,
+                        "data": {"dataset": "Cora", "root": str(data_root)},
+                        "experts": {"arch": "sage", "layers": 2, "hidden": 16},
+                        "soup": {"seed": 3, "pls": dict(PLS)}})
+    if comm.rank == 0:
+        torch.set_num_threads(1)
+        write_expert_store(store, data_root, n=2, epochs=10)
+        spec = ModelSpec.from_dict(Store.open(store).group_attrs("experts", "sage-e000")["model"])
+        path = prepare_from_config(cfg, spec)
+        if earlier:  # as an earlier hpcsoup wrote it: no scoring fields
+            group = zarr.open_group(str(path), mode="r+")
+            group.attrs.put({k: v for k, v in group.attrs.asdict().items()
+                             if not k.startswith("score_")})
+            for k in range(PLS["partitions"]):
+                shutil.rmtree(path / score_part_name(k))
+            assert is_prepared(path)
+    comm.barrier()
+    loads = []
+    original = hpcsoup.data.load_from_config
+
+    def load(*args, **kwargs):
+        loads.append(comm.rank)
+        if not earlier:
+            raise AssertionError(f"rank {comm.rank} loaded the whole graph")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(hpcsoup.data, "load_from_config", load)
+    run = run_pls_ranks(cfg, comm)
+    monkeypatch.undo()
+    assert loads == ([0] if earlier and comm.rank == 0 else [])
+    assert run.metrics["scored_on"] == ("full graph (rank 0)" if earlier
+                                        else "partitions' validation and test fields (exact)")
+    assert len(run.score_peak_rss) == comm.size and run.score_seconds > 0
+    graph = hpcsoup.data.load_dataset("Cora", data_root)
+    truth = Evaluator(run.ingredients.spec, graph).metrics(run.result.state_dict)
+    assert run.metrics["val"] == pytest.approx(truth["val"], abs=1e-6)
+    assert run.metrics["test"] == pytest.approx(truth["test"], abs=1e-6)
+    assert run.result.extras["moved"]
 
 
 def test_threads_per_rank_share_the_cores(comm):
