@@ -41,7 +41,7 @@ def _all_at_once(child, parents, graph, regions, names) -> dict:
 @pytest.mark.parametrize("archs, settings", [
     (("gcn", "gat"), HGramaSettings(route_target="owner")),        # one parent per node
     (("gcn", "sage"), HGramaSettings(route_target="owner", threshold=0.0)),  # soft gate
-    (("gcn", "sage", "gat"), HGramaSettings()),                     # 3 parents, default target
+    (("gcn", "sage", "gat"), HGramaSettings(route_target="confidence")),  # 3 parents
 ])
 def test_bounded_evaluation_gives_the_all_at_once_scores(cora, cora_regions, specialists,
                                                          archs, settings):
