@@ -175,7 +175,7 @@ def _evaluate(child, parents, graph, regions, names, repeats, timing, device) ->
     metrics = {"metric": graph.metric, "val": child_scores["val"], "test": child_scores["test"],
                "retention": {}, "parents": {},
                "ensemble": {"test": ens_scores["test"], "retention": {}}}
-    for k, (name, region) in enumerate(zip(names, regions)):
+    for k, name in enumerate(names):
         parent_own = member_scores[k]["own"]
         child_own, ens_own = child_scores[("own", k)], ens_scores[("own", k)]
         metrics["parents"][name] = {"own": parent_own, "test": member_scores[k]["test"],
