@@ -275,11 +275,17 @@ class MergedGNN(nn.Module):
         acts = None  # per parent: (activations on its rows, gate weights or None when hard)
         for li in range(self.depth):
             layers = [self.layer(j, li) for j in k_all]
+            # each layer's inputs are dropped as soon as they are read: at products scale every
+            # [support, width] tensor is hundreds of MB, and holding two layers' worth doubled the
+            # forward's peak
             if li == 0:
                 proj = self._project_input(x, layers, routing, shared)
+                shared = None
             else:
                 proj = [self._project_stream(acts, li, j, routing) for j in k_all]
+                acts = None
             z = self._propagate(layers, proj, routing, attention, li)
+            proj = None
             if capture:
                 trace.append(z)
             if li == self.depth - 1:
@@ -288,7 +294,10 @@ class MergedGNN(nn.Module):
             acts = []
             for j in k_all:
                 a = layers[j].activate(z[j])
+                if not capture:  # else the trace keeps the pre-activations
+                    z[j] = None
                 acts.append((a, None if routing.hard else routing.weights[j]))
+            a = None
         raise MergeError("a merged child needs at least one layer")
 
     def _shared_projection(self, x: torch.Tensor) -> list[torch.Tensor]:

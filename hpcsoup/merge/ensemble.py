@@ -61,6 +61,7 @@ class Ensemble:
                     start += w.size(1)
             else:
                 us = [h @ layer.weight for h, layer in zip(hs, layers)]
+                hs = None  # read: at products scale each layer's tensors are hundreds of MB
             zs: list = [None] * len(layers)
             static = []
             for j, (layer, u) in enumerate(zip(layers, us)):
@@ -78,7 +79,12 @@ class Ensemble:
                                                 for j, s in zip(static, splits)])
                 for j, (u_self, _), agg in zip(static, splits, aggs):
                     zs[j] = layers[j].finish(block, u_self, agg)
-            hs = [layer.activate(z) for layer, z in zip(layers, zs)]
+                del splits, aggs
+            full = us = u = None
+            hs = []
+            for j, layer in enumerate(layers):
+                hs.append(layer.activate(zs[j]))
+                zs[j] = None
         mean = torch.stack(hs).mean(0)
         return (mean, hs) if members else mean
 

@@ -125,6 +125,12 @@ def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
     test nodes: ``score(child) / score(parent k)``. Child, parents and graph run on ``device``
     (the merge itself, a one-time fit, ran on the CPU); tensors the kernels make without a
     device go there too (``torch.device`` as the default device).
+
+    Memory is bounded by one model's inference, not all of them: the child runs and is scored,
+    and its outputs and routing are freed before the ensemble runs (its parents in one lock-step
+    pass, as always); then the timing, one regime at a time (:mod:`~hpcsoup.merge.timing`). The
+    scores are those of the same full-graph passes, so they are exactly what scoring every model
+    at once gave.
     """
     device = torch.device(device)
     with device:
@@ -132,25 +138,49 @@ def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
                          graph, regions, names, repeats, timing, device)
 
 
+def _scores(graph: Graph, logits: torch.Tensor, masks: dict) -> dict:
+    """``{name: graph.score(logits, mask)}``: what is kept of a model's outputs once they are freed."""
+    return {name: graph.score(logits, mask) for name, mask in masks.items()}
+
+
 def _evaluate(child, parents, graph, regions, names, repeats, timing, device) -> dict:
     data = graph.data
     x = as_features(data.x.to(device))
     edge_index = data.edge_index.to(device)
-    ops = GraphOps(edge_index, x.size(0), undirected=True)  # one set of graph operators
-    routing = child.route(x, ops)
-    ensemble = Ensemble(parents)
-    out = child(x, cache=ChildCache(ops, routing))
-    ens_out, member_out = ensemble(x, cache={"ops": ops}, members=True)
     test = graph.mask("test")
-    metrics = {"metric": graph.metric, "val": graph.score(out, "val"),
-               "test": graph.score(out, "test"), "retention": {}, "parents": {},
-               "ensemble": {"test": graph.score(ens_out, "test"), "retention": {}}}
-    for name, region, logits in zip(names, regions, member_out):
-        own = test & region
-        parent_own, child_own, ens_own = (graph.score(z, own) for z in (logits, out, ens_out))
-        metrics["parents"][name] = {"own": parent_own, "test": graph.score(logits, "test"),
+    masks = {"val": "val", "test": "test"}
+    masks.update({("own", k): test & region for k, region in enumerate(regions)})
+    ops = GraphOps(edge_index, x.size(0), undirected=True)  # one set of graph operators
+
+    # the child alone; then its outputs and routing go (its routing is rebuilt for the timing:
+    # held through the ensemble's pass, its sub-operators cost ~24 bytes per edge)
+    routing = child.route(x, ops)
+    sparse = routing.gate
+    routing_stats = {"parents_per_node": float((sparse > 0).sum(1).float().mean()),
+                     "share": {n: float((sparse[:, k] > 0).float().mean())
+                               for k, n in enumerate(names)}}
+    del sparse
+    out = child(x, cache=ChildCache(ops, routing))
+    child_scores = _scores(graph, out, masks)
+    del out, routing
+
+    # the ensemble: its mean and its members from one lock-step pass, scored, then freed
+    ensemble = Ensemble(parents)
+    ens_out, member_out = ensemble(x, cache={"ops": ops}, members=True)
+    ens_scores = _scores(graph, ens_out, masks)
+    member_scores = [_scores(graph, logits, {"test": "test", "own": masks[("own", k)]})
+                     for k, logits in enumerate(member_out)]
+    del ens_out, member_out, ops
+
+    metrics = {"metric": graph.metric, "val": child_scores["val"], "test": child_scores["test"],
+               "retention": {}, "parents": {},
+               "ensemble": {"test": ens_scores["test"], "retention": {}}}
+    for k, name in enumerate(names):
+        parent_own = member_scores[k]["own"]
+        child_own, ens_own = child_scores[("own", k)], ens_scores[("own", k)]
+        metrics["parents"][name] = {"own": parent_own, "test": member_scores[k]["test"],
                                     "child_own": child_own, "ensemble_own": ens_own,
-                                    "test_nodes": int(own.sum())}
+                                    "test_nodes": int(masks[("own", k)].sum())}
         metrics["retention"][name] = child_own / parent_own if parent_own else float("nan")
         metrics["ensemble"]["retention"][name] = ens_own / parent_own if parent_own else float("nan")
     metrics["ensemble_test"] = metrics["ensemble"]["test"]  # flat, for `hpcsoup report`
@@ -158,14 +188,9 @@ def _evaluate(child, parents, graph, regions, names, repeats, timing, device) ->
         values = list(target["retention"].values())
         target["retention_mean"] = sum(values) / len(values)
         target["retention_min"] = min(values)
-    sparse = routing.gate
-    metrics["routing"] = {"parents_per_node": float((sparse > 0).sum(1).float().mean()),
-                          "share": {n: float((sparse[:, k] > 0).float().mean())
-                                    for k, n in enumerate(names)}}
+    metrics["routing"] = routing_stats
     if timing:
-        del out, ens_out, member_out  # the timing's caches need the room (2.45M nodes)
-        t = time_child_vs_ensemble(child, ensemble, x, edge_index, repeats=repeats, ops=ops,
-                                   routing=routing)
+        t = time_child_vs_ensemble(child, ensemble, x, edge_index, repeats=repeats)
         metrics["timing"] = t
         metrics["speedup_vs_ensemble"] = t["speedup"]["cached"]
         metrics["speedup_uncached"] = t["speedup"]["uncached"]
