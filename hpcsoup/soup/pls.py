@@ -66,7 +66,7 @@ import abc
 import dataclasses
 import functools
 import logging
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
@@ -215,10 +215,11 @@ class PartitionSource(abc.ABC):
     def owned(self) -> list[int]:
         return [k for k in range(self.num_parts) if self.owns(k)]
 
-    def pieces(self, k: int) -> list[Part]:
+    def pieces(self, k: int) -> Iterator[Part]:
         """Partition ``k`` as a step computes it: one :class:`Part`, or several whose
-        validation nodes split the partition's (their loss terms add up to its term)."""
-        return [self.part(k)]
+        validation nodes split the partition's (their loss terms add up to its term), cut one
+        at a time as the caller asks for the next."""
+        yield self.part(k)
 
     def exact(self, depth: int | None, split: str = "val") -> bool:
         """Whether a model of ``depth`` layers scores ``split`` exactly on these partitions."""
@@ -276,7 +277,6 @@ class LocalPartitionSource(PartitionSource):
         parts_of = self.parts.long()
         self.counts = {split: torch.bincount(parts_of[mask], minlength=self.num_parts)
                        for split, mask in self.split_masks.items()}
-        self.labels = {split: data.y[mask] for split, mask in self.split_masks.items()}
         positive = self.split_masks["val"] & (data.y == 1)
         self.val_positives = torch.bincount(parts_of[positive], minlength=self.num_parts)
         self.evaluator = evaluator
@@ -302,6 +302,12 @@ class LocalPartitionSource(PartitionSource):
         return {split: torch.cumsum(mask.long(), 0) - 1 for split, mask in self.split_masks.items()}
 
     @functools.cached_property
+    def labels(self) -> dict:
+        """``{split: labels in global order}`` (the test split's: 7 MB at 1M nodes, wanted only
+        when a check scores test nodes)."""
+        return {split: self.graph.data.y[mask] for split, mask in self.split_masks.items()}
+
+    @functools.cached_property
     def val_positions(self) -> list[torch.Tensor]:
         """Each partition's validation nodes as ascending positions in the global validation
         order (a receptive field's roots)."""
@@ -318,24 +324,32 @@ class LocalPartitionSource(PartitionSource):
             self._parts[k] = part
         return part
 
-    def pieces(self, k: int) -> list[Part]:
+    def pieces(self, k: int) -> Iterator[Part]:
         """A receptive field of more than :data:`PIECE_NODES` nodes comes in pieces: its
         validation nodes split into runs (METIS order: neighbours stay together) whose fields
         are about that size, so a step's memory does not grow with the largest partition
         (the pieces' fields overlap a little: more nodes computed)."""
         if self.evaluator is None:
-            return [self.part(k)]
+            yield self.part(k)
+            return
         if k not in self._piece_cuts:
             count = -(-int(self._cut(k).subset.numel()) // PIECE_NODES)
             runs = torch.tensor_split(self.val_positions[k], count) if count > 1 else []
             self._piece_cuts[k] = [(run, self.evaluator.field_cut(run)) for run in runs]
-        runs = self._piece_cuts[k]
-        return [self.part(k)] if not runs else [self._field(k, run, cut) for run, cut in runs]
+            if runs:  # steps use the pieces: the whole field is cut afresh if asked for
+                self._cuts.pop(k, None)
+        if not self._piece_cuts[k]:
+            yield self.part(k)
+        for run, cut in self._piece_cuts[k]:
+            yield self._field(k, run, cut)
 
     def _cut(self, k: int):
-        if k not in self._cuts:  # the cut's indices are kept (cheap), the gathers are not
-            self._cuts[k] = self.evaluator.field_cut(self.val_positions[k])
-        return self._cuts[k]
+        cut = self._cuts.get(k)
+        if cut is None:
+            cut = self.evaluator.field_cut(self.val_positions[k])
+            if not self._piece_cuts.get(k):  # kept (index tensors), the gathers are not
+                self._cuts[k] = cut
+        return cut
 
     def _field(self, k: int, positions: torch.Tensor | None = None, cut=None) -> Part:
         """Partition ``k``'s validation nodes (the core; or those at ``positions`` with their

@@ -79,7 +79,7 @@ def test_big_fields_come_in_pieces_whose_terms_add_up_to_the_partitions(tiny_gra
     monkeypatch.setattr(pls, "PIECE_NODES", 8)
     source = LocalPartitionSource(tiny_graph, 3, evaluator=evaluator)
     for k in range(3):
-        pieces = source.pieces(k)
+        pieces = list(source.pieces(k))
         assert len(pieces) > 1
         assert torch.equal(torch.cat([p.val_pos for p in pieces]), source.part(k).val_pos)
         assert max(p.num_nodes for p in pieces) < source.part(k).num_nodes
