@@ -385,9 +385,10 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 #: nodes of a receptive field above which a local source hands a step its partition in pieces
 #: (:meth:`LocalPartitionSource.pieces`): a step's features and activations stay within about
-#: 20 MB whatever the graph (at 1M nodes a partition's field is 5x the 200k one's); at 200k
-#: only the largest of the 32 fields (9.8k nodes) is split, for 2 % more nodes computed
-PIECE_NODES = 8192
+#: 10 MB whatever the graph (at 1M nodes a partition's field is 5x the 200k one's); at 200k
+#: the pieces' overlap computes 10 % more nodes than the 32 whole fields (8192: 2.5 %, and
+#: a step's peak on the largest partition 10 MiB instead of 7)
+PIECE_NODES = 4096
 
 SCOPES = ("field", "partition")
 CHECKS = ("auto", "partitions", "full")
