@@ -748,9 +748,9 @@ def main(argv=None) -> int:
                         "pls", dict(SETTINGS["pls"], init="uniform", steps=100, lr=0.3,
                                     eval_every=5, patience=4, min_steps=20)),
                     "learned objective=ce": ("learned", {"objective": "ce"}),
-                    # the previous check interval (now once per pass over the partitions)
-                    "pls eval_every=10 min_steps=10": (
-                        "pls", dict(SETTINGS["pls"], eval_every=10, min_steps=10))}
+                    # a check once per pass over the partitions (K/R steps)
+                    "pls eval_every=8 min_steps=8": (
+                        "pls", dict(SETTINGS["pls"], eval_every=8, min_steps=8))}
         result = quality(args.quality or ["cora-sage", "citeseer-sage", "tolokers-sage"],
                          args.seeds, variants)
         OUT.mkdir(parents=True, exist_ok=True)
