@@ -179,7 +179,7 @@ class FieldCut:
     """Where the field of some of a field's roots lies in it: the rows ``subset``, the local
     ``edge_index`` and the ``index`` of those edges' entries in the field's adjacency;
     ``roots`` roots. Index tensors only, kept as int32 (PLS keeps its partitions' cuts and
-    gathers their features afresh each step: 28 MB for 32 partitions at 1M nodes)."""
+    gathers their features afresh each step: 15 MB for the 32 partitions at 1M nodes)."""
 
     subset: torch.Tensor
     edge_index: torch.Tensor
