@@ -325,15 +325,18 @@ class LocalPartitionSource(PartitionSource):
         return part
 
     def pieces(self, k: int) -> Iterator[Part]:
-        """A receptive field of more than :data:`PIECE_NODES` nodes comes in pieces: its
-        validation nodes split into runs (METIS order: neighbours stay together) whose fields
-        are about that size, so a step's memory does not grow with the largest partition
-        (the pieces' fields overlap a little: more nodes computed)."""
+        """A receptive field above the piece limit (:data:`PIECE_NODES`, or 1/:data:`PIECE_SHARE`
+        of the validation field) comes in pieces: its validation nodes split into runs (METIS
+        order: neighbours stay together) whose fields are about that size, so a step's memory
+        does not grow with the largest partition (the pieces' fields overlap: more nodes
+        computed)."""
         if self.evaluator is None:
             yield self.part(k)
             return
         if k not in self._piece_cuts:
-            count = -(-int(self._cut(k).subset.numel()) // PIECE_NODES)
+            field_nodes = int(self.evaluator.validation_field()[0].nodes.numel())
+            limit = max(PIECE_NODES, field_nodes // PIECE_SHARE)
+            count = -(-int(self._cut(k).subset.numel()) // limit)
             runs = torch.tensor_split(self.val_positions[k], count) if count > 1 else []
             self._piece_cuts[k] = [(run, self.evaluator.field_cut(run)) for run in runs]
             if runs:  # steps use the pieces: the whole field is cut afresh if asked for
@@ -384,11 +387,14 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 
 #: nodes of a receptive field above which a local source hands a step its partition in pieces
-#: (:meth:`LocalPartitionSource.pieces`): a step's features and activations stay within about
-#: 10 MB whatever the graph (at 1M nodes a partition's field is 5x the 200k one's); at 200k
-#: the pieces' overlap computes 10 % more nodes than the 32 whole fields (8192: 2.5 %, and
-#: a step's peak on the largest partition 10 MiB instead of 7)
+#: (:meth:`LocalPartitionSource.pieces`): at least :data:`PIECE_NODES`, else 1/:data:`PIECE_SHARE`
+#: of the validation field, so a step's features and activations stay a fixed small share of
+#: an evaluation's (LS's) at every size. Pieces overlap (neighbours shared by a partition's
+#: validation nodes are computed once per piece): at 200k nodes 4096-node pieces compute 10 %
+#: more nodes than the 32 whole fields and hold 23 % of LS's peak (8192: 26 %); at 1M a fixed
+#: 4096 made PLS slower than LS, for no memory it saved (benchmarks/RESULTS.md ``## soup`` (d))
 PIECE_NODES = 4096
+PIECE_SHARE = 40
 
 SCOPES = ("field", "partition")
 CHECKS = ("auto", "partitions", "full")

@@ -77,6 +77,7 @@ def test_big_fields_come_in_pieces_whose_terms_add_up_to_the_partitions(tiny_gra
     settings = dict(SAME, partitions=3, per_step=2)
     whole = get_method("pls", **settings).soup(tiny_experts, evaluator, seed=3)
     monkeypatch.setattr(pls, "PIECE_NODES", 8)
+    monkeypatch.setattr(pls, "PIECE_SHARE", 10 ** 9)
     source = LocalPartitionSource(tiny_graph, 3, evaluator=evaluator)
     for k in range(3):
         pieces = list(source.pieces(k))
