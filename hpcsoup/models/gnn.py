@@ -140,7 +140,7 @@ class Precomputed:
     adj: object
     roots: int | None = None
     _root_adj: object = dataclasses.field(default=None, init=False, repr=False)
-    _column_blocks: list = dataclasses.field(default=None, init=False, repr=False)
+    _column_blocks: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def root_adjacency(self) -> torch.Tensor:
         """The roots' rows of ``adj``, built once (the kept :math:`A^T` of the backward,
@@ -153,9 +153,9 @@ class Precomputed:
         """``[(columns, rows, block)]``: :meth:`root_adjacency` cut into its columns' blocks of
         :data:`FIRST_LAYER_BLOCK` (the field's rows ``rows``), as sum operators (a mean's
         values are divided by its row's count): :math:`A_{roots} H = \\sum_b A_b H_b`. Built once."""
-        if self._column_blocks is None:
-            self._column_blocks = column_blocks(self.root_adjacency(), FIRST_LAYER_BLOCK, mean)
-        return self._column_blocks
+        if mean not in self._column_blocks:  # per reduction: a mean's values differ
+            self._column_blocks[mean] = column_blocks(self.root_adjacency(), FIRST_LAYER_BLOCK, mean)
+        return self._column_blocks[mean]
 
 
 #: rows per block of a first layer computed without autograd (:func:`first_layer`)
