@@ -13,18 +13,23 @@ Measurement:
 - memory: every (dataset, method) runs in a fresh subprocess that loads the graph, the experts
   and the shared evaluator, then souping runs inside :class:`hpcsoup.memory.PeakMemory`
   (a thread samples RSS from /proc/self/statm every 5 ms): peak RSS during souping minus the
-  RSS right before it. ``ru_maxrss`` minus that RSS is reported as a cross-check. Workers run
-  with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise glibc's
-  dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB instead of
-  +57 MiB at 200k nodes).
+  RSS right before it. ``ru_maxrss`` minus that RSS is reported as a cross-check. Memory
+  workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise
+  glibc's dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB
+  instead of +57 MiB at 200k nodes). That threshold maps every buffer above 64 KiB afresh, and
+  the page faults made every method 2-3x slower (GIS at 200k: 14.4 s CPU instead of 5.5 s), so
+  on synthetic-products each method runs twice, in two fresh processes: once with glibc's
+  default allocator for its time (``--repeats`` soups, medians; what a user's run costs) and
+  once with the fixed threshold for its memory; both must give the same val and test.
 - time: wall-clock and CPU seconds of the souping thread (``time.thread_time``; with one
   torch thread every op runs in it). The 2 cores are shared with other jobs (load average
   3-11 during the runs), which inflates wall-clock time by whatever else runs at that moment;
   CPU time counts only this process's work, so speed ratios are quoted from CPU time (wall
   ratios beside them). On the small graphs (Cora, Tolokers) the methods run in one process,
-  interleaved over ``--rounds`` rounds, medians; on synthetic-products each method runs once,
-  in its subprocess (GIS alone costs minutes there), and the forward-equivalents divide its
-  CPU time by the CPU time of one full-graph forward measured in the same process.
+  interleaved over ``--rounds`` rounds, medians; on synthetic-products each method runs
+  ``--repeats`` times in its timing subprocess (GIS alone costs minutes there), and the
+  forward-equivalents divide its CPU time by the CPU time of one validation evaluation
+  measured in the same process.
 - experts are trained once (shared init, full batch, Adam, seeds 0..7 for dropout) and cached
   in benchmarks/out/experts/.
 
@@ -322,8 +327,10 @@ def metis_worker(key: str, nodes: int | None) -> dict:
             "peak_above_bytes": memory.above_start, "partitions": SETTINGS["pls"]["partitions"]}
 
 
-def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> dict:
-    """One method in this (fresh) process: what the parent records for memory."""
+def worker(key: str, method: str, nodes: int | None, measure_forward: bool,
+           repeats: int = 1) -> dict:
+    """One method in this (fresh) process, ``repeats`` times (median seconds): what the parent
+    records for its time or its memory (the first soup's peak)."""
     if method == "metis":
         return metis_worker(key, nodes)
     out = {}
@@ -338,7 +345,10 @@ def worker(key: str, method: str, nodes: int | None, measure_forward: bool) -> d
         out["forward_seconds"] = forward_seconds(evaluator, ingredients.mean(), repeats=1)
         out["evaluation_seconds"] = before
     evaluator.evaluations = 0
-    out.update(run_method(method, ingredients, evaluator))
+    runs = [run_method(method, ingredients, evaluator) for _ in range(repeats)]
+    out.update(runs[0], seconds=statistics.median(r["seconds"] for r in runs),
+               cpu_seconds=statistics.median(r["cpu_seconds"] for r in runs),
+               cpu_seconds_all=[r["cpu_seconds"] for r in runs])
     after = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
     out["evaluation_cpu_around"] = (before[1] + after[1]) / 2
     return out
@@ -365,9 +375,11 @@ def evaluation_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float,
 
 
 def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
-                  measure_forward: bool = False) -> dict:
+                  measure_forward: bool = False, repeats: int = 1, memory: bool = True) -> dict:
+    """:func:`worker` in a fresh process: with the fixed mmap threshold (``memory``: its RSS
+    is the working set) or with glibc's default allocator (its time is a user's)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", key, method,
-               "--threads", str(threads)]
+               "--threads", str(threads), "--repeats", str(repeats)]
     if nodes:
         command += ["--nodes", str(nodes)]
     if measure_forward:
@@ -377,7 +389,9 @@ def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
     # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap:
     # RSS would ratchet with allocation history instead of showing a method's working set.
     # A fixed threshold returns big buffers to the OS on free (the same for every method).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {key} {method} failed with exit {done.returncode}")
@@ -401,9 +415,10 @@ def cost_model(method: str, n: int, row: dict) -> tuple[str, float]:
         steps = e.get("forwards", e.get("steps", 0))
         final = 0 if e.get("stopped_early") else 1
         return "N-1 + 3E", start + 3.0 * steps + final
-    if method == "pls":
+    if method == "pls":  # S: the checks choosing its start (a greedy prefix: 1 to N - 1)
         k, r = e.get("partitions", 32), e.get("per_step", 4)
-        return "N-1 + 3E*R/K + C", start + 3.0 * e.get("steps", 0) * r / k + e.get("checks", 0)
+        start = e.get("start_checks", start)
+        return "S + 3E*R/K + C", start + 3.0 * e.get("steps", 0) * r / k + e.get("checks", 0)
     return "?", float("nan")
 
 
@@ -433,14 +448,23 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
     return finish(key, graph, saved, rows, fwd)
 
 
-def bench_large(key: str, nodes: int, threads: int) -> dict:
-    """A large graph: each method once, in its own fresh process (time and memory)."""
+def bench_large(key: str, nodes: int, threads: int, repeats: int = 3) -> dict:
+    """A large graph: each method in two fresh processes, one for its time (``repeats`` soups,
+    default allocator), one for its memory (fixed mmap threshold)."""
     rows, fwd, evaluation = [], None, None
     metis = in_subprocess(key, "metis", nodes, threads)
     log(f"{key}@{nodes} METIS K={metis['partitions']}: {metis['seconds']:.1f} s, "
         f"+{metis['peak_above_bytes'] / 2**20:.0f} MiB (one-time, not in any method's time)")
     for method in METHODS + list(LARGE_VARIANTS):
-        row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None)
+        row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None,
+                            repeats=repeats, memory=False)
+        mem = in_subprocess(key, method, nodes, threads)
+        if (mem["val"], mem["test"]) != (row["val"], row["test"]):
+            raise RuntimeError(f"{key}@{nodes} {method}: the memory run scored "
+                               f"{mem['val']}/{mem['test']}, the timed run {row['val']}/{row['test']}")
+        row.update(peak_above_bytes=mem["peak_above_bytes"],
+                   maxrss_above_bytes=mem["maxrss_above_bytes"],
+                   memory_run={k: mem[k] for k in ("seconds", "cpu_seconds", "peak_above_bytes")})
         fwd = row.pop("forward_seconds", fwd)
         evaluation = row.pop("evaluation_seconds", evaluation)
         rows.append(row)
@@ -700,6 +724,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="50000,100000,200000",
                         help="synthetic-products sizes (the largest is benchmark (c))")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds on small graphs")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="soups per method in its timing process (synthetic-products)")
     parser.add_argument("--products", default="products-sage-8,products-sage",
                         help="expert sets of the products rows: the first at every size, the "
                              "others at the first size")
@@ -758,12 +784,13 @@ def main(argv=None) -> int:
         print(quality_table(result))
         return 0
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward)))
+        print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward, args.repeats)))
         return 0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     OUT.mkdir(parents=True, exist_ok=True)
     parts = args.only.split(",")
-    results: dict = {"threads": args.threads, "rounds": args.rounds, "settings": SETTINGS,
+    results: dict = {"threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+                     "settings": SETTINGS,
                      "command": " ".join(["benchmarks/bench_soup.py"] + (argv or sys.argv[1:]))}
     start = time.perf_counter()
     if "cora" in parts:
@@ -774,9 +801,10 @@ def main(argv=None) -> int:
     if "products" in parts:
         sizes = [int(s) for s in args.sizes.split(",")] if not args.quick else [2_000, 5_000]
         first, *others = args.products.split(",") if not args.quick else ["products-sage"]
-        results["scaling"] = [bench_large(first, n, args.threads) for n in sizes]
+        results["scaling"] = [bench_large(first, n, args.threads, args.repeats) for n in sizes]
         # other expert sets (e.g. fewer experts) at the first size only
-        results["others"] = [bench_large(key, sizes[0], args.threads) for key in others]
+        results["others"] = [bench_large(key, sizes[0], args.threads, args.repeats)
+                             for key in others]
     results["seconds"] = time.perf_counter() - start
     name = "bench_soup_quick.json" if args.quick else "bench_soup.json"
     (OUT / name).write_text(json.dumps(results, indent=1))

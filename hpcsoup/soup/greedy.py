@@ -25,10 +25,11 @@ from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult, val_scores
 log = logging.getLogger("hpcsoup.soup")
 
 
-def greedy_selection(scores: list[float],
-                     score_of: Callable[[list[int]], float]) -> tuple[list[int], float]:
+def greedy_selection(scores: list[float], score_of: Callable[[list[int]], float],
+                     until_drop: bool = False) -> tuple[list[int], float]:
     """Recipe 1's selection: ``(chosen, best)`` from the experts' validation ``scores`` and
-    ``score_of(subset)``, the validation score of a candidate soup of ``subset``."""
+    ``score_of(subset)``, the validation score of a candidate soup of ``subset``;
+    ``until_drop``: stop at the first expert that would lower it (a prefix of the order)."""
     # stable sort: equal scores keep the ingredients' order (deterministic)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     chosen, best = [order[0]], scores[order[0]]
@@ -40,6 +41,8 @@ def greedy_selection(scores: list[float],
         if kept:
             chosen.append(j)
             best = score
+        elif until_drop:
+            break
     return sorted(chosen), best
 
 

@@ -62,6 +62,7 @@ from hpcsoup.soup.greedy import greedy_selection
 log = logging.getLogger("hpcsoup.soup")
 
 OBJECTIVES = ("auto", "ce", "auc")
+INITS = ("uniform", "validation", "greedy", "greedy_prefix")
 
 #: the settings LS declares (PLS declares them too, with its own defaults)
 OPTIM_SETTINGS = {
@@ -74,9 +75,10 @@ OPTIM_SETTINGS = {
     "schedule": Setting("none", (str,), choices=("none", "cosine", "cosine_warm_restarts"),
                         help="learning-rate schedule"),
     "restart": Setting(10, (int,), **positive(), help="steps per cosine_warm_restarts period"),
-    "init": Setting("greedy", (str,), choices=("uniform", "validation", "greedy"),
+    "init": Setting("greedy", (str,), choices=INITS,
                     help="start: equal weights, weights from the experts' validation scores, "
-                         "or the greedy soup (n - 1 evaluations)"),
+                         "the greedy soup (n - 1 evaluations) or greedy_prefix: the greedy "
+                         "soup's order up to the first expert that lowers validation"),
     "objective": Setting("auto", (str,), choices=OBJECTIVES,
                          help="loss on the validation nodes: ce, auc (ROC-AUC surrogate) or "
                               "auto (auc for ROC-AUC datasets)"),
@@ -139,11 +141,12 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
     shape = (ingredients.num_tensors, ingredients.n)
     if how == "uniform":
         logits = torch.zeros(shape)
-    elif how == "greedy":
+    elif how in ("greedy", "greedy_prefix"):
         if evaluator is None or evaluator.graph is None:
-            raise SoupError("learned souping init='greedy' needs the full graph to choose the "
-                            "greedy soup's experts; use init='uniform' or 'validation'")
-        logits, _ = greedy_start(ingredients, lambda params: (evaluator.evaluate(params), None))
+            raise SoupError(f"learned souping init={how!r} needs the full graph to choose the "
+                            f"start's experts; use init='uniform' or 'validation'")
+        logits, _ = greedy_start(ingredients, lambda params: (evaluator.evaluate(params), None),
+                                 until_drop=how == "greedy_prefix")
     elif how == "validation":
         if val_scores is None:
             raise SoupError("learned souping init='validation' needs the experts' validation "
@@ -151,15 +154,16 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
         v = torch.tensor(val_scores, dtype=torch.float32)
         logits = (100.0 * (v - v.max())).expand(shape).clone()
     else:
-        raise SoupError(f"learned souping init={how!r} is unknown; choose 'greedy', 'uniform' or "
-                        f"'validation'")
+        raise SoupError(f"learned souping init={how!r} is unknown; choose from {list(INITS)}")
     return logits.to(device).requires_grad_(True)
 
 
-def greedy_start(ingredients: Ingredients,
-                 check: Callable[[dict], tuple]) -> tuple[torch.Tensor, tuple | None]:
+def greedy_start(ingredients: Ingredients, check: Callable[[dict], tuple],
+                 until_drop: bool = False) -> tuple[torch.Tensor, tuple | None]:
     """``(logits, start_check)``: the ``[P, n]`` logits of the greedy soup (its experts at 0,
     the others at ``-GREEDY_GAP``) and ``check``'s result on exactly them, when made.
+    ``until_drop``: greedy's order up to the first expert that lowers the score (PLS's
+    default: 1 check instead of ``n - 1`` where the best expert is best alone).
 
     ``check(params) -> (score, loss)`` scores a soup on validation (LS: an evaluation; PLS:
     its check, which MPI ranks make collectively without the graph). The candidates are
@@ -184,7 +188,7 @@ def greedy_start(ingredients: Ingredients,
     scores = ingredients.val_scores
     if scores is None:  # not recorded: one check per expert
         scores = [check(ingredients.expert(i))[0] for i in range(ingredients.n)]
-    chosen, _ = greedy_selection(list(scores), score_of)
+    chosen, _ = greedy_selection(list(scores), score_of, until_drop=until_drop)
     return logits_of(chosen), checks.get(tuple(chosen))
 
 

@@ -49,6 +49,11 @@ Why this shape (it is what distributed PLS, :mod:`hpcsoup.distributed`, builds o
   checked metric, stopping follows the checked loss); the scores a runner
   *records* are computed exactly afterwards (:mod:`hpcsoup.soup.run`).
 
+The start (``init``, default ``greedy_prefix``): the greedy soup's order
+(:mod:`hpcsoup.soup.greedy`) up to the first expert that lowers validation, chosen by the
+check. Greedy's :math:`n - 1` checks were a third of PLS's time at 200k nodes, where greedy
+keeps the best expert alone: the prefix stops after one check there.
+
 Partitions are processed one after another and each term is back-propagated
 at once, so the peak memory of a step is that of one partition's field or subgraph:
 memory falls with :math:`1/K`, time with :math:`R/K`.
@@ -430,7 +435,12 @@ PLS_SETTINGS = {
     # checks every 10 steps (every 8, one pass over the partitions, gave the same validation
     # scores on Cora, CiteSeer and Tolokers but missed the one better check of the MPI
     # benchmark's soup: benchmarks/RESULTS.md ``## soup``, ``## mpi_pls``).
-    # It starts from the greedy soup like LS, chosen by its own (exact, collective) check
+    # It starts from a prefix of the greedy soup's order (up to the first expert that lowers
+    # validation), chosen by its own (exact, collective) check: greedy's n - 1 checks were
+    # a third of its time at 200k nodes, where greedy keeps the best expert alone (the prefix
+    # then costs one check); the same validation on Cora and Tolokers, -0.27 pt on CiteSeer
+    # (benchmarks/RESULTS.md ``## soup``)
+    "init": dataclasses.replace(OPTIM_SETTINGS["init"], default="greedy_prefix"),
     "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=40),
     "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.5),
     "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=10),
@@ -512,8 +522,15 @@ class PartitionLearnedSoup(SoupMethod):
 
         start_evals = evaluator.evaluations
         start_check = None  # the start's check, when choosing the start made it
-        if s["init"] == "greedy":  # chosen by the check, so MPI ranks can choose it too
-            logits, start_check = greedy_start(ingredients, check_params)
+        start_checks = []  # the checks that chose the start (their count is recorded)
+
+        def start_candidate(params):
+            start_checks.append(check_params(params))
+            return start_checks[-1]
+
+        if s["init"] in ("greedy", "greedy_prefix"):  # chosen by the check: MPI ranks can too
+            logits, start_check = greedy_start(ingredients, start_candidate,
+                                               until_drop=s["init"] == "greedy_prefix")
             logits = logits.to(evaluator.device).requires_grad_(True)
         else:
             logits = init_logits(ingredients, s["init"], ingredients.val_scores, evaluator.device,
@@ -585,7 +602,8 @@ class PartitionLearnedSoup(SoupMethod):
             updates += 1
         progress.close()
         result = learned_result(self.name, ingredients, stopper, start, {
-            "init": s["init"], "start_logits": start.cpu().tolist(), "steps": updates,
+            "init": s["init"], "start_logits": start.cpu().tolist(),
+            "start_checks": len(start_checks), "steps": updates,
             "partition_forwards": part_forwards,
             "stopped_early": stopped,
             "objective": objective, "evaluations": evaluator.evaluations - start_evals,

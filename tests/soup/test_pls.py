@@ -283,7 +283,18 @@ def test_the_greedy_start_is_checked_once():
     logits, start_check = greedy_start(experts, check)
     chosen = int((logits[0] == 0).sum())
     assert chosen > 1 and start_check == check(experts.mix(logits.softmax(-1)))
-    result = get_method("pls", partitions=8, per_step=2).soup(experts, evaluator)
+    result = get_method("pls", partitions=8, per_step=2, init="greedy").soup(experts, evaluator)
     assert result.extras["start_logits"] == logits.tolist()
     # n - 1 greedy evaluations, then every check but the first (the start's) is an evaluation
+    assert result.extras["start_checks"] == experts.n - 1
     assert result.extras["evaluations"] == experts.n - 1 + result.extras["checks"] - 1
+
+    # the default start, greedy's order up to its first drop: here the best expert alone,
+    # after one check (greedy's second candidate); the start is then checked once more
+    prefix, prefix_check = greedy_start(experts, check, until_drop=True)
+    assert int((prefix[0] == 0).sum()) == 1 and prefix_check is None
+    result = get_method("pls", partitions=8, per_step=2).soup(experts, evaluator)
+    assert result.extras["init"] == "greedy_prefix"
+    assert result.extras["start_logits"] == prefix.tolist()
+    assert result.extras["start_checks"] == 1
+    assert result.extras["evaluations"] == 1 + result.extras["checks"]
