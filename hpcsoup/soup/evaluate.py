@@ -317,7 +317,7 @@ class Evaluator:
         field, adj = self.validation_field()
         part = take_field(field, adj, cut if cut is not None else self.field_cut(positions))
         if self.order is not None:
-            part.nodes = self.order[part.nodes]
+            part.nodes = self.order.index_select(0, part.nodes)
         return part
 
     def field_cut(self, positions: torch.Tensor):

@@ -202,8 +202,9 @@ def take_field(field: Field, adj: torch.Tensor, cut: FieldCut) -> Field:
     # index_select, not x[subset]: a row gather ten times faster on CPU (2.4 of a PLS step's
     # 8 ms per partition at 200k nodes went to two [5k, 100] gathers)
     aggregate = None if field.aggregate is None else field.aggregate.index_select(0, cut.subset)
-    return Field(field.nodes[cut.subset], field.x.index_select(0, cut.subset),
-                 cut.edge_index.long(), adj.values()[cut.index], aggregate, cut.roots)
+    return Field(field.nodes.index_select(0, cut.subset), field.x.index_select(0, cut.subset),
+                 cut.edge_index.long(), adj.values().index_select(0, cut.index), aggregate,
+                 cut.roots)
 
 
 def sub_field(field: Field, adj: torch.Tensor, roots: torch.Tensor, layers: int,
