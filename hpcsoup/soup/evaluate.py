@@ -123,29 +123,11 @@ def transposed(adj: torch.Tensor) -> torch.Tensor:
     return cached
 
 
-def transposed_product(adj: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """:math:`A^T G` of a CSR adjacency: a scatter over its edges the first time, the kept
-    :func:`transposed` from the second on. Transposing sorts every edge, which pays off only
-    for an adjacency used again (LS's validation field, every step); a PLS piece's lives for
-    one step (measured at 200k nodes: the scatter makes a PLS step 1.3x faster, the kept
-    transpose LS 1.5x faster than scattering every step). On a GPU always the transpose: its
-    scatter adds in no fixed order, and the soup must be the same to the bit on every run."""
-    if getattr(adj, "_hpcsoup_used", False) or adj.device.type != "cpu":
-        return transposed(adj) @ grad
-    adj._hpcsoup_used = True
-    crow = adj.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(adj.size(0), device=grad.device),
-                                   crow[1:] - crow[:-1])
-    terms = grad.index_select(0, rows) * adj.values().unsqueeze(-1)
-    out = torch.zeros(adj.size(1), grad.size(1), dtype=grad.dtype, device=grad.device)
-    return out.index_add_(0, adj.col_indices(), terms)
-
-
 class Aggregate(torch.autograd.Function):
     """``A @ X`` (row sums or row means) with a backward by the kept :math:`A^T`.
 
     Forward: exactly PyG's ``spmm`` on a CPU/GPU CSR tensor (``torch.sparse.mm``).
-    Backward (:func:`transposed_product`): :math:`\\partial X = A^T \\partial Y` for sums and
+    Backward: :math:`\\partial X = A^T \\partial Y` for sums and
     :math:`A^T (D^{-1} \\partial Y)` for means (:math:`D` the row counts, at least 1).
     """
 
@@ -162,7 +144,7 @@ class Aggregate(torch.autograd.Function):
         if ctx.reduce == "mean":
             rows = adj.crow_indices()
             grad = grad / (rows[1:] - rows[:-1]).clamp(min=1).to(grad.dtype).unsqueeze(-1)
-        return None, transposed_product(adj, grad), None
+        return None, transposed(adj) @ grad, None
 
 
 def _aggregate(conv, adj_t, x):
