@@ -18,18 +18,17 @@ Measurement:
   glibc's dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB
   instead of +57 MiB at 200k nodes). That threshold maps every buffer above 64 KiB afresh, and
   the page faults made every method 2-3x slower (GIS at 200k: 14.4 s CPU instead of 5.5 s), so
-  on synthetic-products each method runs twice, in two fresh processes: once with glibc's
-  default allocator for its time (``--repeats`` soups, medians; what a user's run costs) and
-  once with the fixed threshold for its memory; both must give the same val and test.
+  the times come from another process, with glibc's default allocator (what a user's run
+  costs); memory and timed runs must give the same val and test.
 - time: wall-clock and CPU seconds of the souping thread (``time.thread_time``; with one
-  torch thread every op runs in it). The 2 cores are shared with other jobs (load average
-  3-11 during the runs), which inflates wall-clock time by whatever else runs at that moment;
-  CPU time counts only this process's work, so speed ratios are quoted from CPU time (wall
-  ratios beside them). On the small graphs (Cora, Tolokers) the methods run in one process,
-  interleaved over ``--rounds`` rounds, medians; on synthetic-products each method runs
-  ``--repeats`` times in its timing subprocess (GIS alone costs minutes there), and the
-  forward-equivalents divide its CPU time by the CPU time of one validation evaluation
-  measured in the same process.
+  torch thread every op runs in it). The 2 cores are shared with other jobs, which inflates
+  wall-clock time by whatever else runs at that moment; CPU time counts only this process's
+  work, so speed ratios are quoted from CPU time (wall ratios beside them). The methods of a
+  graph run in one process, interleaved over rounds in alternating order, medians
+  (``--rounds`` on Cora and Tolokers, ``--repeats`` on synthetic-products): separate processes
+  differed by up to 1.6x in the time of the same validation evaluation (200k nodes: 33 vs
+  53 ms), more than the ratios being measured. "evaluations measured" divides a method's CPU
+  time by the CPU time of one validation evaluation around it.
 - experts are trained once (shared init, full batch, Adam, seeds 0..7 for dropout) and cached
   in benchmarks/out/experts/.
 
@@ -327,10 +326,10 @@ def metis_worker(key: str, nodes: int | None) -> dict:
             "peak_above_bytes": memory.above_start, "partitions": SETTINGS["pls"]["partitions"]}
 
 
-def worker(key: str, method: str, nodes: int | None, measure_forward: bool,
-           repeats: int = 1) -> dict:
-    """One method in this (fresh) process, ``repeats`` times (median seconds): what the parent
-    records for its time or its memory (the first soup's peak)."""
+def worker(key: str, method: str, nodes: int | None, repeats: int = 1) -> dict:
+    """In this (fresh) process: one method's soup (what the parent records for its memory), or
+    with ``method = "timing"`` every method of the table, interleaved over ``repeats`` rounds
+    in alternating order (medians: what the parent records for their times)."""
     if method == "metis":
         return metis_worker(key, nodes)
     out = {}
@@ -338,19 +337,27 @@ def worker(key: str, method: str, nodes: int | None, measure_forward: bool,
     graph, ingredients, evaluator, _ = setup_from(
         EXPERTS[key], train_experts(key, EXPERTS[key]), nodes,
         before=lambda fresh: out.update(field=validation_field(fresh)))
-    # one validation evaluation before and after souping: the method's time in evaluations of
-    # its own moment, so ratios between methods run minutes apart survive the machine's load
-    before = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
-    if measure_forward:
-        out["forward_seconds"] = forward_seconds(evaluator, ingredients.mean(), repeats=1)
-        out["evaluation_seconds"] = before
-    evaluator.evaluations = 0
-    runs = [run_method(method, ingredients, evaluator) for _ in range(repeats)]
-    out.update(runs[0], seconds=statistics.median(r["seconds"] for r in runs),
-               cpu_seconds=statistics.median(r["cpu_seconds"] for r in runs),
-               cpu_seconds_all=[r["cpu_seconds"] for r in runs])
-    after = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
-    out["evaluation_cpu_around"] = (before[1] + after[1]) / 2
+    if method != "timing":
+        return dict(out, **run_method(method, ingredients, evaluator))
+    # one validation evaluation before and after each soup: the cost model's unit, measured
+    # at the soup's own moment
+    out["forward_seconds"] = forward_seconds(evaluator, ingredients.mean(), repeats=1)
+    out["evaluation_seconds"] = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
+    methods = METHODS + list(LARGE_VARIANTS)
+    runs: dict[str, list] = {m: [] for m in methods}
+    for r in range(repeats):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            before = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
+            evaluator.evaluations = 0
+            run = run_method(method, ingredients, evaluator)
+            after = evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
+            runs[method].append(dict(run, evaluation_cpu_around=(before[1] + after[1]) / 2))
+    out["rows"] = {m: dict(r[0], seconds=statistics.median(x["seconds"] for x in r),
+                           cpu_seconds=statistics.median(x["cpu_seconds"] for x in r),
+                           cpu_seconds_all=[x["cpu_seconds"] for x in r],
+                           evaluation_cpu_around=statistics.median(
+                               x["evaluation_cpu_around"] for x in r))
+                   for m, r in runs.items()}
     return out
 
 
@@ -375,15 +382,13 @@ def evaluation_seconds(evaluator, state: dict, repeats: int = 3) -> tuple[float,
 
 
 def in_subprocess(key: str, method: str, nodes: int | None, threads: int,
-                  measure_forward: bool = False, repeats: int = 1, memory: bool = True) -> dict:
+                  repeats: int = 1, memory: bool = True) -> dict:
     """:func:`worker` in a fresh process: with the fixed mmap threshold (``memory``: its RSS
     is the working set) or with glibc's default allocator (its time is a user's)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", key, method,
                "--threads", str(threads), "--repeats", str(repeats)]
     if nodes:
         command += ["--nodes", str(nodes)]
-    if measure_forward:
-        command.append("--measure-forward")
     if EXPERTS != EXPERTS_FULL:
         command.append("--quick")
     # glibc raises its mmap threshold after big frees and then keeps freed buffers in the heap:
@@ -449,15 +454,17 @@ def bench_small(key: str, rounds: int, threads: int) -> dict:
 
 
 def bench_large(key: str, nodes: int, threads: int, repeats: int = 3) -> dict:
-    """A large graph: each method in two fresh processes, one for its time (``repeats`` soups,
-    default allocator), one for its memory (fixed mmap threshold)."""
-    rows, fwd, evaluation = [], None, None
+    """A large graph: the methods' times in one fresh process (``repeats`` interleaved rounds,
+    default allocator: ratios measured side by side), each method's memory in its own fresh
+    process (fixed mmap threshold)."""
+    rows = []
     metis = in_subprocess(key, "metis", nodes, threads)
     log(f"{key}@{nodes} METIS K={metis['partitions']}: {metis['seconds']:.1f} s, "
         f"+{metis['peak_above_bytes'] / 2**20:.0f} MiB (one-time, not in any method's time)")
+    timing = in_subprocess(key, "timing", nodes, threads, repeats=repeats, memory=False)
+    fwd, evaluation = timing["forward_seconds"], timing["evaluation_seconds"]
     for method in METHODS + list(LARGE_VARIANTS):
-        row = in_subprocess(key, method, nodes, threads, measure_forward=fwd is None,
-                            repeats=repeats, memory=False)
+        row = dict(timing["rows"][method], field=timing["field"])
         mem = in_subprocess(key, method, nodes, threads)
         if (mem["val"], mem["test"]) != (row["val"], row["test"]):
             raise RuntimeError(f"{key}@{nodes} {method}: the memory run scored "
@@ -465,8 +472,6 @@ def bench_large(key: str, nodes: int, threads: int, repeats: int = 3) -> dict:
         row.update(peak_above_bytes=mem["peak_above_bytes"],
                    maxrss_above_bytes=mem["maxrss_above_bytes"],
                    memory_run={k: mem[k] for k in ("seconds", "cpu_seconds", "peak_above_bytes")})
-        fwd = row.pop("forward_seconds", fwd)
-        evaluation = row.pop("evaluation_seconds", evaluation)
         rows.append(row)
         log(f"{key}@{nodes} {method}: {row['seconds']:.1f} s ({row['cpu_seconds']:.1f} s CPU), "
             f"+{row['peak_above_bytes'] / 2**20:.0f}"
@@ -725,7 +730,8 @@ def main(argv=None) -> int:
                         help="synthetic-products sizes (the largest is benchmark (c))")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds on small graphs")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="soups per method in its timing process (synthetic-products)")
+                        help="interleaved rounds of the methods in the timing process "
+                             "(synthetic-products)")
     parser.add_argument("--products", default="products-sage-8,products-sage",
                         help="expert sets of the products rows: the first at every size, the "
                              "others at the first size")
@@ -740,7 +746,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="expert sets per graph (--quality)")
     parser.add_argument("--worker", nargs=2, metavar=("KEY", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--measure-forward", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -784,7 +789,7 @@ def main(argv=None) -> int:
         print(quality_table(result))
         return 0
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.nodes, args.measure_forward, args.repeats)))
+        print(json.dumps(worker(*args.worker, args.nodes, args.repeats)))
         return 0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     OUT.mkdir(parents=True, exist_ok=True)
