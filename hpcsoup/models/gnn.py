@@ -33,6 +33,7 @@ from torch import nn
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from hpcsoup.errors import ModelError
+from hpcsoup.models.aggregate import Aggregate
 
 #: the architectures an expert can have
 ARCHS = ("gcn", "sage", "gat", "gin")
@@ -144,7 +145,7 @@ class Precomputed:
 
     def root_adjacency(self) -> torch.Tensor:
         """The roots' rows of ``adj``, built once (the kept :math:`A^T` of the backward,
-        :func:`hpcsoup.soup.evaluate.transposed`, lives on it)."""
+        :func:`hpcsoup.models.aggregate.transposed`, lives on it)."""
         if self._root_adj is None:
             self._root_adj = root_rows(self.adj, int(self.roots))
         return self._root_adj
@@ -273,8 +274,7 @@ class GNN(nn.Module):
         roots = x.size(0) if graph.roots is None else int(graph.roots)
         if last == 0:
             return first_layer(self.convs[0], x[:roots], graph.aggregate[:roots], False)
-        if last == 1 and roots < x.size(0) and not torch.is_grad_enabled() \
-                and x.size(0) > FIRST_LAYER_BLOCK:
+        if last == 1 and roots < x.size(0) and x.size(0) > FIRST_LAYER_BLOCK:
             return self._two_layers_in_blocks(x, graph, roots)
         x = first_layer(self.convs[0], x, graph.aggregate, True)
         for i, conv in enumerate(self.convs[1:], start=1):
@@ -297,6 +297,11 @@ class GNN(nn.Module):
         ``[roots, hidden]`` tensors and one block, never :math:`H` for the whole field (82k x 64
         at 200k nodes, 1.0M x 64 at 2.45M). The last layer then runs from that aggregation as
         the first one does from :math:`A X` (:func:`first_layer_from_aggregate`).
+
+        With autograd (learned souping's step) the blocks of :math:`H` are kept for the
+        backward, as :math:`H` would be, but as many small tensors: glibc maps every buffer
+        above 32 MiB afresh (page faults on each step: a 1M-node field's :math:`H` is 106 MB)
+        and reuses small ones; each block's transpose is kept (:class:`Aggregate`).
         """
         first, last = self.convs
         aggregate = kept = None
@@ -304,7 +309,7 @@ class GNN(nn.Module):
             hidden = first_layer(first, x[rows], graph.aggregate[rows], True)
             if aggregate is None:
                 aggregate = hidden.new_zeros(roots, hidden.size(1))
-            aggregate.index_add_(0, present, torch.sparse.mm(block, hidden))
+            aggregate.index_add_(0, present, Aggregate.apply(block, hidden, "sum"))
             if rows.start < roots:  # the roots are the field's first rows: keep theirs
                 own = hidden[:roots - rows.start].clone()  # not a view holding the block
                 kept = own if kept is None else torch.cat([kept, own])

@@ -112,3 +112,28 @@ def test_inference_on_the_field_runs_in_blocks_and_on_its_roots_alone(
         out = evaluator.val_logits(state)
     assert out.shape == (count, graph.num_classes)
     assert torch.allclose(out, evaluator.logits(state)[evaluator.masks["val"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
+def test_learned_soupings_gradients_through_the_hidden_layers_blocks(tiny_graph, arch,
+                                                                     monkeypatch):
+    """With autograd a two-layer field runs in blocks too (LS's step at 1M nodes): the same
+    logits and gradients as the unblocked forward, step after step (kept transposes)."""
+    import hpcsoup.models.gnn as gnn
+
+    graph = _directed_few_validation_nodes(tiny_graph, keep=20)
+    spec = ModelSpec(arch, graph.num_features, graph.num_classes, 2, 16)
+    state = build_model(spec, seed=3).state_dict()
+    results = []
+    for block in (10 ** 9, 7):
+        monkeypatch.setattr(gnn, "FIRST_LAYER_BLOCK", block)
+        evaluator = Evaluator(spec, graph)
+        assert evaluator.field()[0].size(0) > 7
+        for _ in range(2):  # the second step uses the blocks' kept transposes
+            params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+            out = evaluator.val_logits(params)
+            out.logsumexp(1).sum().backward()
+            results.append([out.detach()] + [params[k].grad for k in state])
+    whole, blocked = results[0], results[2]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, blocked))
+    assert all(torch.equal(a, b) for a, b in zip(results[2], results[3]))
