@@ -159,7 +159,8 @@ class Precomputed:
         return self._column_blocks[mean]
 
 
-#: rows per block of a first layer computed without autograd (:func:`first_layer`)
+#: rows per block of a first layer computed without autograd (:func:`first_layer`), and of a
+#: two-layer field's hidden layer with or without it (:meth:`GNN._two_layers_in_blocks`)
 FIRST_LAYER_BLOCK = 4096
 
 

@@ -369,10 +369,10 @@ class LocalPartitionSource(PartitionSource):
         val_mask = torch.arange(nodes.numel()) < field.roots
         aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)
         none = torch.zeros(0, dtype=torch.long)  # no degrees (the weights carry them), no test
-        return Part(field.x, field.edge_index, self.graph.data.y.index_select(0, nodes), none,
-                    val_mask,
-                    positions, torch.zeros_like(val_mask), none, nodes,
-                    field.roots, k, field.weight, aggregate)
+        labels = self.graph.data.y.index_select(0, nodes)
+        return Part(field.x, field.edge_index, labels, none, val_mask, positions,
+                    torch.zeros_like(val_mask), none, nodes, field.roots, k, field.weight,
+                    aggregate)
 
     def _subgraph(self, k: int) -> Part:
         """Partition ``k``'s nodes (the core) and ``halo`` hops around them."""
