@@ -22,3 +22,16 @@ def test_available_memory_is_positive_and_below_the_machines():
     total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                  if line.startswith("MemTotal:"))
     assert 0 < available_bytes() <= total
+
+
+def test_free_heap_pages_go_back_to_the_system():
+    """glibc keeps freed buffers below its mmap threshold in the heap (RSS stays up); a rank's
+    scoring loop hands them back between fields (``release_free_memory``)."""
+    from hpcsoup.memory import _rss_bytes, release_free_memory
+
+    torch.ones(8 * 2**20 // 4).add_(1)  # freeing a mapped 8 MiB buffer raises glibc's threshold
+    blocks = [torch.ones(100 * 1024 // 4) for _ in range(1024)]  # 100 MiB in the heap
+    del blocks
+    kept = _rss_bytes()
+    release_free_memory()
+    assert _rss_bytes() < kept - 50 * 2**20, (kept, _rss_bytes())

@@ -52,7 +52,7 @@ from hpcsoup.distributed.mpi import Comm, abort_on_error, agree
 from hpcsoup.distributed.shards import (Shard, graph_key, has_score_fields, is_prepared, load_shard,
                                         owner_of, prepare, read_score_field, shard_path)
 from hpcsoup.errors import SoupError
-from hpcsoup.memory import PeakMemory
+from hpcsoup.memory import PeakMemory, release_free_memory
 from hpcsoup.soup.evaluate import Evaluator
 from hpcsoup.soup.pls import Part, PartitionSource, keep_better_than_start, partition_scores
 
@@ -240,6 +240,7 @@ class ScoreFieldSource(PartitionSource):
             for name in Part.TENSORS:
                 tensor = getattr(self._last, name)  # (a slice would keep the storage)
                 setattr(self._last, name, tensor.new_empty((0,) + tuple(tensor.shape[1:])))
+        release_free_memory()  # the emptied field's (or the loop's) pages, before a field is read
         part = self._last = read_score_field(self.path, k)
         for split in ("val", "test"):  # the roots are the partition's nodes of both splits
             if int(part.mask(split).sum()) != int(self.counts[split][k]):
