@@ -8,6 +8,7 @@ large graph is built (the smaller of the machine's free memory and a SLURM job's
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 import threading
 from pathlib import Path
@@ -20,17 +21,18 @@ def release_free_memory() -> None:
     no-op where there is no glibc). glibc keeps freed buffers below its mmap threshold in the
     heap for reuse; between large, separate pieces of work (a rank's scoring fields, each about
     a third of the graph's rows) that heap only raises the next piece's peak."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None  # glibc's malloc_trim once looked up, False where absent
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _rss_bytes() -> int:

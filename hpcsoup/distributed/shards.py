@@ -109,18 +109,15 @@ def owned_partitions(partitions: int, rank: int, size: int) -> list[int]:
 # --------------------------------------------------------------------------- building
 
 
-def build_parts(graph, partitions: int, halo: int, seed: int = 0,
-                parts: torch.Tensor | None = None, field=None) -> Iterator[Part]:
-    """METIS partitions of ``graph`` with a ``halo``-hop halo, or (``field``: the experts'
-    :class:`~hpcsoup.models.ModelSpec`) their validation nodes' receptive fields, one
-    :class:`Part` at a time.
+def build_parts(source: LocalPartitionSource) -> Iterator[Part]:
+    """The partitions of ``source`` (:func:`partition_source`), one :class:`Part` at a time:
+    METIS partitions with a ``halo``-hop halo, or their validation nodes' receptive fields.
 
     They come from PLS's own :class:`~hpcsoup.soup.pls.LocalPartitionSource`
     (pymetis, seeded; or the given partition vector ``parts``), so they are the same, bit
     for bit, as in a single-process run.
     """
-    source = partition_source(graph, partitions, halo, seed, parts, field)
-    for pid in range(partitions):
+    for pid in range(source.num_parts):
         yield source.part(pid)
 
 
@@ -234,7 +231,7 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
             builder: Callable[..., Iterable[Part]] | None = None,
             parts: torch.Tensor | None = None, field=None) -> Path:
     """Partition ``graph`` and write it to ``path`` (see :func:`shard_path`) once
-    (``field``: receptive fields of the experts' model, see :func:`build_parts`, and the
+    (``field``: receptive fields of the experts' model, see :func:`partition_source`, and the
     partitions' scoring fields, :func:`build_score_fields`).
 
     Does nothing when a complete partitioned graph is already there. Only one process
@@ -250,7 +247,7 @@ def prepare(path: str | Path, graph, partitions: int, halo: int, seed: int = 0,
     score_fields = None
     if builder is None:
         source = partition_source(graph, partitions, halo, seed, parts, field)
-        parts = (source.part(pid) for pid in range(partitions))
+        parts = build_parts(source)
         if field is not None:  # fields hold no test nodes: the scores come from scoring fields
             score_fields = build_score_fields(source)
     else:

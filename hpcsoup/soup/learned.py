@@ -63,6 +63,8 @@ log = logging.getLogger("hpcsoup.soup")
 
 OBJECTIVES = ("auto", "ce", "auc")
 INITS = ("uniform", "validation", "greedy", "greedy_prefix")
+#: the starts chosen by checks of greedy candidates (:func:`greedy_start`)
+GREEDY_INITS = ("greedy", "greedy_prefix")
 
 #: the settings LS declares (PLS declares them too, with its own defaults)
 OPTIM_SETTINGS = {
@@ -141,7 +143,7 @@ def init_logits(ingredients: Ingredients, how: str, val_scores: list[float] | No
     shape = (ingredients.num_tensors, ingredients.n)
     if how == "uniform":
         logits = torch.zeros(shape)
-    elif how in ("greedy", "greedy_prefix"):
+    elif how in GREEDY_INITS:
         if evaluator is None or evaluator.graph is None:
             raise SoupError(f"learned souping init={how!r} needs the full graph to choose the "
                             f"start's experts; use init='uniform' or 'validation'")

@@ -81,9 +81,9 @@ from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.fields import CSRNeighbours
-from hpcsoup.soup.learned import (OPTIM_SETTINGS, StepProgress, Stopper, greedy_start,
-                                  init_logits, learned_result, make_optimizer, resolve_objective,
-                                  validation_loss)
+from hpcsoup.soup.learned import (GREEDY_INITS, OPTIM_SETTINGS, StepProgress, Stopper,
+                                  greedy_start, init_logits, learned_result, make_optimizer,
+                                  resolve_objective, validation_loss)
 
 log = logging.getLogger("hpcsoup.soup")
 
@@ -397,8 +397,9 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 #: of the validation field, so a step's features and activations stay a fixed small share of
 #: an evaluation's (LS's) at every size. Pieces overlap (neighbours shared by a partition's
 #: validation nodes are computed once per piece): at 200k nodes 4096-node pieces compute 10 %
-#: more nodes than the 32 whole fields and hold 23 % of LS's peak (8192: 26 %); at 1M a fixed
-#: 4096 made PLS slower than LS, for no memory it saved (benchmarks/RESULTS.md ``## soup`` (d))
+#: more nodes than the 32 whole fields; 16k-node pieces cost 10 % less time at several times a
+#: step's memory; at 1M a fixed 4096 made PLS slower than LS, for no memory it saved
+#: (benchmarks/RESULTS.md ``## soup`` (d))
 PIECE_NODES = 4096
 PIECE_SHARE = 40
 
@@ -529,7 +530,7 @@ class PartitionLearnedSoup(SoupMethod):
             start_checks.append(check_params(params))
             return start_checks[-1]
 
-        if s["init"] in ("greedy", "greedy_prefix"):  # chosen by the check: MPI ranks can too
+        if s["init"] in GREEDY_INITS:  # chosen by the check: MPI ranks can too
             logits, start_check = greedy_start(ingredients, start_candidate,
                                                until_drop=s["init"] == "greedy_prefix")
             logits = logits.to(evaluator.device).requires_grad_(True)
