@@ -13,7 +13,12 @@ Measurement:
 - memory: every (dataset, method) runs in a fresh subprocess that loads the graph, the experts
   and the shared evaluator, then souping runs inside :class:`hpcsoup.memory.PeakMemory`
   (a thread samples RSS from /proc/self/statm every 5 ms): peak RSS during souping minus the
-  RSS right before it. ``ru_maxrss`` minus that RSS is reported as a cross-check. Memory
+  RSS right before it; beside it the same for anonymous pages alone (RSS less file-backed
+  pages). Before the measured soup a worker runs one validation evaluation and one gradient of
+  the model (:func:`gradient_warm_up`): a process's first backward pages in ~4.5 MiB of
+  libtorch's code (file-backed, shared), which no method should be charged for, nor was it
+  once a method before it in ``hpcsoup soup`` had trained. ``ru_maxrss`` minus that RSS is
+  reported as a cross-check. Memory
   workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers leave RSS (otherwise
   glibc's dynamic threshold makes RSS ratchet with allocation history: PLS read +240 MiB
   instead of +57 MiB at 200k nodes). That threshold maps every buffer above 64 KiB afresh, and
@@ -268,6 +273,7 @@ def run_method(method: str, ingredients, evaluator, settings: dict | None = None
     extras = {k: v for k, v in result.extras.items() if k not in ("logits", "chosen")}
     return {"method": method, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "peak_above_bytes": memory.above_start,
+            "anon_above_bytes": memory.anon_above_start,
             "rss_start_bytes": memory.start,
             "maxrss_above_bytes": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                                       - memory.start),
@@ -341,6 +347,7 @@ def worker(key: str, method: str, nodes: int | None, repeats: int = 1) -> dict:
         # field's one-time structures (its column blocks) are built by then, as `hpcsoup soup`
         # shares them between methods
         evaluation_seconds(evaluator, ingredients.mean(), repeats=1)
+        gradient_warm_up(ingredients, evaluator)
         return dict(out, **run_method(method, ingredients, evaluator))
     # one validation evaluation before and after each soup: the cost model's unit, measured
     # at the soup's own moment
@@ -362,6 +369,20 @@ def worker(key: str, method: str, nodes: int | None, repeats: int = 1) -> dict:
                                x["evaluation_cpu_around"] for x in r))
                    for m, r in runs.items()}
     return out
+
+
+def gradient_warm_up(ingredients, evaluator) -> None:
+    """One gradient through the model on the field of 8 validation nodes: the process has then
+    paged in libtorch's backward code, as any process that trained has. A field of its own
+    (cut afresh, not kept), so that no method's structures (LS's kept transpose of the
+    validation field) are built before its measurement."""
+    import torch
+
+    field = evaluator.field_of(torch.arange(8))
+    graph_input = evaluator.field_input(field.edge_index, field.weight, field.x.size(0),
+                                        field.aggregate, field.roots)
+    logits = torch.zeros(ingredients.num_tensors, ingredients.n, requires_grad=True)
+    evaluator.forward(ingredients.mix(logits.softmax(-1)), field.x, graph_input).sum().backward()
 
 
 def validation_field(evaluator) -> dict:
@@ -473,6 +494,7 @@ def bench_large(key: str, nodes: int, threads: int, repeats: int = 3) -> dict:
             raise RuntimeError(f"{key}@{nodes} {method}: the memory run scored "
                                f"{mem['val']}/{mem['test']}, the timed run {row['val']}/{row['test']}")
         row.update(peak_above_bytes=mem["peak_above_bytes"],
+                   anon_above_bytes=mem["anon_above_bytes"],
                    maxrss_above_bytes=mem["maxrss_above_bytes"],
                    memory_run={k: mem[k] for k in ("seconds", "cpu_seconds", "peak_above_bytes")})
         rows.append(row)
@@ -523,9 +545,10 @@ def table(result: dict) -> str:
             f"{evaluation[1]:.3f} s CPU)\n")
     lines = ["| method | wall s | CPU s | GIS / method (wall) | GIS / method (CPU) | "
              "evaluations model | evaluations measured (CPU) | peak MiB above data | / LS memory | "
+             "anonymous MiB | / LS anonymous | "
              "val | test | val − uniform | test − uniform | val − best expert | "
              "test − best expert | moved | work |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     uniform, best = rows["uniform"], result["best_expert"]
 
     def ratio(a, b):
@@ -536,6 +559,9 @@ def table(result: dict) -> str:
         e = r["extras"]
         mem = r["peak_above_bytes"] / 2**20
         vs_ls = r["peak_above_bytes"] / ls["peak_above_bytes"] if ls["peak_above_bytes"] else float("nan")
+        anon, ls_anon = r.get("anon_above_bytes"), ls.get("anon_above_bytes")
+        anon_cells = (f"{anon / 2**20:.1f} | {anon / ls_anon:.2f}" if anon is not None and ls_anon
+                      else "- | -")  # runs before the anonymous column
         work = (f"{e.get('steps', '-')} steps, {e.get('checks', '-')} checks"
                 if base_method(method) in ("learned", "pls") else f"{e.get('evaluations', 0)} evals")
         lines.append(f"| {method} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
@@ -543,12 +569,12 @@ def table(result: dict) -> str:
                      f"{ratio(gis['cpu_seconds'], r['cpu_seconds'])} | "
                      f"{r['cost_formula']} = {r['cost_forwards']:.1f} | {r['measured_forwards']:.1f} | "
                      f"{mem:.1f} | "
-                     f"{vs_ls:.2f} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | "
+                     f"{vs_ls:.2f} | {anon_cells} | {100 * r['val']:.2f} | {100 * r['test']:.2f} | "
                      f"{100 * (r['val'] - uniform['val']):+.2f} | "
                      f"{100 * (r['test'] - uniform['test']):+.2f} | "
                      f"{100 * (r['val'] - best['val']):+.2f} | {100 * (r['test'] - best['test']):+.2f} | "
                      f"{moved(r):.3f} | {work} |")
-    lines.append(f"| best expert (by val) | | | | | | | | | {100 * best['val']:.2f} | "
+    lines.append(f"| best expert (by val) | | | | | | | | | | | {100 * best['val']:.2f} | "
                  f"{100 * best['test']:.2f} | | | | | | |")
     metis = result.get("metis")
     if metis:

@@ -36,8 +36,16 @@ def _malloc_trim():
 
 
 def _rss_bytes() -> int:
+    return _resident()[0]
+
+
+def _resident() -> tuple[int, int]:
+    """``(rss, anonymous)`` bytes: all resident pages, and those not backed by a file (the
+    process's own data; RSS also counts the shared libraries' code it has paged in)."""
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
+        fields = handle.read().split()
+    page = resource.getpagesize()
+    return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
 
 
 def _read_int(path: Path) -> int | None:
@@ -90,8 +98,10 @@ class PeakMemory:
 
     A thread samples RSS (``/proc/self/statm``) every ``interval`` seconds;
     ``peak`` is the largest value seen, ``above_start`` the peak minus the RSS
-    when the block began (what the block itself added). Without ``/proc`` it falls
-    back to ``ru_maxrss`` (the process's lifetime peak). With a CUDA ``device``,
+    when the block began (what the block itself added); ``anon_above_start`` the same for
+    anonymous pages alone (RSS less file-backed pages: a process's first backward pass, for
+    one, pages in megabytes of libtorch's code). Without ``/proc`` it falls back to
+    ``ru_maxrss`` (the process's lifetime peak; ``anon_above_start`` is then ``None``). With a CUDA ``device``,
     ``gpu_peak`` is ``torch.cuda.max_memory_allocated`` over the block (the counter is
     reset on entry); otherwise it is ``None``.
     """
@@ -99,6 +109,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.005, device: str | torch.device | None = None):
         self.interval = interval
         self.start = self.peak = 0
+        self.anon_start = self.anon_peak = None
         self.device = torch.device(device) if device is not None else None
         self.gpu_peak = None
         self._stop = threading.Event()
@@ -109,14 +120,18 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
+            self._update()
+
+    def _update(self):
+        rss, anon = _resident()
+        self.peak, self.anon_peak = max(self.peak, rss), max(self.anon_peak, anon)
 
     def __enter__(self):
         if self._cuda:
             torch.cuda.init()  # a rank may not have touched CUDA yet: the counters need it
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            self.start = self.peak = _rss_bytes()
+            self.start, self.anon_start = self.peak, self.anon_peak = _resident()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         except OSError:
@@ -127,7 +142,7 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            self._update()
         else:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self._cuda:
@@ -137,3 +152,7 @@ class PeakMemory:
     @property
     def above_start(self) -> int:
         return max(0, self.peak - self.start)
+
+    @property
+    def anon_above_start(self) -> int | None:
+        return None if self.anon_start is None else max(0, self.anon_peak - self.anon_start)

@@ -12,6 +12,21 @@ def test_peak_rss_sees_a_block_allocation_and_no_gpu_figure_on_a_cpu():
     assert memory.above_start >= 48 * 2**20, memory.above_start
     assert memory.peak >= memory.start > 0
     assert memory.gpu_peak is None
+    # the buffer is anonymous memory (no file behind it): it counts there too, within the RSS
+    assert 48 * 2**20 <= memory.anon_above_start <= memory.above_start + 2**20
+
+
+def test_file_backed_pages_count_in_rss_but_not_as_anonymous_memory(tmp_path):
+    import mmap
+
+    path = tmp_path / "pages"
+    path.write_bytes(b"\1" * (32 * 2**20))
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        with PeakMemory() as memory:
+            total = sum(view[i] for i in range(0, len(view), 4096))  # page every page in
+    assert total == 32 * 2**20 // 4096
+    assert memory.above_start >= 24 * 2**20, memory.above_start
+    assert memory.anon_above_start < 8 * 2**20, memory.anon_above_start
 
 
 def test_available_memory_is_positive_and_below_the_machines():

@@ -276,14 +276,14 @@ class LocalPartitionSource(PartitionSource):
                             f"(the nodes of '{graph.name}')")
         self.graph, self.num_parts, self.halo = graph, int(num_parts), int(halo)
         self.keeps_parts = bool(cache)
-        self.parts = parts if parts is not None else partition(
+        parts = parts if parts is not None else partition(
             data.edge_index, data.num_nodes, self.num_parts, seed=seed, cache_dir=cache_dir)
         self.split_masks = {split: graph.mask(split) for split in ("val", "test")}
-        parts_of = self.parts.long()
-        self.counts = {split: torch.bincount(parts_of[mask], minlength=self.num_parts)
+        self.counts = {split: torch.bincount(parts[mask], minlength=self.num_parts)
                        for split, mask in self.split_masks.items()}
         positive = self.split_masks["val"] & (data.y == 1)
-        self.val_positives = torch.bincount(parts_of[positive], minlength=self.num_parts)
+        self.val_positives = torch.bincount(parts[positive], minlength=self.num_parts)
+        self.parts = parts.to(torch.int32)  # kept for the whole soup: half an int64's memory
         self.evaluator = evaluator
         if evaluator is not None:
             self.scope, self.halo = "field", 0
@@ -308,9 +308,9 @@ class LocalPartitionSource(PartitionSource):
 
     @functools.cached_property
     def labels(self) -> dict:
-        """``{split: labels in global order}`` (the test split's: 7 MB at 1M nodes, wanted only
-        when a check scores test nodes)."""
-        return {split: self.graph.data.y[mask] for split, mask in self.split_masks.items()}
+        """``{split: labels in global order}``, each split's gathered when first asked for (the
+        test split's: 7 MB at 1M nodes, wanted only when a check scores test nodes)."""
+        return SplitTable(lambda split: self.graph.data.y[self.split_masks[split]])
 
     @functools.cached_property
     def val_positions(self) -> list[torch.Tensor]:
@@ -388,6 +388,18 @@ class LocalPartitionSource(PartitionSource):
                     subset, int(core), k)
 
 
+class SplitTable(dict):
+    """``{split: value}`` filled on first lookup by ``make(split)``."""
+
+    def __init__(self, make: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, split: str) -> torch.Tensor:
+        value = self[split] = self.make(split)
+        return value
+
+
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -441,12 +453,16 @@ PLS_SETTINGS = {
     # validation), chosen by its own (exact, collective) check: greedy's n - 1 checks were
     # a third of its time at 200k nodes, where greedy keeps the best expert alone (the prefix
     # then costs one check); the same validation on Cora and Tolokers, -0.27 pt on CiteSeer
-    # (benchmarks/RESULTS.md ``## soup``)
+    # (benchmarks/RESULTS.md ``## soup``).
+    # It stops at the first check (10 steps) whose validation loss did not fall: a second
+    # such window (patience 2) kept the same soups on Cora, CiteSeer, Tolokers (3 expert sets
+    # each), synthetic-products 200k and the MPI benchmark, at twice the steps where the loss
+    # had stopped falling (200k: 20 -> 10 steps; benchmarks/RESULTS.md ``## soup``)
     "init": dataclasses.replace(OPTIM_SETTINGS["init"], default="greedy_prefix"),
     "steps": dataclasses.replace(OPTIM_SETTINGS["steps"], default=40),
     "lr": dataclasses.replace(OPTIM_SETTINGS["lr"], default=0.5),
     "eval_every": dataclasses.replace(OPTIM_SETTINGS["eval_every"], default=10),
-    "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=2),
+    "patience": dataclasses.replace(OPTIM_SETTINGS["patience"], default=1),
     "min_steps": dataclasses.replace(OPTIM_SETTINGS["min_steps"], default=10),
     "partitions": Setting(32, (int,), **positive(), help="K, the METIS partitions of the graph"),
     "per_step": Setting(4, (int,), **positive(),

@@ -189,6 +189,17 @@ def test_rocauc_check_gathers_per_node_scores(tiny_graph):
                                                        abs=1e-9)
 
 
+def test_a_validation_check_gathers_no_test_labels(tiny_graph, tiny_experts):
+    """A source's labels are gathered per split when asked for: a check of the validation
+    nodes leaves the test split's (most of a large graph's nodes) ungathered."""
+    evaluator = Evaluator(tiny_experts.spec, tiny_graph)
+    source = LocalPartitionSource(tiny_graph, 4, evaluator=evaluator)
+    scores = partition_scores(tiny_experts.mean(), evaluator, source, splits=("val",))
+    assert scores["val"] == pytest.approx(evaluator.evaluate(tiny_experts.mean()), abs=1e-6)
+    assert list(source.labels) == ["val"]
+    assert torch.equal(source.labels["test"], tiny_graph.data.y[tiny_graph.mask("test")])
+
+
 def test_bad_check_is_named(tiny_graph, tiny_experts):
     with pytest.raises(SoupError, match="soup.pls.check' = 'sometimes'"):
         get_method("pls", check="sometimes", partitions=2, per_step=1).soup(
