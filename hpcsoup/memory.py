@@ -101,9 +101,9 @@ class PeakMemory:
     when the block began (what the block itself added); ``anon_above_start`` the same for
     anonymous pages alone (RSS less file-backed pages: a process's first backward pass, for
     one, pages in megabytes of libtorch's code). Without ``/proc`` it falls back to
-    ``ru_maxrss`` (the process's lifetime peak; ``anon_above_start`` is then ``None``). With a CUDA ``device``,
-    ``gpu_peak`` is ``torch.cuda.max_memory_allocated`` over the block (the counter is
-    reset on entry); otherwise it is ``None``.
+    ``ru_maxrss`` (the process's lifetime peak; ``anon_above_start`` is then ``None``).
+    With a CUDA ``device``, ``gpu_peak`` is ``torch.cuda.max_memory_allocated`` over the
+    block (the counter is reset on entry); otherwise it is ``None``.
     """
 
     def __init__(self, interval: float = 0.005, device: str | torch.device | None = None):
