@@ -239,7 +239,8 @@ class ScoreFieldSource(PartitionSource):
         if self._last is not None:
             for name in Part.TENSORS:
                 tensor = getattr(self._last, name)  # (a slice would keep the storage)
-                setattr(self._last, name, tensor.new_empty((0,) + tuple(tensor.shape[1:])))
+                setattr(self._last, name, torch.empty((0,) + tuple(tensor.shape[1:]),
+                                                      dtype=tensor.dtype))
         release_free_memory()  # the emptied field's (or the loop's) pages, before a field is read
         part = self._last = read_score_field(self.path, k)
         for split in ("val", "test"):  # the roots are the partition's nodes of both splits

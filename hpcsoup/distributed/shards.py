@@ -53,11 +53,14 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from hpcsoup.errors import StoreError, StoreNotFoundError
+from hpcsoup.models.gnn import FIRST_LAYER_BLOCK
 from hpcsoup.soup.pls import LocalPartitionSource, Part
 from hpcsoup.store import GRAPHS, Store, provenance
 
 #: the arrays each stored partition holds: PLS's own :class:`~hpcsoup.soup.pls.Part`
 ARRAYS = Part.TENSORS
+#: a scoring field's arrays read a block of rows at a time (chunks of FIRST_LAYER_BLOCK rows)
+ROW_ARRAYS = ("x", "aggregate")
 #: the set's own arrays, beside the partitions
 LABELS = ("val_labels", "test_labels")
 
@@ -212,7 +215,7 @@ def write_parts(path: str | Path, parts: Iterable[Part], attrs: dict,
                 edges = int(part.edge_index.size(1))
                 writer.add(score_part_name(part.pid), part.tensors(), {
                     "pid": part.pid, "core_count": part.core_count, "nodes": part.num_nodes,
-                    "edges": edges})
+                    "edges": edges}, chunk_rows=dict.fromkeys(ROW_ARRAYS, FIRST_LAYER_BLOCK))
                 for key, value in zip(scored, (part.num_nodes, edges, int(part.val_mask.sum()),
                                                int(part.test_mask.sum()))):
                     scored[key][part.pid] = value
@@ -324,15 +327,22 @@ class Shard:
 
 def _read_part(store: Store, graph_id: str, pid: int, scoring: bool = False) -> Part:
     """Partition ``pid`` of the stored set ``graph_id`` (its arrays alone); ``scoring``: its
-    scoring field (:func:`build_score_fields`) instead."""
+    scoring field (:func:`build_score_fields`) instead, whose features and first aggregation
+    stay in the store as :class:`~hpcsoup.store.zarr_store.RowReader` s when it has one (the
+    forward reads them a block of rows at a time: :meth:`hpcsoup.models.gnn.GNN.forward`)."""
     name = score_part_name(pid) if scoring else part_name(pid)
+    rows = ROW_ARRAYS if scoring else ()
     try:
-        t, attrs = store.read_graph_arrays(graph_id, ARRAYS, name)
+        t, attrs = store.read_graph_arrays(graph_id, [a for a in ARRAYS if a not in rows], name)
+        if rows:
+            t.update(store.read_graph_rows(graph_id, name, rows))
     except StoreNotFoundError:
         what = f"the scoring field of partition {pid}" if scoring else f"partition {pid}"
         raise StoreNotFoundError(f"{what} is missing from the partitioned graph "
                                  f"'{store.graph_path(graph_id)}'; "
                                  f"{store.repair_hint(f'{GRAPHS}/{graph_id}')}") from None
+    if rows and t["aggregate"].size(0) == 0:  # no first aggregation (GAT): a forward needs all
+        t.update({name: t[name][:] for name in rows})
     return Part(t["x"], t["edge_index"].long(), t["y"].long(), t["deg"], t["val_mask"].bool(),
                 t["val_pos"].long(), t["test_mask"].bool(), t["test_pos"].long(),
                 t["nodes"].long(), int(attrs["core_count"]), pid, t["weight"], t["aggregate"])

@@ -135,6 +135,12 @@ class Precomputed:
     ``layers - 1`` hops of them (:mod:`hpcsoup.soup.fields`). ``roots``: only the first
     ``roots`` rows' logits are wanted (a field's roots), so the last layer computes those rows
     alone. Inference only: dropout would have to act on ``X`` before the aggregation.
+
+    ``aggregate`` and the forward's ``x`` are only ever sliced by row ranges (``t[a:b]``), so
+    either may be a :class:`~hpcsoup.store.zarr_store.RowReader` that reads its rows from the
+    store as they are asked for: a two-layer field's forward (:meth:`GNN._two_layers_in_blocks`)
+    then holds one block of them, not the field's (a third of a 1M-node graph's rows when
+    distributed PLS scores its soup).
     """
 
     aggregate: torch.Tensor
@@ -188,7 +194,7 @@ def first_layer(conv: nn.Module, x: torch.Tensor, aggregate: torch.Tensor,
     """
     rows = x.size(0)
     if torch.is_grad_enabled() or rows <= FIRST_LAYER_BLOCK:
-        out = first_layer_from_aggregate(conv, x, aggregate)
+        out = first_layer_from_aggregate(conv, x[:], aggregate[:])  # [:]: a RowReader's rows
         return out.relu() if activate else out
     out = None
     for start in range(0, rows, FIRST_LAYER_BLOCK):

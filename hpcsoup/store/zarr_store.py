@@ -349,11 +349,16 @@ class Store:
                                zarr_format=3)
 
     @staticmethod
-    def _write_tensor(group: zarr.Group, name: str, tensor: torch.Tensor) -> dict:
+    def _write_tensor(group: zarr.Group, name: str, tensor: torch.Tensor,
+                      chunk_rows: int | None = None) -> dict:
+        """Write ``tensor`` as array ``name``; ``chunk_rows``: chunks of that many whole rows
+        (what :class:`RowReader` reads one at a time), else zarr's automatic chunks."""
         array, dtype_name = tensor_to_numpy(tensor)
         meta = {"shape": list(array.shape), "torch_dtype": dtype_name, "sha1": _digest(array)}
-        group.create_array(name, data=array, compressors=_compressors(), overwrite=True,
-                           attributes=meta)
+        chunks = ((max(1, min(chunk_rows, array.shape[0])),) + array.shape[1:]
+                  if chunk_rows and array.ndim >= 1 else "auto")
+        group.create_array(name, data=array, chunks=chunks, compressors=_compressors(),
+                           overwrite=True, attributes=meta)
         return meta
 
     def repair_hint(self, where: str) -> str:
@@ -754,6 +759,98 @@ class Store:
         return {name: self._read_tensor(where, group, name, None, check_finite=False)
                 for name in names}, attrs
 
+    def read_graph_rows(self, graph_id: str, shard: str, names) -> dict:
+        """``{name: RowReader}`` of arrays of shard ``shard`` of a graph shard set: nothing is
+        read until rows are asked for (:class:`RowReader`)."""
+        parts = (GRAPHS, graph_id, shard)
+        where = "/".join(parts)
+        group = zarr.open_group(store=str(self._dir(*parts)), mode="r", zarr_format=3)
+        readers = {}
+        for name in names:
+            try:
+                node = group[name]
+            except KeyError:
+                raise StoreError(f"'{where}': array '{name}' is missing from store '{self.path}'; "
+                                 f"{self.repair_hint(where)}") from None
+            readers[name] = RowReader(node, f"{where}/{name}", dict(node.attrs),
+                                      self.repair_hint(where))
+        return readers
+
+
+class RowReader:
+    """A stored array read by row ranges, one chunk of rows held at a time: ``reader[a:b]`` is
+    a tensor of rows ``a..b-1``. What a forward that runs in row blocks needs of a large input
+    (a scoring field's features and first aggregation: :mod:`hpcsoup.distributed.shards`)
+    without the whole array in memory.
+
+    Integrity: every chunk carries its crc32c; the array's sha1 (which would also catch a
+    missing chunk, read back as zeros) is checked as the rows are read from the first to the
+    last in order, which a blocked forward does; :class:`StoreError` on a mismatch, at the end
+    of that pass, before anything computed from it is used.
+
+    ``shape``, ``dtype``, ``size``, ``numel`` and ``to(device)`` (rows then arrive there) as a
+    tensor's, so a forward's row slicing takes either.
+    """
+
+    def __init__(self, array, where: str, meta: dict, fix: str):
+        self.array, self.where, self.fix = array, where, fix
+        self.shape = tuple(array.shape)
+        self.chunk_rows = int(array.chunks[0]) if self.shape and self.shape[0] else 1
+        self.dtype_name, self.sha1 = meta.get("torch_dtype"), meta.get("sha1")
+        self.dtype = getattr(torch, self.dtype_name) if self.dtype_name else \
+            numpy_to_tensor(np.zeros(0, dtype=array.dtype), None).dtype
+        self.device: torch.device | None = None
+        self._digest, self._hashed = hashlib.sha1(), 0  # rows hashed so far, in order
+        self._held = (0, 0, None)                       # (first row, end row, tensor)
+
+    def size(self, dim: int | None = None):
+        return torch.Size(self.shape) if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def to(self, device) -> "RowReader":
+        self.device = torch.device(device)
+        return self
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice):
+            raise TypeError(f"{self.where}: a RowReader takes row ranges (reader[a:b]), "
+                            f"not {index!r}")
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise TypeError(f"{self.where}: a RowReader takes contiguous row ranges")
+        pieces, row = [], start
+        while row < stop:
+            first, end, rows = self._held
+            if not first <= row < end:
+                first, end, rows = self._read(row // self.chunk_rows)
+            pieces.append(rows[row - first:min(stop, end) - first])
+            row = min(stop, end)
+        if not pieces:
+            out = torch.empty((0,) + self.shape[1:], dtype=self.dtype)
+        else:
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out if self.device is None else out.to(self.device)
+
+    def _read(self, chunk: int) -> tuple:
+        first = chunk * self.chunk_rows
+        end = min(first + self.chunk_rows, self.shape[0])
+        self._held = (0, 0, None)  # the chunk before goes first: one chunk in memory at a time
+        try:
+            block = np.asarray(self.array[first:end])
+        except Exception as exc:  # zstd / crc32c / file errors all mean: this chunk is damaged
+            raise StoreError(f"'{self.where}' cannot be read, a chunk is corrupt "
+                             f"({type(exc).__name__}: {exc}); {self.fix}") from exc
+        if first == self._hashed and self.sha1:
+            self._digest.update(np.ascontiguousarray(block))  # C order, as the whole was hashed
+            self._hashed = end
+            if end == self.shape[0] and self._digest.hexdigest() != self.sha1:
+                raise StoreError(f"'{self.where}' does not match its checksum (a chunk is corrupt "
+                                 f"or missing); {self.fix}")
+        self._held = (first, end, numpy_to_tensor(block, self.dtype_name))
+        return self._held
+
 
 class GraphWriter:
     """The open graph shard set of :meth:`Store.write_graph`: :meth:`add` writes one shard;
@@ -763,9 +860,12 @@ class GraphWriter:
         self.store, self.graph_id, self._root = store, graph_id, root
         self.attrs: dict = {}
 
-    def add(self, shard: str, tensors: dict, attrs: dict | None = None) -> None:
-        """Write the shard ``shard``: its ``tensors`` (compressed, checksummed) and ``attrs``."""
+    def add(self, shard: str, tensors: dict, attrs: dict | None = None,
+            chunk_rows: dict | None = None) -> None:
+        """Write the shard ``shard``: its ``tensors`` (compressed, checksummed) and ``attrs``;
+        ``chunk_rows``: ``{name: rows}``, arrays stored in chunks of whole rows (read by
+        :meth:`Store.read_graph_rows`)."""
         self.store._check_array_name(GRAPHS, self.graph_id, shard)
         group = self._root.create_group(shard, attributes=_jsonable(dict(attrs or {})))
         for name, tensor in tensors.items():
-            self.store._write_tensor(group, name, tensor)
+            self.store._write_tensor(group, name, tensor, (chunk_rows or {}).get(name))

@@ -211,17 +211,27 @@ def test_shard_scores_equal_full_graph_scores_with_an_exact_halo(comm, shared_di
     assert scores["test"] == pytest.approx(full["test"], abs=1e-6)
 
 
+@pytest.mark.parametrize("block", [None, 16])
 @pytest.mark.parametrize("arch,metric", [("sage", "accuracy"), ("gcn", "rocauc"), ("gat", "accuracy"),
                                          ("gin", "accuracy")])
-def test_scoring_fields_give_the_full_graph_scores(comm, shared_dir, arch, metric):
+def test_scoring_fields_give_the_full_graph_scores(comm, shared_dir, monkeypatch, arch, metric,
+                                                   block):
     """A field set's scoring fields (each partition's validation and test nodes with their
-    receptive field) score a soup as the full graph does, each rank reading its own fields."""
+    receptive field) score a soup as the full graph does, each rank reading its own fields.
+    ``block``: the forward's row blocks and the stored fields' row chunks made small, so a
+    field's features and first aggregation stay in the store and are read a block at a time."""
+    import hpcsoup.distributed.shards
+    import hpcsoup.models.gnn
     from distributed_support import tiny_experts, tiny_graph
     from hpcsoup.distributed.pls import ScoreFieldSource
     from hpcsoup.distributed.shards import load_shard, open_parts
     from hpcsoup.soup import Evaluator
     from hpcsoup.soup.pls import partition_scores
+    from hpcsoup.store.zarr_store import RowReader
 
+    if block:
+        for module in (hpcsoup.models.gnn, hpcsoup.distributed.shards):
+            monkeypatch.setattr(module, "FIRST_LAYER_BLOCK", block)
     graph = tiny_graph(seed=2, metric=metric)
     ingredients = tiny_experts(graph, arch, n=2, epochs=10)
     params = ingredients.mean()
@@ -240,6 +250,9 @@ def test_scoring_fields_give_the_full_graph_scores(comm, shared_dir, arch, metri
         previous = part
         assert part.is_field and part.core_count == int(part.val_mask.sum() + part.test_mask.sum())
         assert part.num_nodes == attrs["score_sizes"][k] < graph.num_nodes
+        # read when the forward asks for rows, where there is a first aggregation (not GAT)
+        assert isinstance(part.x, RowReader) == (arch != "gat")
+        assert not block or part.num_nodes > 2 * block  # the forward runs in several blocks
         for split in roots:
             # the roots are the partition's nodes of that split, at their global positions
             ids = part.nodes[part.mask(split)]
