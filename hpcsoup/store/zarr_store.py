@@ -762,8 +762,12 @@ class Store:
     def read_graph_rows(self, graph_id: str, shard: str, names) -> dict:
         """``{name: RowReader}`` of arrays of shard ``shard`` of a graph shard set: nothing is
         read until rows are asked for (:class:`RowReader`)."""
+        self._check(GRAPHS, graph_id)
         parts = (GRAPHS, graph_id, shard)
         where = "/".join(parts)
+        if self._node_attrs(*parts) is None:
+            raise StoreNotFoundError(f"'{where}' is not in store '{self.path}'; "
+                                     f"{self.repair_hint(where)}")
         group = zarr.open_group(store=str(self._dir(*parts)), mode="r", zarr_format=3)
         readers = {}
         for name in names:

@@ -203,3 +203,5 @@ def test_a_row_reader_names_a_corrupt_chunk(store):
         reader[16:20]
     with pytest.raises(StoreError, match="missing from store"):
         store.read_graph_rows(GID, "p00000", ["aggregate"])
+    with pytest.raises(StoreNotFoundError, match="p00001' is not in store"):
+        store.read_graph_rows(GID, "p00001", ["x"])
