@@ -131,7 +131,9 @@ class PeakMemory:
             torch.cuda.init()  # a rank may not have touched CUDA yet: the counters need it
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            self.start, self.anon_start = self.peak, self.anon_peak = _resident()
+            rss, anon = _resident()
+            self.start = self.peak = rss
+            self.anon_start = self.anon_peak = anon
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         except OSError:

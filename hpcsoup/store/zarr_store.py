@@ -801,8 +801,8 @@ class RowReader:
         self.shape = tuple(array.shape)
         self.chunk_rows = int(array.chunks[0]) if self.shape and self.shape[0] else 1
         self.dtype_name, self.sha1 = meta.get("torch_dtype"), meta.get("sha1")
-        self.dtype = getattr(torch, self.dtype_name) if self.dtype_name else \
-            numpy_to_tensor(np.zeros(0, dtype=array.dtype), None).dtype
+        self.dtype = (getattr(torch, self.dtype_name) if self.dtype_name
+                      else torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype)
         self.device: torch.device | None = None
         self._digest, self._hashed = hashlib.sha1(), 0  # rows hashed so far, in order
         self._held = (0, 0, None)                       # (first row, end row, tensor)
