@@ -132,7 +132,7 @@ def partition_source(graph, partitions: int, halo: int, seed: int = 0,
 
     evaluator = None if field is None else Evaluator(field, graph)
     return LocalPartitionSource(graph, partitions, halo, seed=seed, cache=False, parts=parts,
-                                evaluator=evaluator)
+                                evaluator=evaluator, keep_partition=True)
 
 
 def build_score_fields(source: LocalPartitionSource) -> Iterator[Part]:

@@ -34,6 +34,7 @@ from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from hpcsoup.errors import ModelError
 from hpcsoup.models.aggregate import Aggregate
+from hpcsoup.models.rows import RowsLinear, dense, linear_sum
 
 #: the architectures an expert can have
 ARCHS = ("gcn", "sage", "gat", "gin")
@@ -137,10 +138,12 @@ class Precomputed:
     alone. Inference only: dropout would have to act on ``X`` before the aggregation.
 
     ``aggregate`` and the forward's ``x`` are only ever sliced by row ranges (``t[a:b]``), so
-    either may be a :class:`~hpcsoup.store.zarr_store.RowReader` that reads its rows from the
-    store as they are asked for: a two-layer field's forward (:meth:`GNN._two_layers_in_blocks`)
-    then holds one block of them, not the field's (a third of a 1M-node graph's rows when
-    distributed PLS scores its soup).
+    either may be a row source (:mod:`hpcsoup.models.rows`): a
+    :class:`~hpcsoup.store.zarr_store.RowReader` that reads its rows from the store as they are
+    asked for (a two-layer field's forward, :meth:`GNN._two_layers_in_blocks`, then holds one
+    block of them, not the field's: a third of a 1M-node graph's rows when distributed PLS
+    scores its soup), or :class:`~hpcsoup.models.rows.GatheredRows` (a PLS piece's rows of the
+    validation field, gathered a block at a time, in the backward too).
     """
 
     aggregate: torch.Tensor
@@ -165,45 +168,39 @@ class Precomputed:
         return self._column_blocks[mean]
 
 
-#: rows per block of a first layer computed without autograd (:func:`first_layer`), and of a
-#: two-layer field's hidden layer with or without it (:meth:`GNN._two_layers_in_blocks`)
+#: rows per block of a two-layer field's hidden layer (:meth:`GNN._two_layers_in_blocks`), with
+#: or without autograd
 FIRST_LAYER_BLOCK = 4096
 
 
-def first_layer_from_aggregate(conv: nn.Module, x: torch.Tensor,
-                               aggregate: torch.Tensor) -> torch.Tensor:
-    """A first layer's output from ``x`` and its precomputed aggregation :math:`A X`."""
-    if isinstance(conv, SAGEConv):       # (D^-1 A X) W_n + X W_s
-        return conv.lin_l(aggregate) + conv.lin_r(x)
-    if isinstance(conv, GCNConv):        # (D^-1/2 (A+I) D^-1/2 X) W + b
-        out = aggregate @ conv.lin.weight.t()
-        return out if conv.bias is None else out + conv.bias
-    if isinstance(conv, GINConv):        # MLP((1 + eps) X + A X)
-        return conv.nn((1 + conv.eps) * x + aggregate)
-    raise ModelError(f"{type(conv).__name__} has no precomputable first aggregation")
+def first_layer_from_aggregate(conv: nn.Module, x, aggregate) -> torch.Tensor:
+    """A first layer's output from ``x`` and its precomputed aggregation :math:`A X` (tensors or
+    row sources, :mod:`hpcsoup.models.rows`): GCN and SAGE through :class:`RowsLinear`, which reads
+    its inputs a block of rows at a time and keeps none of them for its backward."""
+    if isinstance(conv, SAGEConv):       # (D^-1 A X) W_n + b + X W_s
+        terms = ((aggregate, conv.lin_l.weight), (x, conv.lin_r.weight))
+        bias, after = conv.lin_l.bias, None
+    elif isinstance(conv, GCNConv):      # (D^-1/2 (A+I) D^-1/2 X) W + b
+        terms, bias, after = ((aggregate, conv.lin.weight),), None, conv.bias
+    elif isinstance(conv, GINConv):      # MLP((1 + eps) X + A X)
+        return conv.nn((1 + conv.eps) * dense(x) + dense(aggregate))
+    else:
+        raise ModelError(f"{type(conv).__name__} has no precomputable first aggregation")
+    sources, weights = zip(*terms)
+    if any(isinstance(s, torch.Tensor) and s.requires_grad for s in sources):  # not data
+        out = linear_sum([dense(s) for s in sources], weights, bias)  # autograd's own backward
+    else:
+        out = RowsLinear.apply(sources, bias, *weights)
+    return out if after is None else out + after
 
 
-def first_layer(conv: nn.Module, x: torch.Tensor, aggregate: torch.Tensor,
-                activate: bool) -> torch.Tensor:
-    """:func:`first_layer_from_aggregate`, then ReLU if ``activate``.
-
-    With :math:`A X` known the layer is row-wise, so without autograd it runs in blocks of
-    :data:`FIRST_LAYER_BLOCK` rows: the layer's temporaries (two products, their sum, the
-    activation) exist for one block at a time, not for the whole field (at 2.45M nodes the
-    validation field has 1.0M rows: 256 MB per temporary of width 64).
-    """
-    rows = x.size(0)
-    if torch.is_grad_enabled() or rows <= FIRST_LAYER_BLOCK:
-        out = first_layer_from_aggregate(conv, x[:], aggregate[:])  # [:]: a RowReader's rows
-        return out.relu() if activate else out
-    out = None
-    for start in range(0, rows, FIRST_LAYER_BLOCK):
-        block = slice(start, start + FIRST_LAYER_BLOCK)
-        part = first_layer_from_aggregate(conv, x[block], aggregate[block])
-        if out is None:
-            out = part.new_empty(rows, part.size(1))
-        out[block] = part.relu_() if activate else part
-    return out
+def first_layer(conv: nn.Module, x, aggregate, activate: bool) -> torch.Tensor:
+    """:func:`first_layer_from_aggregate`, then ReLU if ``activate`` (in place without autograd:
+    the layer's only temporary of a field's size is its output)."""
+    out = first_layer_from_aggregate(conv, x, aggregate)
+    if not activate:
+        return out
+    return out.relu() if torch.is_grad_enabled() else out.relu_()
 
 
 def column_blocks(adj: torch.Tensor, width: int, mean: bool) -> list:

@@ -258,12 +258,13 @@ class Evaluator:
             self._val_field, self._val_neighbours = (field, adj), CSRNeighbours.of_adjacency(adj)
         return self._val_field
 
-    def field_of(self, positions: torch.Tensor, cut=None):
+    def field_of(self, positions: torch.Tensor, cut=None, lazy: bool = False):
         """The :class:`~hpcsoup.soup.fields.Field` of some validation nodes (``positions`` in
         the order of ``masks["val"]``), cut from :meth:`validation_field`; its ``nodes`` are
-        global ids. ``cut``: their :meth:`field_cut`, when the caller kept it."""
+        global ids. ``cut``: their :meth:`field_cut`, when the caller kept it; ``lazy``: rows
+        gathered when read (:func:`~hpcsoup.soup.fields.take_field`)."""
         field, adj = self.validation_field()
-        part = take_field(field, adj, cut if cut is not None else self.field_cut(positions))
+        part = take_field(field, adj, cut if cut is not None else self.field_cut(positions), lazy)
         if self.order is not None:
             part.nodes = self.order.index_select(0, part.nodes)
         return part

@@ -79,6 +79,7 @@ from hpcsoup.errors import SoupError
 from hpcsoup.soup.base import Ingredients, SoupMethod, SoupResult
 from hpcsoup.data.metrics import score as metric_score
 from hpcsoup.data.partition import part_nodes, partition
+from hpcsoup.models.rows import dense
 from hpcsoup.settings import Setting, nonnegative, positive
 from hpcsoup.soup.fields import CSRNeighbours
 from hpcsoup.soup.learned import (GREEDY_INITS, OPTIM_SETTINGS, StepProgress, Stopper,
@@ -129,7 +130,9 @@ class Part:
     graph) and on an MPI rank (read from the store's partitioned graph).
 
     Attributes:
-        x: ``[n, F]`` features of the subgraph's nodes.
+        x: ``[n, F]`` features of the subgraph's nodes (a local field's:
+            :class:`~hpcsoup.models.rows.GatheredRows` of the validation field's, read a
+            block at a time).
         edge_index: ``[2, e]`` local edges (indices into the subgraph).
         y: ``[n]`` labels.
         deg: ``[n]`` the nodes' degrees in the full graph (GCN normalisation).
@@ -140,7 +143,8 @@ class Part:
         core_count: number of core nodes.
         pid: partition id in ``0..K-1``.
         weight: ``[e]`` a field's adjacency values (GCN's normalisation), else empty.
-        aggregate: ``[n, F]`` a field's precomputed first aggregation, else empty.
+        aggregate: ``[n, F]`` a field's precomputed first aggregation (rows as ``x``'s), else
+            empty.
     """
 
     x: torch.Tensor
@@ -171,7 +175,8 @@ class Part:
         return int(self.nodes.numel())
 
     def tensors(self) -> dict:
-        return {name: getattr(self, name) for name in self.TENSORS}
+        """``{name: tensor}`` (a local field's rows gathered: what a partitioned graph stores)."""
+        return {name: dense(getattr(self, name)) for name in self.TENSORS}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -265,11 +270,13 @@ class LocalPartitionSource(PartitionSource):
             ``seed`` and ``cache_dir`` then go unused.
         evaluator: cut receptive fields from this evaluator (its graph is ``graph``);
             ``halo`` then goes unused.
+        keep_partition: keep the partition vector with receptive fields too (for :attr:`nodes`:
+            a partitioned graph's scoring fields are cut from them); a soup does not need it.
     """
 
     def __init__(self, graph, num_parts: int, halo: int = 0, seed: int = 0,
                  cache_dir=None, cache: bool = False, parts: torch.Tensor | None = None,
-                 evaluator=None):
+                 evaluator=None, keep_partition: bool = False):
         data = graph.data
         if not 1 <= num_parts <= data.num_nodes:
             raise SoupError(f"pls partitions={num_parts} must be in 1..{data.num_nodes} "
@@ -283,8 +290,12 @@ class LocalPartitionSource(PartitionSource):
                        for split, mask in self.split_masks.items()}
         positive = self.split_masks["val"] & (data.y == 1)
         self.val_positives = torch.bincount(parts[positive], minlength=self.num_parts)
-        self.parts = parts.to(torch.int32)  # kept for the whole soup: half an int64's memory
+        # each partition's validation nodes, as ascending positions in the global validation
+        # order (a receptive field's roots): all a source of fields keeps of the partition vector
+        self.val_positions = part_nodes(parts[self.split_masks["val"]], self.num_parts)
         self.evaluator = evaluator
+        if evaluator is None or keep_partition:  # for :attr:`nodes`; half an int64's memory
+            self.parts = parts.to(torch.int32)
         if evaluator is not None:
             self.scope, self.halo = "field", 0
         else:
@@ -294,7 +305,7 @@ class LocalPartitionSource(PartitionSource):
         self._cuts: dict = {}         # k -> the partition's FieldCut
         self._piece_cuts: dict = {}   # k -> [(validation positions, FieldCut)] of its pieces
 
-    # per-node tables, built on first use: receptive fields need only
+    # per-node tables of subgraphs, built on first use: receptive fields need only
     # :attr:`val_positions` (O(validation nodes)), PLS's memory being the point
     @functools.cached_property
     def nodes(self) -> list[torch.Tensor]:
@@ -311,12 +322,6 @@ class LocalPartitionSource(PartitionSource):
         """``{split: labels in global order}``, each split's gathered when first asked for (the
         test split's: 7 MB at 1M nodes, wanted only when a check scores test nodes)."""
         return SplitTable(lambda split: self.graph.data.y[self.split_masks[split]])
-
-    @functools.cached_property
-    def val_positions(self) -> list[torch.Tensor]:
-        """Each partition's validation nodes as ascending positions in the global validation
-        order (a receptive field's roots)."""
-        return part_nodes(self.parts[self.split_masks["val"]].long(), self.num_parts)
 
     def owns(self, k: int) -> bool:
         return True
@@ -364,7 +369,7 @@ class LocalPartitionSource(PartitionSource):
         ``cut``) and their receptive field."""
         if positions is None:
             positions, cut = self.val_positions[k], self._cut(k)
-        field = self.evaluator.field_of(positions, cut)
+        field = self.evaluator.field_of(positions, cut, lazy=True)  # read a block at a time
         nodes = field.nodes.cpu()
         val_mask = torch.arange(nodes.numel()) < field.roots
         aggregate = field.aggregate if field.aggregate is not None else torch.zeros(0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hpcsoup.errors import SoupError
+from hpcsoup.models.rows import GatheredRows
 from hpcsoup.soup import Evaluator, get_method
 from hpcsoup.soup.pls import LocalPartitionSource, draw_partitions, partition_scores
 
@@ -51,7 +52,8 @@ def test_receptive_fields_give_each_partitions_exact_validation_logits(tiny_grap
     experts = train_experts(tiny_graph, arch=arch, n=2, epochs=5)
     evaluator = Evaluator(experts.spec, tiny_graph)
     params = experts.mix(torch.full((experts.num_tensors, experts.n), 0.5))
-    source = LocalPartitionSource(tiny_graph, 6, evaluator=evaluator)
+    assert not hasattr(LocalPartitionSource(tiny_graph, 6, evaluator=evaluator), "parts")  # a soup's
+    source = LocalPartitionSource(tiny_graph, 6, evaluator=evaluator, keep_partition=True)
     assert source.scope == "field" and source.exact(experts.spec.layers)
     assert not source.exact(experts.spec.layers, "test")  # a field holds no test nodes
     scores = partition_scores(params, evaluator, source, splits=("val",))
@@ -61,6 +63,8 @@ def test_receptive_fields_give_each_partitions_exact_validation_logits(tiny_grap
     for k in range(6):
         part = source.part(k)
         assert part.is_field and bool(part.aggregate.numel()) == (arch != "gat")
+        # rows of the validation field's, read a block at a time (GAT reads its features whole)
+        assert isinstance(part.x, GatheredRows) == (arch != "gat")
         roots = source.nodes[k][val[source.nodes[k]]]
         assert part.num_nodes < tiny_graph.num_nodes
         out = evaluator.forward(params, part.x, evaluator.part_adjacency(part))
