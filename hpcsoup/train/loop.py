@@ -89,7 +89,9 @@ class CompactForward:
         self.template = make_template(spec, device)
 
     def adjacency(self, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-        return build_adjacency(self.arch, edge_index, num_nodes)
+        """The CSR of a :class:`~hpcsoup.data.Graph`'s edges or of an induced subgraph of them:
+        symmetric (every Graph is), so a source-sorted list is read without a sort or a copy."""
+        return build_adjacency(self.arch, edge_index, num_nodes, undirected=True)
 
     def __call__(self, x: torch.Tensor, adj: torch.Tensor, training: bool) -> torch.Tensor:
         self.template.train(training)

@@ -74,6 +74,28 @@ def test_the_receptive_field_gives_the_full_graphs_validation_logits_and_gradien
     assert field.evaluate(state) == full.score(full.logits(state), "val")
 
 
+@pytest.mark.parametrize("dataset", ["Cora", "Tolokers"])
+def test_a_sorted_undirected_edge_list_is_its_own_csr_bit_for_bit(dataset, data_root, monkeypatch):
+    """A Graph's source-sorted symmetric edges are read as the CSR without a sort (GCN's
+    self-loops inserted in place): exactly the adjacency PyG's sort of the flipped list builds."""
+    import hpcsoup.soup.evaluate as evaluate
+    from hpcsoup.data import load_dataset
+
+    monkeypatch.setattr(evaluate, "CSR_CHUNK", 1000)  # several passes, a partial last one
+    data = load_dataset(dataset, data_root).data
+    n = data.num_nodes
+    for arch in ("gcn", "sage"):
+        assert evaluate.sorted_csr(arch, data.edge_index, n, undirected=True) is not None
+        fast = evaluate.build_adjacency(arch, data.edge_index, n, undirected=True)
+        by_sort = evaluate.build_adjacency(arch, data.edge_index, n)  # targets unsorted: a sort
+        for part in ("crow_indices", "col_indices", "values"):
+            assert torch.equal(getattr(fast, part)(), getattr(by_sort, part)()), (arch, part)
+    # a self-loop of its own, or rows not in CSR order: the general path
+    looped = torch.cat([torch.tensor([[0], [0]]), data.edge_index], 1)
+    assert evaluate.sorted_csr("gcn", looped, n, undirected=True) is None
+    assert evaluate.sorted_csr("sage", data.edge_index.flip(1), n, undirected=True) is None
+
+
 @pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
 def test_the_kept_transpose_gives_torchs_gradients(tiny_graph, arch):
     from hpcsoup.soup.evaluate import build_adjacency, keep_transposes, make_template
@@ -99,8 +121,10 @@ def test_inference_on_the_field_runs_in_blocks_and_on_its_roots_alone(
     """Without autograd the first layer runs in row blocks and the last layer computes the
     roots' rows alone: still the full graph's validation logits."""
     import hpcsoup.models.gnn as gnn
+    import hpcsoup.models.rows as rows
 
     monkeypatch.setattr(gnn, "FIRST_LAYER_BLOCK", 7)
+    monkeypatch.setattr(rows, "READ_BLOCK", 3)  # the first layer's reads, a block at a time
     graph = _directed_few_validation_nodes(tiny_graph, keep=20)
     spec = ModelSpec(arch, graph.num_features, graph.num_classes, layers, 16)
     state = build_model(spec, seed=3).state_dict()
@@ -120,7 +144,9 @@ def test_learned_soupings_gradients_through_the_hidden_layers_blocks(tiny_graph,
     """With autograd a two-layer field runs in blocks too (LS's step at 1M nodes): the same
     logits and gradients as the unblocked forward, step after step (kept transposes)."""
     import hpcsoup.models.gnn as gnn
+    import hpcsoup.models.rows as rows
 
+    monkeypatch.setattr(rows, "READ_BLOCK", 3)  # and RowsLinear's backward reads in blocks
     graph = _directed_few_validation_nodes(tiny_graph, keep=20)
     spec = ModelSpec(arch, graph.num_features, graph.num_classes, 2, 16)
     state = build_model(spec, seed=3).state_dict()
