@@ -96,6 +96,24 @@ def test_a_sorted_undirected_edge_list_is_its_own_csr_bit_for_bit(dataset, data_
     assert evaluate.sorted_csr("sage", data.edge_index.flip(1), n, undirected=True) is None
 
 
+@pytest.mark.parametrize("arch", ["gcn", "sage"])
+def test_a_renumbered_graphs_csr_moves_rows_and_sorts_chunks_bit_for_bit(cora, arch, monkeypatch):
+    """The evaluator's partition-contiguous graph: its CSR permuted from the graph's, a chunk of
+    entries at a time, is exactly what converting the renumbered edge list builds."""
+    import hpcsoup.soup.evaluate as evaluate
+    from hpcsoup.data.partition import partition
+
+    monkeypatch.setattr(evaluate, "CSR_CHUNK", 500)  # many chunks, rows never split
+    data = cora.data
+    order = evaluate.locality_order(partition(data.edge_index, data.num_nodes, 8, seed=0))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    by_sort = evaluate.build_adjacency(arch, inverse[data.edge_index], data.num_nodes)
+    adj = Evaluator(ModelSpec(arch, cora.num_features, cora.num_classes), cora, order=order).adj
+    for part in ("crow_indices", "col_indices", "values"):
+        assert torch.equal(getattr(adj, part)(), getattr(by_sort, part)()), part
+
+
 @pytest.mark.parametrize("arch", ["gcn", "sage", "gin"])
 def test_the_kept_transpose_gives_torchs_gradients(tiny_graph, arch):
     from hpcsoup.soup.evaluate import build_adjacency, keep_transposes, make_template
