@@ -114,6 +114,9 @@ SCHEMA: dict = {
         # H-GRAMA's settings, as the merge declares them (hpcsoup/merge/hgrama.py)
         **MERGE_SETTINGS,
         "repeats": Field(15, (int,), **_pos("interleaved timing rounds, child vs ensemble")),
+        "timing_nodes": Field(1_000_000, (int,), **_nonneg(
+            "time child vs ensemble on whole METIS partitions of at most this many nodes (the "
+            "cached timing holds what it times); 0 = the whole graph")),
     },
     "slurm": {
         "partition": Field("", (str,)),

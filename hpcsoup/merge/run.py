@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -118,7 +119,8 @@ def on_device(model, device: torch.device):
 
 def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
                    regions: list[torch.Tensor], names: list[str], *, repeats: int = 15,
-                   timing: bool = True, device: str | torch.device = "cpu") -> dict:
+                   timing: bool = True, device: str | torch.device = "cpu",
+                   timing_graph: Callable[[], tuple] | None = None) -> dict:
     """Scores of child, parents and ensemble; retention per parent; timing of child vs ensemble.
 
     ``regions[k]`` is a boolean node mask of parent ``k``'s region; retention is measured on its
@@ -130,12 +132,13 @@ def evaluate_merge(child: MergedGNN, parents: list[UMPMNet], graph: Graph,
     and its outputs and routing are freed before the ensemble runs (its parents in one lock-step
     pass, as always); then the timing, one regime at a time (:mod:`~hpcsoup.merge.timing`). The
     scores are those of the same full-graph passes, so they are exactly what scoring every model
-    at once gave.
+    at once gave. ``timing_graph()``: ``(x, edge_index, info)`` of the graph to time on (default:
+    the whole graph), made after the scores, when the scoring passes' memory is free.
     """
     device = torch.device(device)
     with device:
         return _evaluate(on_device(child, device), [on_device(p, device) for p in parents],
-                         graph, regions, names, repeats, timing, device)
+                         graph, regions, names, repeats, timing, device, timing_graph)
 
 
 def _scores(graph: Graph, logits: torch.Tensor, masks: dict) -> dict:
@@ -143,7 +146,8 @@ def _scores(graph: Graph, logits: torch.Tensor, masks: dict) -> dict:
     return {name: graph.score(logits, mask) for name, mask in masks.items()}
 
 
-def _evaluate(child, parents, graph, regions, names, repeats, timing, device) -> dict:
+def _evaluate(child, parents, graph, regions, names, repeats, timing, device,
+              timing_graph=None) -> dict:
     data = graph.data
     x = as_features(data.x.to(device))
     edge_index = data.edge_index.to(device)
@@ -190,12 +194,55 @@ def _evaluate(child, parents, graph, regions, names, repeats, timing, device) ->
         target["retention_min"] = min(values)
     metrics["routing"] = routing_stats
     if timing:
+        if timing_graph is None:
+            info = {"nodes": x.size(0), "edges": int(edge_index.size(1)), "sample": "whole graph"}
+        else:
+            del x, edge_index
+            x, edge_index, info = timing_graph()
+            x, edge_index = as_features(x.to(device)), edge_index.to(device)
         t = time_child_vs_ensemble(child, ensemble, x, edge_index, repeats=repeats)
+        t["graph"] = info
         metrics["timing"] = t
         metrics["speedup_vs_ensemble"] = t["speedup"]["cached"]
         metrics["speedup_uncached"] = t["speedup"]["uncached"]
         metrics["speedup_cached_attention"] = t["speedup"]["cached_attention"]
     return metrics
+
+
+def timing_sample(cfg, graph: Graph, limit: int) -> Callable[[], tuple] | None:
+    """What :func:`evaluate_merge` times child and ensemble on: the whole graph (``None``) up to
+    ``limit`` nodes (``merge.timing_nodes``; 0: no limit), else the subgraph induced by whole
+    METIS partitions (the graph's stored partition, :func:`~hpcsoup.data.partition.partition_for`,
+    as training and PLS read it), taken in order until ``limit`` nodes.
+
+    Why: the cached timing holds the child's routing and both sides' operators for what it
+    times (1M nodes: 6.2 GiB above the graph; at 2.45M it did not fit in 24 GiB). The speedup is
+    a ratio of per-node and per-edge work, which whole partitions keep (their edges inside
+    them; a random node sample would thin every neighbourhood).
+    """
+    if not limit or graph.num_nodes <= limit:
+        return None
+
+    def sample() -> tuple:
+        from torch_geometric.utils import subgraph
+
+        from hpcsoup.data.partition import part_nodes, partition_for
+
+        k = max(2, int(cfg.experts.batch_partitions))
+        parts = part_nodes(partition_for(cfg, k, seed=0, graph=graph), k)
+        sizes = torch.tensor([p.numel() for p in parts]).cumsum(0)
+        take = max(1, int((sizes <= limit).sum()))
+        nodes = torch.cat(parts[:take]).sort().values
+        data = graph.data
+        edge_index, _ = subgraph(nodes, data.edge_index, relabel_nodes=True,
+                                 num_nodes=graph.num_nodes)
+        info = {"nodes": int(nodes.numel()), "edges": int(edge_index.size(1)),
+                "sample": f"{take} of {k} METIS partitions (merge.timing_nodes = {limit})"}
+        log.info("merge: timing child vs ensemble on %s: %d nodes, %d edges", info["sample"],
+                 info["nodes"], info["edges"])
+        return data.x.index_select(0, nodes), edge_index, info
+
+    return sample
 
 
 def merge_id(ids: list[str], settings: HGramaSettings) -> str:
@@ -252,7 +299,8 @@ def _run_merge(cfg, ids: list[str], store: Store, progress: Progress, start: flo
     progress.set(2, PHASES[2])
     with PeakMemory(device=cfg.device) as memory:
         metrics = evaluate_merge(child, nets, graph, regions, ids, repeats=cfg.merge.repeats,
-                                 device=cfg.device)
+                                 device=cfg.device,
+                                 timing_graph=timing_sample(cfg, graph, cfg.merge.timing_nodes))
     metrics["memory"] = {"device": cfg.device, "peak_rss_bytes": memory.peak,
                          "peak_gpu_bytes": memory.gpu_peak}
     gid = merge_id(ids, settings)

@@ -84,6 +84,22 @@ def test_run_merge_stores_a_child_that_runs_alone(specialist_store):
         assert torch.equal(tensor, tensors[name]), name
 
 
+def test_a_large_graphs_timing_runs_on_whole_metis_partitions(specialist_store):
+    """Above merge.timing_nodes the child and the ensemble are timed on the subgraph of whole
+    METIS partitions (the graph's stored partition); the scores are the whole graph's as ever."""
+    from hpcsoup.merge.run import run_merge
+
+    whole = run_merge(load_config(specialist_store))["metrics"]
+    sampled = run_merge(load_config(specialist_store, ["merge.timing_nodes=1200"]))["metrics"]
+    assert whole["timing"]["graph"] == {"nodes": 2708, "edges": 10556, "sample": "whole graph"}
+    graph = sampled["timing"]["graph"]
+    assert 0 < graph["nodes"] <= 1200 and 0 < graph["edges"] < 10556
+    assert graph["sample"].endswith("of 32 METIS partitions (merge.timing_nodes = 1200)")
+    assert all(v > 0 for v in sampled["timing"]["speedup"].values())
+    assert (sampled["val"], sampled["test"], sampled["ensemble"]) == \
+        (whole["val"], whole["test"], whole["ensemble"])
+
+
 def test_merge_path_reads_no_labels(specialist_store, monkeypatch):
     """Labels shuffled on the graph the whole ``run_merge`` path loads give a bit-identical child
     (the merge reads features, edges, the train mask and the regions, never ``y``); the scores,
