@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcsoup.errors import MergeError
+from hpcsoup.soup.fields import csr_order
 
 PROPS = ("gcn", "mean", "sum", "gat")
 STATIC = ("gcn", "mean", "sum")
@@ -79,10 +80,6 @@ def sparse_csr(*args, **kwargs) -> torch.Tensor:
         return matrix
 
 
-def _is_sorted(index: torch.Tensor) -> bool:
-    return index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-
-
 class GraphOps:
     """Graph-derived operators of one graph (the cache both the child and the ensemble use).
 
@@ -112,10 +109,9 @@ class GraphOps:
             src, dst = src[keep], dst[keep]
         else:
             self.loops = None
-        if _is_sorted(dst):
-            rows, cols = dst, src
-        elif undirected and _is_sorted(src):
-            rows, cols = src, dst  # symmetric: the CSR of A^T is the CSR of A
+        in_order = csr_order(src, dst, undirected)
+        if in_order is not None:
+            rows, cols = in_order
         else:
             order = torch.sort(dst, stable=True).indices
             rows, cols = dst[order], src[order]

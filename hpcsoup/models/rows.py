@@ -74,11 +74,6 @@ def dense(rows) -> torch.Tensor:
     return rows.tensor() if isinstance(rows, GatheredRows) else rows[:]
 
 
-def lazy(rows) -> bool:
-    """Whether ``rows`` is read when sliced (a :class:`GatheredRows` or a ``RowReader``)."""
-    return not isinstance(rows, torch.Tensor)
-
-
 def linear_sum(inputs, weights, bias) -> torch.Tensor:
     """:math:`S_0 W_0^\\top + b + \\sum_{j \\ge 1} S_j W_j^\\top` of tensors (in this order: the
     rounding of PyG's ``lin_l(A X) + lin_r(X)``)."""

@@ -62,8 +62,8 @@ from hpcsoup.errors import SoupError
 from hpcsoup.models import ModelSpec, build_model
 from hpcsoup.models.aggregate import Aggregate
 from hpcsoup.models.gnn import FIRST_AGGREGATION, Precomputed
-from hpcsoup.soup.fields import (CSRNeighbours, cut_field, field_adjacency, receptive_field,
-                                 take_field)
+from hpcsoup.soup.fields import (CSRNeighbours, csr_order, cut_field, field_adjacency, is_sorted,
+                                 receptive_field, take_field)
 
 #: without a precomputed first aggregation (GAT) the receptive field is used when it has at
 #: most this fraction of the graph's nodes or edges (above it, a copy of most of the graph buys
@@ -88,7 +88,7 @@ def build_adjacency(arch: str, edge_index: torch.Tensor, num_nodes: int,
     (:func:`sorted_csr`): no sort, no copy of the edges. PyG's conversion sorts a flipped
     copy: at 2.45M nodes (122.7M edges) it was the peak of a GCN expert's training (12.1 GiB).
     """
-    if deg is None and (undirected or _is_sorted(edge_index[1])):
+    if deg is None and (undirected or is_sorted(edge_index[1])):
         adj = sorted_csr(arch, edge_index, num_nodes, undirected)
         if adj is not None:
             return adj
@@ -112,10 +112,6 @@ def build_adjacency(arch: str, edge_index: torch.Tensor, num_nodes: int,
         return to_torch_csr_tensor(edge_index.flip(0), values, size=(num_nodes, num_nodes))
 
 
-def _is_sorted(index: torch.Tensor) -> bool:
-    return index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-
-
 #: edges a :func:`sorted_csr` pass handles at a time: its temporaries are a few of these, never
 #: one per edge of the graph
 CSR_CHUNK = 1 << 22
@@ -125,20 +121,17 @@ def sorted_csr(arch: str, edge_index: torch.Tensor, num_nodes: int,
                undirected: bool) -> torch.Tensor | None:
     """:func:`build_adjacency` of an edge list already in CSR order, or ``None`` when it is not.
 
-    Rows are the targets when they are sorted, else (``undirected``) the sources; each row's
-    columns must ascend without duplicates (a coalesced edge list), so the CSR is the one PyG's
-    sort builds, bit for bit. GCN's self-loops are inserted at their sorted place in each row:
+    Rows as :func:`~hpcsoup.soup.fields.csr_order` finds them; each row's columns must ascend
+    without duplicates (a coalesced edge list), so the CSR is the one PyG's sort builds, bit for
+    bit. GCN's self-loops are inserted at their sorted place in each row:
     an edge :math:`e` of row :math:`r` moves to :math:`e + r + [c_e > r]` (the loops of the rows
     before it, and its own row's when that sorts first); a graph with a self-loop of its own
     takes the general path. Every pass runs :data:`CSR_CHUNK` edges at a time.
     """
-    source, target = edge_index[0], edge_index[1]
-    if _is_sorted(target):
-        rows, cols = target, source
-    elif undirected and _is_sorted(source):
-        rows, cols = source, target  # symmetric: the CSR of A^T is the CSR of A
-    else:
+    order = csr_order(edge_index[0], edge_index[1], undirected)
+    if order is None:
         return None
+    rows, cols = order
     n, edges, device = int(num_nodes), cols.numel(), edge_index.device
     below = torch.zeros(n, dtype=torch.long, device=device)  # per row: columns below its own id
     merged = torch.empty(edges + n, dtype=cols.dtype, device=device) if arch == "gcn" else None

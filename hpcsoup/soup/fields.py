@@ -21,11 +21,29 @@ sampled: the logits equal the full graph's to float rounding (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import torch
 
 from hpcsoup.models.rows import GatheredRows
+
+
+def is_sorted(index: torch.Tensor) -> bool:
+    return index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+
+
+def csr_order(source: torch.Tensor, target: torch.Tensor,
+              undirected: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows, cols)``: the edges ``source -> target`` already in the row order of the CSR of
+    :math:`A^T` (rows = targets), without a sort or a copy; ``None`` when they are not. The targets
+    when they are sorted, else, for a symmetric graph (``undirected``: the caller guarantees it),
+    the sources: the CSR of :math:`A^T` is then the CSR of :math:`A`."""
+    if is_sorted(target):
+        return target, source
+    if undirected and is_sorted(source):
+        return source, target
+    return None
 
 
 class CSRNeighbours:
@@ -40,14 +58,18 @@ class CSRNeighbours:
     def __init__(self, ptr: torch.Tensor, col: torch.Tensor):
         self.ptr, self.col = ptr, col
         self.num_nodes = ptr.numel() - 1
-        # local id of each node in the subgraph being built (-1: not in it); reset after use
-        self._local = torch.full((self.num_nodes,), -1, dtype=torch.long, device=col.device)
+
+    @functools.cached_property
+    def _local(self) -> torch.Tensor:
+        """The local id of each node in the subgraph being built (-1: not in it); reset after
+        use. Made on first use: reading rows (:meth:`entries`) needs none."""
+        return torch.full((self.num_nodes,), -1, dtype=torch.long, device=self.col.device)
 
     @classmethod
     def of_edge_index(cls, edge_index: torch.Tensor, num_nodes: int) -> "CSRNeighbours":
         """Out-neighbours of ``edge_index`` (sorted once, a copy, when it is not row-sorted)."""
         row = edge_index[0]
-        if row.numel() > 1 and not bool((row[1:] >= row[:-1]).all()):
+        if not is_sorted(row):
             order = torch.argsort(row, stable=True)
             edge_index = edge_index[:, order]
             row = edge_index[0]
